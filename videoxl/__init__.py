@@ -1,0 +1,10 @@
+"""videoxl: ask questions about hour-long videos with Video-XL-2 on one GPU.
+
+    model, tokenizer = videoxl.load("/path/to/Video-XL-2")
+    print(model.chat("video.mp4", tokenizer, "What happens?", max_num_frames=150, sample_fps=1))
+"""
+from .errors import VideoXLError
+from .loader import load
+
+__all__ = ["load", "VideoXLError"]
+__version__ = "0.1.0"

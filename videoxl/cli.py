@@ -1,0 +1,150 @@
+"""Command line: `videoxl chat`, `videoxl inspect`, `videoxl make-tiny`.
+
+Every user error ends in one line on stderr and exit code 2; the answer streams to stdout as it is generated.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import VideoXLError
+
+DEFAULT_QUESTION = "Describe this video."
+DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "videoxl", "tiny-demo")
+
+
+def optional_float(text: str):
+    return None if text.lower() in ("none", "uniform") else float(text)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-num-frames", type=int, default=150, help="most frames to sample (default 150)")
+    p.add_argument("--sample-fps", type=optional_float, default=1.0,
+                   help="frames per second to sample; 'none' = uniform over the video (default 1)")
+    p.add_argument("--max-sample-fps", type=optional_float, default=None,
+                   help="raise the rate up to this when the video is short (default: off)")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def generation_config(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+            "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,
+            "seed": args.seed}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="videoxl", description="Ask questions about videos with Video-XL-2.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="answer a question about a video")
+    chat.add_argument("video", nargs="?", help="video file, image, or folder of images")
+    chat.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
+    chat.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer)")
+    chat.add_argument("--demo", action="store_true",
+                      help="use a tiny random-weight model (and a synthetic video if none is given)")
+    chat.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    chat.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU)")
+    chat.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_sampling_args(chat)
+    add_generation_args(chat)
+
+    inspect = sub.add_parser("inspect", help="show what a checkpoint folder holds and whether it loads")
+    inspect.add_argument("model")
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the released format")
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def progress_stages(args) -> set[str]:
+    if args.no_progress:
+        return set()
+    # On a terminal the streamed answer is the decoding progress; a bar would write over it.
+    return {"vision", "prefill"} if sys.stdout.isatty() else {"vision", "prefill", "decode"}
+
+
+def cmd_chat(args) -> int:
+    import videoxl
+
+    if args.demo:
+        from .tiny import make_demo_video, make_tiny
+
+        model_dir = args.model or DEMO_DIR
+        if args.video and not os.path.exists(args.video) and args.question == DEFAULT_QUESTION:
+            args.video, args.question = None, args.video  # `videoxl chat --demo "question"`
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            make_tiny(model_dir)
+        video = args.video or make_demo_video(os.path.join(os.path.dirname(model_dir), "demo.mp4"))
+        print("[demo] tiny model with RANDOM weights: the pipeline runs for real, the answer is noise.",
+              file=sys.stderr)
+    else:
+        if not args.model:
+            raise VideoXLError("give --model DIR (a Video-XL-2 checkpoint folder), or --demo")
+        if not args.video:
+            raise VideoXLError("give a VIDEO to ask about")
+        model_dir, video = args.model, args.video
+    if isinstance(video, str) and not os.path.exists(video):
+        raise VideoXLError(f"video not found: {video}")  # before the (slow) model load
+    model, tokenizer = videoxl.load(model_dir, device=args.device, dtype=args.dtype)
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    model.chat(video, tokenizer, args.question, max_num_frames=args.max_num_frames, sample_fps=args.sample_fps,
+               max_sample_fps=args.max_sample_fps, generation_config=generation_config(args),
+               show_progress=progress_stages(args), on_text=write)
+    sys.stdout.write("\n")
+    s = model.last_stats
+    print(f"[{s.get('frames')} frames, {s.get('groups')} groups, {s.get('prompt_tokens')} prompt tokens]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .loader import inspect_checkpoint
+
+    ok, text = inspect_checkpoint(args.model)
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+
+    make_tiny(args.out, seed=args.seed)
+    print(f"wrote a tiny random-weight Video-XL-2 checkpoint to {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"chat": cmd_chat, "inspect": cmd_inspect, "make-tiny": cmd_make_tiny}[args.command]
+    try:
+        return handler(args)
+    except VideoXLError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e):
+            raise
+        print("error: out of memory; try fewer frames (--max-num-frames) or chunked prefill", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The Video-XL-2 model and its `chat` call, a thin layer over the components:
+
+    video.load_video -> vision.VisionEncoder.encode -> prompt.build_prompt -> prefill -> generate -> text
+
+The KV cache of a video's prefix (system prompt + video) is kept after a question, so a follow-up question on
+the same video with the same sampling settings only prefills its own text.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import FRAMES_PER_GROUP, VideoXLConfig
+from .decoder import Qwen2Decoder
+from .errors import VideoXLError
+from .generate import Detokenizer, GenerationConfig, next_token
+from .kv_cache import KVCache
+from .prompt import VideoPrompt, build_prompt, normalise_history
+from .video import Clip, load_video
+from .vision import VisionEncoder
+
+VISION_PAD = "<|vision_pad|>"
+DEFAULT_FRAMES_PER_SLICE = 96  # vision tower batch when chunk prefill does not set one
+PREFILL_TOKENS_PER_STEP = 8192  # dense prefill runs in causal slices of this many tokens to bound activations
+
+
+@dataclass
+class PrefixState:
+    """A video's prefix KVs, kept for the next question on the same video and settings."""
+
+    key: tuple
+    cache: KVCache
+    prompt: VideoPrompt
+    stats: dict
+
+
+def progress(iterable, total: int | None, desc: str, enabled):
+    """A tqdm bar on stderr when `enabled` is True or a collection naming `desc` ("vision", "prefill", ...)."""
+    if not (enabled is True or (enabled and not isinstance(enabled, bool) and desc in enabled)):
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="", leave=False, dynamic_ncols=True)
+
+
+class VideoXL(nn.Module):
+    def __init__(self, config: VideoXLConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config)
+        self.decoder = Qwen2Decoder(config.text)
+        self._prefix: PrefixState | None = None
+        self.last_stats: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    # ---- the model card's API -------------------------------------------------------------------------------
+    def chat(self, video_path, tokenizer, question: str, chat_history=None, return_history: bool = False,
+             max_num_frames: int = 150, sample_fps: float | None = 1, max_sample_fps: float | None = None,
+             generation_config: dict | None = None, show_progress: bool = False,
+             on_text: Callable[[str], None] | None = None):
+        """Answer `question` about a video (path, image, folder of images, or a list of images).
+
+        `chat_history` is what a previous call returned with `return_history=True` (a list of
+        {"role", "content"} messages), or a list of (question, answer) pairs. `on_text` receives the answer
+        piece by piece as it is generated.
+        """
+        pieces = []
+        for piece in self.stream_chat(video_path, tokenizer, question, chat_history, max_num_frames, sample_fps,
+                                      max_sample_fps, generation_config, show_progress):
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        answer = "".join(pieces)
+        if not return_history:
+            return answer
+        history = list(chat_history or [])
+        if history and not isinstance(history[0], dict):
+            history = [m for q, a in history for m in ({"role": "user", "content": q},
+                                                      {"role": "assistant", "content": a})]
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return answer, history
+
+    def stream_chat(self, video_path, tokenizer, question: str, chat_history=None, max_num_frames: int = 150,
+                    sample_fps: float | None = 1, max_sample_fps: float | None = None,
+                    generation_config: dict | None = None, show_progress: bool = False) -> Iterator[str]:
+        """`chat`, yielding the answer's text as it is generated."""
+        if not isinstance(question, str) or not question.strip():
+            raise VideoXLError("question must be a non-empty string")
+        gen = GenerationConfig.from_dict(generation_config)
+        self._check_runtime_settings()
+        history = normalise_history(chat_history)
+        with torch.inference_mode():
+            prefix = self._video_prefix(video_path, tokenizer, question, history, max_num_frames, sample_fps,
+                                        max_sample_fps, show_progress)
+            prompt = build_prompt(tokenizer, question, prefix.prompt.timestamps, self.config.tokens_per_group,
+                                  self._placeholder_id(tokenizer), history)
+            cache = prefix.cache
+            cache.truncate(prompt.video_end)
+            tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=self.device)
+            logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
+            self.last_stats = dict(prefix.stats, prompt_tokens=len(prompt))
+            yield from self._generate(logits, cache, tokenizer, gen, prompt.input_ids, show_progress)
+
+    # ---- steps ------------------------------------------------------------------------------------------------
+    def _check_runtime_settings(self) -> None:
+        if self.config.enable_sparse:
+            raise VideoXLError("enable_sparse (bi-level KV decoding) is not available yet; set "
+                               "model.config.enable_sparse = False")
+        if self.config.enable_chunk_prefill:
+            raise VideoXLError("enable_chunk_prefill is not available yet; set "
+                               "model.config.enable_chunk_prefill = False")
+
+    def _placeholder_id(self, tokenizer) -> int:
+        pad = tokenizer.convert_tokens_to_ids(VISION_PAD)
+        return pad if isinstance(pad, int) and 0 <= pad < self.config.text.vocab_size else 0
+
+    def encode_clip(self, clip: Clip, frames_per_slice: int = DEFAULT_FRAMES_PER_SLICE,
+                    show_progress: bool = False) -> torch.Tensor:
+        """Frames -> visual tokens [groups, tokens_per_group, hidden]."""
+        slices = -(-len(clip) // frames_per_slice)
+        parts = progress(self.vision.encode(clip.frames, frames_per_slice), slices, "vision", show_progress)
+        return torch.cat(list(parts), dim=0)
+
+    def embed_prompt(self, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:
+        """Token embeddings [1, n, hidden] of the prompt up to `end`, visual positions filled in."""
+        ids = torch.tensor(prompt.input_ids[:end], device=self.device)
+        embeds = self.decoder.embed_tokens(ids)
+        pos = torch.tensor(prompt.visual_positions, device=self.device)
+        embeds[pos] = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
+        return embeds[None]
+
+    def _video_prefix(self, video_path, tokenizer, question, history, max_num_frames, sample_fps,
+                      max_sample_fps, show_progress) -> PrefixState:
+        key = self._prefix_key(video_path, max_num_frames, sample_fps, max_sample_fps)
+        if key is not None and self._prefix is not None and self._prefix.key == key:
+            return self._prefix
+        self._prefix = None  # free the previous video's KVs before building new ones
+        clip = load_video(video_path, max_num_frames, sample_fps, max_sample_fps)
+        visual = self.encode_clip(clip, show_progress=show_progress)
+        timestamps = list(clip.timestamps) + [clip.timestamps[-1]] * (-len(clip) % FRAMES_PER_GROUP)
+        prompt = build_prompt(tokenizer, question, timestamps, self.config.tokens_per_group,
+                              self._placeholder_id(tokenizer), history)
+        cache = self.decoder.new_cache(capacity=len(prompt) + 512)
+        embeds = self.embed_prompt(prompt, visual, prompt.video_end)
+        self.prefill(embeds, cache, show_progress)
+        stats = {"frames": len(clip), "groups": visual.shape[0], "video_tokens": prompt.video_end}
+        state = PrefixState(key, cache, prompt, stats)
+        if key is not None:
+            self._prefix = state
+        return state
+
+    def prefill(self, embeds: torch.Tensor, cache: KVCache, show_progress: bool = False) -> None:
+        """Dense causal prefill in slices: exact, and bounds the MLP activations by the slice length."""
+        n = embeds.shape[1]
+        starts = range(0, n, PREFILL_TOKENS_PER_STEP)
+        for s in progress(starts, len(starts), "prefill", show_progress if len(starts) > 1 else False):
+            self.decoder(embeds[:, s:s + PREFILL_TOKENS_PER_STEP], cache)
+
+    @staticmethod
+    def _prefix_key(video_path, max_num_frames, sample_fps, max_sample_fps) -> tuple | None:
+        import os
+
+        if not isinstance(video_path, (str, os.PathLike)):
+            return None  # in-memory frames: no cheap identity to check
+        path = os.path.abspath(os.fspath(video_path))
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (path, st.st_mtime_ns, st.st_size, max_num_frames, sample_fps, max_sample_fps)
+
+    def _generate(self, logits: torch.Tensor, cache: KVCache, tokenizer, gen: GenerationConfig,
+                  prompt_ids: list[int], show_progress: bool) -> Iterator[str]:
+        stop = {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
+                if isinstance(i, int)}
+        generator = None
+        if not gen.greedy:
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed(gen.seed if gen.seed is not None else torch.seed())
+        seen = torch.tensor(prompt_ids, device=logits.device) if gen.repetition_penalty != 1.0 else None
+        detok = Detokenizer(tokenizer)
+        steps = progress(range(gen.max_new_tokens), gen.max_new_tokens, "decode", show_progress)
+        with contextlib.closing(steps) if hasattr(steps, "close") else contextlib.nullcontext():
+            for _ in steps:
+                token = next_token(logits[0, -1], gen, seen, generator)
+                if token in stop:
+                    break
+                piece = detok.add(token)
+                if piece:
+                    yield piece
+                if seen is not None:
+                    seen = torch.cat([seen, torch.tensor([token], device=seen.device)])
+                logits = self.decoder(self.decoder.embed_tokens(torch.tensor([[token]], device=self.device)),
+                                      cache)
+        rest = detok.flush()
+        if rest:
+            yield rest
