@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
-from .kv_cache import KVCache
+from .kv_store import KVStore
 
 
 class RMSNorm(nn.Module):
@@ -45,6 +45,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+_flex = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """FlexAttention, compiled once: it skips the tiles a `BlockMask` rules out (the eager version does not)."""
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as eager
+
+        _flex = torch.compile(eager, dynamic=False)
+    return _flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def attend(q, k, v, mask=None):
+    """Attention of q [b, heads, n, d] over k, v [b, kv_heads, m, d] (grouped-query).
+
+    `mask`: None = causal with the n queries at the end of the m keys; a bool tensor [n, m] (True = may
+    attend); or a FlexAttention `BlockMask` (block-sparse, CUDA).
+    """
+    n, m = q.shape[2], k.shape[2]
+    if mask is None:
+        if n == m:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if n == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return flex_attention(q, k, v, mask)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -54,18 +85,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, mask):
+    def forward(self, x, cos, sin, cache: KVStore, layer: int, mask):
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.append(layer, k, v)
-        if mask is None and n > 1 and k.shape[2] == n:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.o_proj(attend(q, k, v, mask).transpose(1, 2).reshape(b, n, -1))
 
 
 class MLP(nn.Module):
@@ -101,28 +128,28 @@ class Qwen2Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def new_cache(self, capacity: int = 256) -> KVCache:
+    def new_cache(self, capacity: int = 256, offload: bool = False) -> KVStore:
         p = self.embed_tokens.weight
-        return KVCache(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
-                       p.dtype, p.device, capacity)
+        return KVStore(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
+                       p.dtype, p.device, capacity, offload)
 
-    def forward(self, embeds: torch.Tensor, cache: KVCache, mask: torch.Tensor | None = None,
+    def forward(self, embeds: torch.Tensor, cache: KVStore, mask: torch.Tensor | None = None,
                 logits_for: str = "last") -> torch.Tensor:
         """Run `embeds` [1, n, hidden] after what `cache` holds; return logits for the last position
-        (`logits_for="last"`, all a generation step needs) or for every position (`"all"`, for tests).
+        (`logits_for="last"`, all a generation step needs), for every position (`"all"`, for tests) or none.
 
-        `mask` (bool [n, cached+n], True = may attend) overrides plain causal attention.
+        `mask` (bool [n, cached+n], True = may attend, or a FlexAttention BlockMask) overrides plain causal
+        attention.
         """
         n = embeds.shape[1]
         start = cache.length
-        if mask is None and start > 0 and n > 1:
-            # New tokens after a cached prefix: causal among themselves, full view of the prefix.
-            mask = torch.ones(n, start + n, dtype=torch.bool, device=embeds.device).tril(diagonal=start)
         positions = torch.arange(start, start + n, device=embeds.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
+        if logits_for == "none":  # prefill: only the cache matters
+            return None
         if logits_for == "last":
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()

@@ -2,30 +2,33 @@
 
     video.load_video -> vision.VisionEncoder.encode -> prompt.build_prompt -> prefill -> generate -> text
 
-The KV cache of a video's prefix (system prompt + video) is kept after a question, so a follow-up question on
-the same video with the same sampling settings only prefills its own text.
+The KV store of a video's prefix (system prompt + video) is kept after a question, so a follow-up question on
+the same video with the same settings only prefills its own text.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from .chunking import BlockPlan, PrefillConfig
 from .config import FRAMES_PER_GROUP, VideoXLConfig
 from .decoder import Qwen2Decoder
 from .errors import VideoXLError
 from .generate import Detokenizer, GenerationConfig, next_token
-from .kv_cache import KVCache
+from .kv_store import KVStore
+from .prefill import DENSE_TOKENS_PER_STEP, dense_prefill, mask_prefill, streaming_prefill
 from .prompt import VideoPrompt, build_prompt, normalise_history
 from .video import Clip, load_video
 from .vision import VisionEncoder
 
 VISION_PAD = "<|vision_pad|>"
 DEFAULT_FRAMES_PER_SLICE = 96  # vision tower batch when chunk prefill does not set one
-PREFILL_TOKENS_PER_STEP = 8192  # dense prefill runs in causal slices of this many tokens to bound activations
 
 
 @dataclass
@@ -33,18 +36,49 @@ class PrefixState:
     """A video's prefix KVs, kept for the next question on the same video and settings."""
 
     key: tuple
-    cache: KVCache
+    cache: KVStore
     prompt: VideoPrompt
     stats: dict
 
 
 def progress(iterable, total: int | None, desc: str, enabled):
-    """A tqdm bar on stderr when `enabled` is True or a collection naming `desc` ("vision", "prefill", ...)."""
+    """A tqdm bar on stderr when `enabled` is True or a collection naming `desc` ("vision", "prefill", ...).
+    With `iterable=None`, a bar to advance by hand (`bar.update_to(n)`), or None when disabled."""
     if not (enabled is True or (enabled and not isinstance(enabled, bool) and desc in enabled)):
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="", leave=False, dynamic_ncols=True)
+    bar = tqdm(iterable, total=total, desc=desc, unit="", leave=False, dynamic_ncols=True)
+    bar.update_to = lambda n: bar.update(n - bar.n)
+    return bar
+
+
+def close(bar) -> None:
+    if bar is not None:
+        bar.close()
+
+
+class StageTimer:
+    """Wall time per stage (synchronising the GPU so each stage owns its kernels) and peak GPU memory."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device, self.times, self.t0 = device, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = round(now - self.t0, 3)
+        self.t0 = now
+
+    def report(self) -> dict:
+        out = dict(self.times)
+        if self.cuda:
+            out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        return out
 
 
 class VideoXL(nn.Module):
@@ -98,11 +132,11 @@ class VideoXL(nn.Module):
         if not isinstance(question, str) or not question.strip():
             raise VideoXLError("question must be a non-empty string")
         gen = GenerationConfig.from_dict(generation_config)
-        self._check_runtime_settings()
+        chunking = self._check_runtime_settings()
         history = normalise_history(chat_history)
         with torch.inference_mode():
             prefix = self._video_prefix(video_path, tokenizer, question, history, max_num_frames, sample_fps,
-                                        max_sample_fps, show_progress)
+                                        max_sample_fps, chunking, show_progress)
             prompt = build_prompt(tokenizer, question, prefix.prompt.timestamps, self.config.tokens_per_group,
                                   self._placeholder_id(tokenizer), history)
             cache = prefix.cache
@@ -113,13 +147,14 @@ class VideoXL(nn.Module):
             yield from self._generate(logits, cache, tokenizer, gen, prompt.input_ids, show_progress)
 
     # ---- steps ------------------------------------------------------------------------------------------------
-    def _check_runtime_settings(self) -> None:
+    def _check_runtime_settings(self) -> PrefillConfig | None:
+        """The card's runtime switches, validated: the chunk-prefill settings, or None for dense prefill."""
         if self.config.enable_sparse:
             raise VideoXLError("enable_sparse (bi-level KV decoding) is not available yet; set "
                                "model.config.enable_sparse = False")
-        if self.config.enable_chunk_prefill:
-            raise VideoXLError("enable_chunk_prefill is not available yet; set "
-                               "model.config.enable_chunk_prefill = False")
+        if not self.config.enable_chunk_prefill:
+            return None
+        return PrefillConfig.from_dict(self.config.prefill_config)
 
     def _placeholder_id(self, tokenizer) -> int:
         pad = tokenizer.convert_tokens_to_ids(VISION_PAD)
@@ -141,36 +176,56 @@ class VideoXL(nn.Module):
         return embeds[None]
 
     def _video_prefix(self, video_path, tokenizer, question, history, max_num_frames, sample_fps,
-                      max_sample_fps, show_progress) -> PrefixState:
+                      max_sample_fps, chunking: PrefillConfig | None, show_progress) -> PrefixState:
         key = self._prefix_key(video_path, max_num_frames, sample_fps, max_sample_fps)
+        if key is not None:
+            key += (chunking,)  # another pattern gives other KVs
         if key is not None and self._prefix is not None and self._prefix.key == key:
             return self._prefix
         self._prefix = None  # free the previous video's KVs before building new ones
+        timer = StageTimer(self.device)
         clip = load_video(video_path, max_num_frames, sample_fps, max_sample_fps)
-        visual = self.encode_clip(clip, show_progress=show_progress)
+        timer.lap("decode_s")
+        per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
+        visual = self.encode_clip(clip, per_slice, show_progress)
+        timer.lap("vision_s")
         timestamps = list(clip.timestamps) + [clip.timestamps[-1]] * (-len(clip) % FRAMES_PER_GROUP)
         prompt = build_prompt(tokenizer, question, timestamps, self.config.tokens_per_group,
                               self._placeholder_id(tokenizer), history)
-        cache = self.decoder.new_cache(capacity=len(prompt) + 512)
         embeds = self.embed_prompt(prompt, visual, prompt.video_end)
-        self.prefill(embeds, cache, show_progress)
-        stats = {"frames": len(clip), "groups": visual.shape[0], "video_tokens": prompt.video_end}
-        state = PrefixState(key, cache, prompt, stats)
+        del visual
+        store = self.decoder.new_cache(capacity=len(prompt) + 512, offload=bool(chunking and chunking.offload))
+        stats = {"frames": len(clip), "groups": len(prompt.group_starts), "video_tokens": prompt.video_end}
+        stats.update(self.prefill(embeds, store, prompt, chunking, show_progress))
+        timer.lap("prefill_s")
+        stats.update(timer.report())
+        state = PrefixState(key, store, prompt, stats)
         if key is not None:
             self._prefix = state
         return state
 
-    def prefill(self, embeds: torch.Tensor, cache: KVCache, show_progress: bool = False) -> None:
-        """Dense causal prefill in slices: exact, and bounds the MLP activations by the slice length."""
-        n = embeds.shape[1]
-        starts = range(0, n, PREFILL_TOKENS_PER_STEP)
-        for s in progress(starts, len(starts), "prefill", show_progress if len(starts) > 1 else False):
-            self.decoder(embeds[:, s:s + PREFILL_TOKENS_PER_STEP], cache)
+    def prefill(self, embeds: torch.Tensor, store: KVStore, prompt: VideoPrompt,
+                chunking: PrefillConfig | None = None, show_progress=False) -> dict:
+        """Fill `store` with the KVs of `embeds` (the prompt up to the end of the video); returns stats."""
+        if chunking is None:
+            n = embeds.shape[1]
+            bar = progress(None, n, "prefill", show_progress if n > DENSE_TOKENS_PER_STEP else False)
+            dense_prefill(self.decoder, embeds, store, bar.update_to if bar else None)
+            close(bar)
+            return {"prefill": "dense", "attended_share": 1.0}
+        plan = BlockPlan.from_prompt(prompt, chunking)
+        store.plan = plan
+        if chunking.chunk_prefill_mode == "mask":
+            mask_prefill(self.decoder, embeds, store, plan)
+        else:
+            bar = progress(None, len(self.decoder.layers), "prefill", show_progress)
+            streaming_prefill(self.decoder, embeds, store, plan, (lambda i: bar.update_to(i + 1)) if bar else None)
+            close(bar)
+        return {"prefill": chunking.chunk_prefill_mode, "blocks": len(plan.blocks),
+                "attended_share": round(plan.attended_share(), 4), "offload": chunking.offload}
 
     @staticmethod
     def _prefix_key(video_path, max_num_frames, sample_fps, max_sample_fps) -> tuple | None:
-        import os
-
         if not isinstance(video_path, (str, os.PathLike)):
             return None  # in-memory frames: no cheap identity to check
         path = os.path.abspath(os.fspath(video_path))
@@ -180,7 +235,7 @@ class VideoXL(nn.Module):
             return None
         return (path, st.st_mtime_ns, st.st_size, max_num_frames, sample_fps, max_sample_fps)
 
-    def _generate(self, logits: torch.Tensor, cache: KVCache, tokenizer, gen: GenerationConfig,
+    def _generate(self, logits: torch.Tensor, cache: KVStore, tokenizer, gen: GenerationConfig,
                   prompt_ids: list[int], show_progress: bool) -> Iterator[str]:
         stop = {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
                 if isinstance(i, int)}

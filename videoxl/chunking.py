@@ -1,0 +1,153 @@
+"""Chunk-based prefill settings and the block pattern they define over a prompt.
+
+The model card's knobs map onto the reference's block pattern (its `block_size_chosed`, `prev_blocks_num`):
+
+* `step_size` (unit: 4 frames = one group) is how far each chunk advances: the video is cut into **blocks of
+  `step_size` groups**, each processed as one unit.
+* `chunk_size` (unit: 4 frames) is the **attention window** a block sees: itself plus the previous
+  `chunk_size // step_size - 1` blocks. So `chunk_size=4, step_size=1` (the card's example) = blocks of one
+  group that see the 3 groups before them; the reference's evaluation setting (blocks of 4 groups, 3 previous
+  blocks) is `chunk_size=16, step_size=4`. `step_size` must divide `chunk_size`. A smaller step means more,
+  smaller, overlapping windows: smoother hand-over between chunks, more passes.
+
+Whatever the window, as in the reference: text before the video is visible to all; every timestamp token
+(`Time ...s:`) is visible to all later tokens and itself sees everything before it; tokens after the video (the
+question, the answer) see everything. All of it is causal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from .config import FRAMES_PER_GROUP
+from .errors import VideoXLError
+from .prompt import VideoPrompt
+
+MODES = ("streaming", "mask")
+
+
+@dataclass
+class PrefillConfig:
+    chunk_prefill_mode: str = "streaming"
+    chunk_size: int = 4
+    step_size: int = 1
+    offload: bool = False
+    chunk_size_for_vision_tower: int = 24
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PrefillConfig":
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise VideoXLError(f"prefill_config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise VideoXLError(f"unknown prefill_config key(s) {unknown}; allowed: {sorted(known)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def positive_int(key):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise VideoXLError(f"prefill_config: {key} must be a positive integer, got {value!r}")
+
+        if self.chunk_prefill_mode not in MODES:
+            raise VideoXLError(f"prefill_config: chunk_prefill_mode must be one of {list(MODES)}, "
+                               f"got {self.chunk_prefill_mode!r}")
+        for key in ("chunk_size", "step_size", "chunk_size_for_vision_tower"):
+            positive_int(key)
+        if self.chunk_size % self.step_size:
+            raise VideoXLError(f"prefill_config: step_size ({self.step_size}) must divide chunk_size "
+                               f"({self.chunk_size})")
+        if self.chunk_size_for_vision_tower % FRAMES_PER_GROUP:
+            raise VideoXLError(f"prefill_config: chunk_size_for_vision_tower must be a multiple of 4 (frames), "
+                               f"got {self.chunk_size_for_vision_tower}")
+        if not isinstance(self.offload, bool):
+            raise VideoXLError(f"prefill_config: offload must be true or false, got {self.offload!r}")
+
+    @property
+    def groups_per_block(self) -> int:
+        return self.step_size
+
+    @property
+    def prev_blocks(self) -> int:
+        return self.chunk_size // self.step_size - 1
+
+
+@dataclass
+class BlockPlan:
+    """The block pattern over the first `length` tokens of a prompt (prefix + video).
+
+    Per token: `block` (-1 before the video, else the video block it belongs to) and `open_row` / `open_col`
+    (timestamp tokens; text before the video is an open column). `blocks[b] = (start, end)` token spans.
+    """
+
+    length: int
+    video_start: int
+    blocks: list[tuple[int, int]]
+    prev_blocks: int
+    block: torch.Tensor  # int32 [length]
+    timestamp: torch.Tensor  # bool [length]
+
+    @classmethod
+    def from_prompt(cls, prompt: VideoPrompt, cfg: PrefillConfig) -> "BlockPlan":
+        length, starts = prompt.video_end, prompt.group_starts
+        step = cfg.groups_per_block
+        blocks = [(starts[g], starts[g + step] if g + step < len(starts) else length)
+                  for g in range(0, len(starts), step)]
+        block = torch.full((length,), -1, dtype=torch.int32)
+        for b, (s, e) in enumerate(blocks):
+            block[s:e] = b
+        timestamp = torch.zeros(length, dtype=torch.bool)
+        timestamp[starts[0]:length] = True
+        timestamp[torch.tensor(prompt.visual_positions, dtype=torch.long)] = False
+        return cls(length, starts[0], blocks, cfg.prev_blocks, block, timestamp)
+
+    @property
+    def open_col(self) -> torch.Tensor:
+        return self.timestamp | (self.block < 0)
+
+    def window_start(self, b: int) -> int:
+        return self.blocks[max(0, b - self.prev_blocks)][0]
+
+    def dense_mask(self, device=None) -> torch.Tensor:
+        """bool [length, length], True = may attend. For CPU prefill and for tests; O(length^2) memory."""
+        q = torch.arange(self.length)
+        blk, ts, col = self.block, self.timestamp, self.open_col
+        allowed = ts[:, None] | col[None, :] | (blk[None, :] >= blk[:, None] - self.prev_blocks)
+        return (allowed & (q[None, :] <= q[:, None])).to(device)
+
+    def mask_mod(self, device):
+        """The same pattern as a FlexAttention `mask_mod` (evaluated tile by tile, never as a whole matrix)."""
+        blk, ts, col = (t.to(device) for t in (self.block, self.timestamp, self.open_col))
+        prev = self.prev_blocks
+
+        def mask_mod(b, h, q, kv):
+            return (kv <= q) & (ts[q] | col[kv] | (blk[kv] >= blk[q] - prev))
+        return mask_mod
+
+    def visible_columns(self, b: int) -> torch.Tensor:
+        """Columns the non-timestamp rows of block b may see (before the causal cut): the text before the
+        video, timestamp tokens before the window, and the window itself up to the block's end."""
+        w, end = self.window_start(b), self.blocks[b][1]
+        before = torch.arange(self.video_start)
+        stamps = torch.nonzero(self.timestamp[self.video_start:w]).flatten() + self.video_start
+        return torch.cat([before, stamps, torch.arange(w, end)])
+
+    def attended_share(self) -> float:
+        """Attention pairs computed / pairs of full causal attention, over the prefilled tokens."""
+        n = self.length
+        ts = self.timestamp.numpy()
+        pairs = self.video_start * (self.video_start + 1) // 2
+        for b, (s, e) in enumerate(self.blocks):
+            rows = np.arange(s, e)
+            w = self.window_start(b)
+            far = self.video_start + int(ts[self.video_start:w].sum())  # open columns before the window
+            seen = np.where(ts[s:e], rows + 1, far + rows - w + 1)
+            pairs += int(seen.sum())
+        return pairs / (n * (n + 1) // 2)

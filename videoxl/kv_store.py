@@ -1,0 +1,162 @@
+"""The KV store: every decoder layer's keys and values, on the GPU or offloaded to (pinned) CPU memory.
+
+One object, a narrow interface:
+  * `append(layer, k, v)` -> the layer's whole K/V on the compute device (what an attention step reads);
+  * `layer_slot(layer, n)` / `commit(layer, n)` -> write a whole layer's first n positions at once (chunked
+    prefill computes a layer at a time) and, with offload, send it to the CPU behind the next layer's compute;
+  * `length`, `truncate(n)` (keep a prefix: how a follow-up question reuses the video's KVs), `reserve(n)`;
+  * `plan`: the block layout of the prefilled video (which tokens are timestamps, which visual, block spans),
+    recorded for the decoding strategies that read blocks.
+Keys are stored after RoPE at their absolute positions. Nothing else reaches into the buffers.
+
+With `offload=True` the buffers live in CPU memory (pinned when a GPU is present) and a layer's K/V travels to
+the GPU when it is read, the next layer's copy overlapping the current layer's compute on a side stream.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVStore:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, capacity: int = 256, offload: bool = False):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device, self.offload = dtype, torch.device(device), offload
+        self.home = torch.device("cpu") if offload else self.device
+        self._pin = offload and self.device.type == "cuda"
+        self._k = [self._empty(capacity) for _ in range(num_layers)]
+        self._v = [self._empty(capacity) for _ in range(num_layers)]
+        self._len = [0] * num_layers
+        self.plan = None  # chunking.BlockPlan of the prefilled video, when chunk prefill made it
+        cuda = offload and self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # GPU staging, two slots
+        self._fetched: dict[int, tuple[int, torch.cuda.Event | None]] = {}  # layer -> (slot, copy done)
+
+    def _empty(self, capacity: int) -> torch.Tensor:
+        return torch.empty((1, self.num_kv_heads, capacity, self.head_dim), dtype=self.dtype, device=self.home,
+                           pin_memory=self._pin)
+
+    # ---- sizes ----------------------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Tokens cached in every layer (layer 0 leads during a forward pass; the last layer closes it)."""
+        return self._len[-1]
+
+    @property
+    def capacity(self) -> int:
+        return self._k[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.num_layers * self.length * self.num_kv_heads * self.head_dim * self._k[0].element_size()
+
+    def reserve(self, total: int) -> None:
+        """Room for `total` tokens in every layer, so a known-length prefill + decode never reallocates."""
+        if total <= self.capacity:
+            return
+        new_cap = max(total, 2 * self.capacity)
+        for i in range(self.num_layers):
+            n = self._len[i]
+            for buf in (self._k, self._v):
+                grown = self._empty(new_cap)
+                grown[:, :, :n] = buf[i][:, :, :n]
+                buf[i] = grown
+        self._scratch.clear()
+        self._fetched.clear()
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first `length` tokens (in every layer)."""
+        if length < 0 or length > self.length:
+            raise ValueError(f"cannot truncate a store of {self.length} tokens to {length}")
+        self._len = [length] * self.num_layers
+        self._fetched.clear()
+
+    # ---- token-by-token access (dense prefill, decoding) -----------------------------------------------------
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add `k`, `v` ([1, kv_heads, new, head_dim]) to `layer`; return that layer's whole K and V."""
+        start = self._len[layer]
+        end = start + k.shape[2]
+        if end > self.capacity:
+            self.reserve(end)
+        self._k[layer][:, :, start:end] = k
+        self._v[layer][:, :, start:end] = v
+        self._len[layer] = end
+        if not self.offload:
+            return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
+        return self._read_offloaded(layer, end, k, v)
+
+    def _read_offloaded(self, layer, end, k_new, v_new):
+        if self._copy_stream is None:  # offload on a CPU-only machine: home and compute are the same memory
+            return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
+        start = end - k_new.shape[2]
+        slot, done = self._fetched.pop(layer, (None, None))
+        if slot is None:  # not prefetched: copy now
+            slot, done = self._fetch(layer, start)
+        torch.cuda.current_stream(self.device).wait_event(done)
+        kb, vb = self._scratch[slot]
+        kb[:, :, start:end] = k_new  # the new tokens are already on the GPU
+        vb[:, :, start:end] = v_new
+        if layer + 1 < self.num_layers:  # overlap the next layer's copy with this layer's attention
+            self._fetched[layer + 1] = self._fetch(layer + 1, self._len[layer + 1], after_current=True)
+        return kb[:, :, :end], vb[:, :, :end]
+
+    def _fetch(self, layer: int, n: int, after_current: bool = False):
+        slot = layer % 2
+        if slot not in self._scratch:
+            shape = (1, self.num_kv_heads, self.capacity, self.head_dim)
+            self._scratch[slot] = (torch.empty(shape, dtype=self.dtype, device=self.device),
+                                   torch.empty(shape, dtype=self.dtype, device=self.device))
+        kb, vb = self._scratch[slot]
+        stream = self._copy_stream
+        # the slot was last read by layer-2's attention on the compute stream: wait for it before overwriting
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            kb[:, :, :n].copy_(self._k[layer][:, :, :n], non_blocking=True)
+            vb[:, :, :n].copy_(self._v[layer][:, :, :n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return slot, done
+
+    # ---- layer-at-a-time access (chunked prefill) ------------------------------------------------------------
+    def layer_slot(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writable K, V buffers [1, kv_heads, n, head_dim] on the compute device for positions [0, n) of
+        `layer`. Without offload they are the store itself; with offload, GPU staging sent home by `commit`."""
+        self.reserve(n)
+        if not self.offload or self._copy_stream is None:
+            return self._k[layer][:, :, :n], self._v[layer][:, :, :n]
+        slot, _ = self._fetch_slot_free(layer)
+        kb, vb = self._scratch[slot]
+        return kb[:, :, :n], vb[:, :, :n]
+
+    def _fetch_slot_free(self, layer):
+        slot = layer % 2
+        if slot not in self._scratch:
+            shape = (1, self.num_kv_heads, self.capacity, self.head_dim)
+            self._scratch[slot] = (torch.empty(shape, dtype=self.dtype, device=self.device),
+                                   torch.empty(shape, dtype=self.dtype, device=self.device))
+        # the previous user of this slot (layer-2) must have finished its copy home before we overwrite it
+        torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        return slot, None
+
+    def commit(self, layer: int, n: int) -> None:
+        """Positions [0, n) of `layer` are final. With offload, copy them home behind the next layer's work."""
+        self._len[layer] = n
+        if not self.offload or self._copy_stream is None:
+            return
+        kb, vb = self._scratch[layer % 2]
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._k[layer][:, :, :n].copy_(kb[:, :, :n], non_blocking=True)
+            self._v[layer][:, :, :n].copy_(vb[:, :, :n], non_blocking=True)
+
+    def synchronize(self) -> None:
+        if self._copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K/V where they live (home memory): for inspection and tests."""
+        self.synchronize()
+        n = self._len[layer]
+        return self._k[layer][:, :, :n], self._v[layer][:, :, :n]

@@ -1,0 +1,128 @@
+"""Prefill of the prefix + video into the KV store: dense, or chunk-based ('mask' / 'streaming').
+
+* dense: causal attention over everything, in slices of tokens against the growing store.
+* 'mask': one forward pass over the whole sequence with the block pattern of `chunking.BlockPlan`. On CUDA the
+  pattern is a FlexAttention `BlockMask`, so the tiles it rules out are never computed; on CPU it is a dense
+  boolean mask for SDPA (the reference's approach: same numbers, no savings).
+* 'streaming': the same pattern, computed a layer at a time: a layer's K/V for every token (in slices), then
+  attention block by block against the columns the pattern lets each block see, then the MLP in slices. Only
+  one layer's K/V must be on the GPU at once, so with `offload=True` each finished layer goes to CPU memory
+  behind the next layer's compute and never comes back during prefill; activations never exceed one slice.
+  (Block-major order would need, for every timestamp token, *all* earlier KVs on the GPU again: the pattern
+  lets timestamp rows see everything before them.)
+All three give the same KVs up to float rounding; tests hold them to that.
+"""
+from __future__ import annotations
+
+import torch
+
+from .chunking import BlockPlan
+from .decoder import Qwen2Decoder, apply_rope, attend, rope_cos_sin
+from .kv_store import KVStore
+
+DENSE_TOKENS_PER_STEP = 8192  # dense prefill slice: bounds MLP activations (8192 x 18944 bf16 = 0.3 GB)
+STREAM_TOKENS_PER_SLICE = 16384  # streaming projections/MLP slice
+
+
+def flex_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def block_mask(plan: BlockPlan, device: torch.device):
+    """The plan as a FlexAttention BlockMask (128x128 tiles), built on the GPU without a dense L x L mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(plan.mask_mod(device), None, None, plan.length, plan.length, device=device,
+                             _compile=True)
+
+
+def dense_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, on_step=None) -> None:
+    """Causal prefill in slices of tokens: exact, and bounds MLP activations by the slice."""
+    n = embeds.shape[1]
+    for s in range(0, n, DENSE_TOKENS_PER_STEP):
+        decoder(embeds[:, s:s + DENSE_TOKENS_PER_STEP], store, logits_for="none")
+        if on_step is not None:
+            on_step(min(s + DENSE_TOKENS_PER_STEP, n))
+
+
+def mask_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, plan: BlockPlan) -> None:
+    assert store.length == 0 and embeds.shape[1] == plan.length
+    device = embeds.device
+    mask = block_mask(plan, device) if flex_available(device) else plan.dense_mask(device)
+    decoder(embeds, store, mask=mask, logits_for="none")
+
+
+def streaming_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, plan: BlockPlan,
+                      on_layer=None) -> None:
+    assert store.length == 0 and embeds.shape[1] == plan.length
+    n, device = plan.length, embeds.device
+    h = embeds[0].clone()  # [n, hidden], updated in place layer by layer
+    cfg = decoder.cfg
+    cos, sin = rope_cos_sin(torch.arange(n, device=device), cfg.head_dim, cfg.rope_theta, h.dtype)
+    slices = [slice(s, min(s + STREAM_TOKENS_PER_SLICE, n)) for s in range(0, n, STREAM_TOKENS_PER_SLICE)]
+    flex_mask = block_mask(plan, device) if flex_available(device) else None
+    for i, layer in enumerate(decoder.layers):
+        attn = layer.self_attn
+        k_all, v_all = store.layer_slot(i, n)
+        for s in slices:
+            x = layer.input_layernorm(h[s])[None]
+            k_all[:, :, s] = apply_rope(heads(attn.k_proj(x), attn.n_kv), cos[s], sin[s])
+            v_all[:, :, s] = heads(attn.v_proj(x), attn.n_kv)
+
+        def queries(s):
+            return apply_rope(heads(attn.q_proj(layer.input_layernorm(h[s])[None]), attn.n_heads), cos[s], sin[s])
+
+        if flex_mask is not None:  # one block-sparse kernel over the whole layer
+            q = torch.cat([queries(s) for s in slices], dim=2)
+            out = attend(q, k_all, v_all, flex_mask)
+            del q
+            attn_out = [out[:, :, s] for s in slices]
+        else:
+            attn_out = [block_attention(plan, queries, k_all, v_all, s) for s in slices]
+        for s, o in zip(slices, attn_out):
+            h[s] += attn.o_proj(o.transpose(1, 2).reshape(1, s.stop - s.start, -1))[0]
+            h[s] += layer.mlp(layer.post_attention_layernorm(h[s]))
+        del attn_out
+        store.commit(i, n)
+        if on_layer is not None:
+            on_layer(i)
+    store.synchronize()
+
+
+def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[1, n, n_heads * d] -> [1, n_heads, n, d]"""
+    return x.view(1, x.shape[1], n_heads, -1).transpose(1, 2)
+
+
+def block_attention(plan: BlockPlan, queries, k_all, v_all, rows: slice) -> torch.Tensor:
+    """Attention output [1, heads, rows, d] for the rows in `rows`, the pattern applied block by block with
+    SDPA: each block's rows against only the columns it may see (gathered), timestamp rows against all."""
+    q = queries(rows)
+    out = torch.empty_like(q)
+    device = q.device
+    spans = [(0, plan.video_start, None)] + [(s, e, b) for b, (s, e) in enumerate(plan.blocks)]
+    for s, e, b in spans:
+        s, e = max(s, rows.start), min(e, rows.stop)
+        if s >= e:
+            continue
+        local = slice(s - rows.start, e - rows.start)
+        if b is None:  # text before the video: plain causal
+            out[:, :, local] = attend(q[:, :, local], k_all[:, :, :e], v_all[:, :, :e])
+            continue
+        cols = plan.visible_columns(b).to(device)
+        cols = cols[cols < e]
+        causal = cols[None, :] <= torch.arange(s, e, device=device)[:, None]
+        out[:, :, local] = attend(q[:, :, local], k_all[:, :, cols], v_all[:, :, cols], causal)
+        stamps = torch.nonzero(plan.timestamp[s:e]).flatten()
+        if len(stamps):  # timestamp rows see every earlier token
+            stamp_rows = stamps.to(device) + s
+            full = torch.arange(e, device=device)[None, :] <= stamp_rows[:, None]
+            local_rows = stamp_rows - rows.start
+            out[:, :, local_rows] = attend(q[:, :, local_rows], k_all[:, :, :e], v_all[:, :, :e], full)
+    return out
