@@ -22,13 +22,14 @@ from .decoder import Qwen2Decoder
 from .errors import VideoXLError
 from .generate import Detokenizer, GenerationConfig, next_token
 from .kv_store import KVStore
-from .prefill import DENSE_TOKENS_PER_STEP, dense_prefill, mask_prefill, streaming_prefill
+from .prefill import dense_prefill, mask_prefill, streaming_prefill
 from .prompt import VideoPrompt, build_prompt, normalise_history
 from .video import Clip, load_video
 from .vision import VisionEncoder
 
 VISION_PAD = "<|vision_pad|>"
 DEFAULT_FRAMES_PER_SLICE = 96  # vision tower batch when chunk prefill does not set one
+LONG_PREFILL_TOKENS = 20000  # show a prefill progress bar above this
 
 
 @dataclass
@@ -207,19 +208,20 @@ class VideoXL(nn.Module):
     def prefill(self, embeds: torch.Tensor, store: KVStore, prompt: VideoPrompt,
                 chunking: PrefillConfig | None = None, show_progress=False) -> dict:
         """Fill `store` with the KVs of `embeds` (the prompt up to the end of the video); returns stats."""
-        if chunking is None:
-            n = embeds.shape[1]
-            bar = progress(None, n, "prefill", show_progress if n > DENSE_TOKENS_PER_STEP else False)
-            dense_prefill(self.decoder, embeds, store, bar.update_to if bar else None)
-            close(bar)
-            return {"prefill": "dense", "attended_share": 1.0}
-        plan = BlockPlan.from_prompt(prompt, chunking)
-        store.plan = plan
-        if chunking.chunk_prefill_mode == "mask":
-            mask_prefill(self.decoder, embeds, store, plan)
-        else:
-            bar = progress(None, len(self.decoder.layers), "prefill", show_progress)
-            streaming_prefill(self.decoder, embeds, store, plan, (lambda i: bar.update_to(i + 1)) if bar else None)
+        long = embeds.shape[1] > LONG_PREFILL_TOKENS
+        bar = progress(None, len(self.decoder.layers), "prefill", show_progress if long else False)
+        on_layer = (lambda i: bar.update_to(i + 1)) if bar else None
+        try:
+            if chunking is None:
+                dense_prefill(self.decoder, embeds, store, on_layer)
+                return {"prefill": "dense", "attended_share": 1.0}
+            plan = BlockPlan.from_prompt(prompt, chunking)
+            store.plan = plan
+            if chunking.chunk_prefill_mode == "mask":
+                mask_prefill(self.decoder, embeds, store, plan)
+            else:
+                streaming_prefill(self.decoder, embeds, store, plan, on_layer)
+        finally:
             close(bar)
         return {"prefill": chunking.chunk_prefill_mode, "blocks": len(plan.blocks),
                 "attended_share": round(plan.attended_share(), 4), "offload": chunking.offload}

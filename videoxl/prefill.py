@@ -1,13 +1,15 @@
 """Prefill of the prefix + video into the KV store: dense, or chunk-based ('mask' / 'streaming').
 
-* dense: causal attention over everything, in slices of tokens against the growing store.
+* dense: causal (flash) attention over everything, computed a layer at a time like 'streaming' below.
 * 'mask': one forward pass over the whole sequence with the block pattern of `chunking.BlockPlan`. On CUDA the
   pattern is a FlexAttention `BlockMask`, so the tiles it rules out are never computed; on CPU it is a dense
   boolean mask for SDPA (the reference's approach: same numbers, no savings).
 * 'streaming': the same pattern, computed a layer at a time: a layer's K/V for every token (in slices), then
-  attention block by block against the columns the pattern lets each block see, then the MLP in slices. Only
-  one layer's K/V must be on the GPU at once, so with `offload=True` each finished layer goes to CPU memory
-  behind the next layer's compute and never comes back during prefill; activations never exceed one slice.
+  the pattern's attention (the BlockMask kernel on CUDA; on CPU block by block, each block's rows against only
+  the columns it may see), then the MLP in slices. Only one layer's K/V must be on the GPU at once, so with
+  `offload=True` each finished layer goes to CPU memory behind the next layer's compute and never comes back
+  during prefill. Activations: the hidden states, one layer's queries and attention output (each tokens x
+  hidden, the size of the input embeddings), and MLP intermediates of one slice only.
   (Block-major order would need, for every timestamp token, *all* earlier KVs on the GPU again: the pattern
   lets timestamp rows see everything before them.)
 All three give the same KVs up to float rounding; tests hold them to that.
@@ -20,8 +22,7 @@ from .chunking import BlockPlan
 from .decoder import Qwen2Decoder, apply_rope, attend, rope_cos_sin
 from .kv_store import KVStore
 
-DENSE_TOKENS_PER_STEP = 8192  # dense prefill slice: bounds MLP activations (8192 x 18944 bf16 = 0.3 GB)
-STREAM_TOKENS_PER_SLICE = 16384  # streaming projections/MLP slice
+STREAM_TOKENS_PER_SLICE = 16384  # projections/MLP slice: bounds activations (16384 x 18944 bf16 = 0.6 GB)
 
 
 def flex_available(device: torch.device) -> bool:
@@ -42,13 +43,18 @@ def block_mask(plan: BlockPlan, device: torch.device):
                              _compile=True)
 
 
-def dense_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, on_step=None) -> None:
-    """Causal prefill in slices of tokens: exact, and bounds MLP activations by the slice."""
-    n = embeds.shape[1]
-    for s in range(0, n, DENSE_TOKENS_PER_STEP):
-        decoder(embeds[:, s:s + DENSE_TOKENS_PER_STEP], store, logits_for="none")
-        if on_step is not None:
-            on_step(min(s + DENSE_TOKENS_PER_STEP, n))
+def whole_layer_attention(mask=None):
+    """Attention for all of a layer's queries in one kernel call: causal (flash) or a FlexAttention BlockMask."""
+    def attention(queries, k_all, v_all, slices):
+        q = torch.cat([queries(s) for s in slices], dim=2)
+        out = attend(q, k_all, v_all, mask)
+        return [out[:, :, s] for s in slices]
+    return attention
+
+
+def dense_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, on_layer=None) -> None:
+    """Plain causal prefill, a layer at a time (flash attention over the whole sequence, MLP in slices)."""
+    layerwise_prefill(decoder, embeds, store, whole_layer_attention(), on_layer)
 
 
 def mask_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, plan: BlockPlan) -> None:
@@ -60,13 +66,26 @@ def mask_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, pl
 
 def streaming_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, plan: BlockPlan,
                       on_layer=None) -> None:
-    assert store.length == 0 and embeds.shape[1] == plan.length
-    n, device = plan.length, embeds.device
+    assert embeds.shape[1] == plan.length
+    if flex_available(embeds.device):  # one block-sparse kernel over the whole layer
+        attention = whole_layer_attention(block_mask(plan, embeds.device))
+    else:
+        def attention(queries, k_all, v_all, slices):
+            return [block_attention(plan, queries, k_all, v_all, s) for s in slices]
+    layerwise_prefill(decoder, embeds, store, attention, on_layer)
+
+
+def layerwise_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, attention,
+                      on_layer=None) -> None:
+    """Run the decoder a layer at a time over all tokens: that layer's K/V for every token (in slices), then
+    `attention(queries, k_all, v_all, slices)` -> outputs per slice, then the MLP in slices. Only one layer's
+    K/V must be on the GPU at a time; `store.commit` sends it home (CPU with offload) behind the next layer."""
+    assert store.length == 0
+    n, device = embeds.shape[1], embeds.device
     h = embeds[0].clone()  # [n, hidden], updated in place layer by layer
     cfg = decoder.cfg
     cos, sin = rope_cos_sin(torch.arange(n, device=device), cfg.head_dim, cfg.rope_theta, h.dtype)
     slices = [slice(s, min(s + STREAM_TOKENS_PER_SLICE, n)) for s in range(0, n, STREAM_TOKENS_PER_SLICE)]
-    flex_mask = block_mask(plan, device) if flex_available(device) else None
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         k_all, v_all = store.layer_slot(i, n)
@@ -78,13 +97,7 @@ def streaming_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStor
         def queries(s):
             return apply_rope(heads(attn.q_proj(layer.input_layernorm(h[s])[None]), attn.n_heads), cos[s], sin[s])
 
-        if flex_mask is not None:  # one block-sparse kernel over the whole layer
-            q = torch.cat([queries(s) for s in slices], dim=2)
-            out = attend(q, k_all, v_all, flex_mask)
-            del q
-            attn_out = [out[:, :, s] for s in slices]
-        else:
-            attn_out = [block_attention(plan, queries, k_all, v_all, s) for s in slices]
+        attn_out = attention(queries, k_all, v_all, slices)
         for s, o in zip(slices, attn_out):
             h[s] += attn.o_proj(o.transpose(1, 2).reshape(1, s.stop - s.start, -1))[0]
             h[s] += layer.mlp(layer.post_attention_layernorm(h[s]))
