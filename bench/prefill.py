@@ -33,6 +33,13 @@ from videoxl.tiny import full_size_config, make_tokenizer, tiny_config  # noqa: 
 CHUNKING = dict(chunk_size=16, step_size=4, chunk_size_for_vision_tower=96)  # the reference's evaluation setting
 
 
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -125,6 +132,7 @@ def check_paths(model, tokenizer, frames_u8) -> dict:
         plan = BlockPlan.from_prompt(prompt, PrefillConfig(**CHUNKING))
         stores = {}
         for name in ("mask", "stream_flex", "stream_sdpa", "dense"):
+            log(f"check {name}")
             store = model.decoder.new_cache(capacity=prompt.video_end + 8)
             if name == "mask":
                 prefill.mask_prefill(model.decoder, embeds, store, plan)
@@ -155,19 +163,27 @@ def main():
     ap.add_argument("--out", default="prefill.json")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU: a smoke test of this script")
+    ap.add_argument("--stack-dump-s", type=float, default=0, help="dump all stacks every N s (hang hunting)")
     args = ap.parse_args()
+    if args.stack_dump_s:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.stack_dump_s, repeat=True)
     device = torch.device("cpu" if args.tiny else "cuda")
     model = random_model(device, args.tiny)
+    log("model ready")
     hf = hf_qwen2(model)
     tokenizer = make_tokenizer(tempfile.mkdtemp())
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(max(args.frames), 384, 384, 3), dtype=np.uint8)
+    log("frames ready")
     results = {"device": torch.cuda.get_device_name() if not args.tiny else "cpu (tiny)", "torch": torch.__version__, "chunking": CHUNKING,
                "date": time.strftime("%Y-%m-%d"), "runs": []}
     if args.check:
         results["check"] = check_paths(model, tokenizer, frames[:256])
         print("check:", json.dumps(results["check"]), flush=True)
     for way in args.ways:  # warm-up: compile FlexAttention, load kernels
+        log(f"warm-up {way}")
         run_one(model, hf, tokenizer, frames[:32], way)
     for n in args.frames:
         for way in args.ways:
