@@ -82,10 +82,14 @@ def run(fn, model, embeds, plan=None, offload=False):
 
 
 def assert_same_kvs(a, b, tol=TOL):
+    """max |a - b| <= tol * max |b| per layer: relative, since the tiny random model's keys reach ~1e2 and
+    CPU matmul kernels may round differently with the buffers' alignment."""
     assert a.length == b.length
     for layer in range(a.num_layers):
         for x, y in zip(a.layer(layer), b.layer(layer)):
-            assert (x - y).abs().max().item() <= tol, layer
+            d = (x - y).abs()
+            bad = torch.nonzero(d > tol * y.abs().max())
+            assert not len(bad), (layer, d.max().item(), bad[:, 2].unique().tolist()[:30], len(bad))
 
 
 @pytest.mark.parametrize("chunk, step", [(4, 1), (2, 2), (3, 3), (4, 2)])
@@ -179,3 +183,43 @@ def test_bad_prefill_config(tiny, long_clip, config, message):
     finally:
         model.config.enable_chunk_prefill = False
         model.config.prefill_config = None
+
+
+@pytest.mark.parametrize("tile", [16, 64, 128])
+@pytest.mark.parametrize("reorder", [False, True])
+def test_tile_classes_bound_the_mask(prepared, tile, reorder):
+    """What the block-sparse kernel skips is truly masked, and what it runs unmasked is truly visible, in
+    sequence order and in the attention order (open tokens first)."""
+    _, prompt, _ = prepared
+    plan = BlockPlan.from_prompt(prompt, PrefillConfig(chunk_size=4, step_size=1))
+    order = plan.attention_order() if reorder else torch.arange(plan.length)
+    assert sorted(order.tolist()) == list(range(plan.length))
+    dense = plan.dense_mask()[order][:, order]
+    pad = -plan.length % tile
+    t = dense.shape[0] // tile + bool(pad)
+    tiles = torch.nn.functional.pad(dense, (0, pad, 0, pad)).view(t, tile, t, tile).transpose(1, 2)
+    valid = torch.nn.functional.pad(torch.ones_like(dense), (0, pad, 0, pad)).view(t, tile, t, tile)
+    valid = valid.transpose(1, 2)
+    partial, full = plan.tile_classes(tile, order=order)
+    any_allowed = tiles.flatten(2).any(-1)
+    all_allowed = (tiles | ~valid).flatten(2).all(-1)
+    assert not (full & ~all_allowed).any()
+    assert not (~partial & ~full & any_allowed).any()
+    skipped = (~partial & ~full).sum() / partial.numel()
+    if tile == 16 and reorder:  # in attention order the bounds skip most of the (mostly masked) work
+        assert skipped > 0.5
+
+
+def test_block_sparse_attention_matches_dense_mask(prepared):
+    """BlockSparseAttention through FlexAttention (eager, on the CPU) = SDPA with the dense boolean mask."""
+    from videoxl.prefill import BlockSparseAttention
+
+    _, prompt, _ = prepared
+    plan = BlockPlan.from_prompt(prompt, PrefillConfig(chunk_size=4, step_size=1))
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, plan.length, 16)
+    k, v = torch.randn(1, 2, plan.length, 16), torch.randn(1, 2, plan.length, 16)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=plan.dense_mask(), enable_gqa=True)
+    for tile in (32, 128):
+        got = BlockSparseAttention(plan, torch.device("cpu"), tile)(q, k, v)
+        assert (got - ref).abs().max() < TOL

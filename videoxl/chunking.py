@@ -122,14 +122,57 @@ class BlockPlan:
         allowed = ts[:, None] | col[None, :] | (blk[None, :] >= blk[:, None] - self.prev_blocks)
         return (allowed & (q[None, :] <= q[:, None])).to(device)
 
-    def mask_mod(self, device):
-        """The same pattern as a FlexAttention `mask_mod` (evaluated tile by tile, never as a whole matrix)."""
-        blk, ts, col = (t.to(device) for t in (self.block, self.timestamp, self.open_col))
+    def attention_order(self) -> torch.Tensor:
+        """A token order for block-sparse attention: text before the video, then the timestamp tokens, then the
+        visual tokens, each in sequence order. Attention is the same in any order once the mask follows the
+        tokens; in this one the open rows and columns (timestamps: every ~150 tokens) form thin strips instead
+        of touching every tile, and the window pattern of the visual tokens becomes a band of skippable tiles."""
+        video = torch.arange(self.video_start, self.length)
+        ts = self.timestamp[self.video_start:]
+        return torch.cat([torch.arange(self.video_start), video[ts], video[~ts]])
+
+    def mask_mod(self, device, order: torch.Tensor | None = None):
+        """The pattern as a FlexAttention `mask_mod` over tokens arranged in `order` (default: sequence order)."""
+        order = torch.arange(self.length) if order is None else order
+        pos, blk, ts, col = (t[order].to(device) for t in (torch.arange(self.length), self.block, self.timestamp,
+                                                           self.open_col))
         prev = self.prev_blocks
 
         def mask_mod(b, h, q, kv):
-            return (kv <= q) & (ts[q] | col[kv] | (blk[kv] >= blk[q] - prev))
+            return (pos[kv] <= pos[q]) & (ts[q] | col[kv] | (blk[kv] >= blk[q] - prev))
         return mask_mod
+
+    def tile_classes(self, tile: int, device=None, order: torch.Tensor | None = None):
+        """(partial, full): bool [q_tiles, kv_tiles] over `tile` x `tile` squares of the mask, tokens arranged in
+        `order`. A tile neither partial nor full is empty (skipped). Bounds per tile, so it costs O(tiles^2),
+        never O(length^2); it may call a full or empty tile partial (then the mask is evaluated there), never
+        the reverse."""
+        n, prev = self.length, self.prev_blocks
+        order = torch.arange(n) if order is None else order
+        pad = -n % tile
+        big = torch.iinfo(torch.int64).max
+
+        def tiles(values: torch.Tensor, fill) -> torch.Tensor:  # [n] in `order` -> [tiles, tile], padded
+            v = values[order].to(device)
+            return torch.cat([v, torch.full((pad,), fill, dtype=v.dtype, device=device)]).view(-1, tile)
+
+        pos = torch.arange(n)
+        ts_rows, open_cols = tiles(self.timestamp, False), tiles(self.open_col, False)
+        blk = self.block.to(torch.int64)
+        lo = tiles(blk - prev, -big)  # lowest block a row may see; padding rows constrain nothing
+        rows_min, rows_max = tiles(pos, big).amin(1), tiles(pos, -1).amax(1)
+        cols_min, cols_max = rows_min, rows_max
+        # the strictest and the loosest window bound among a tile's non-timestamp rows
+        lo_max = torch.where(ts_rows, -big, lo).amax(1)
+        lo_min = torch.where(ts_rows, big, lo).amin(1)
+        blk_min, blk_max = tiles(blk, big).amin(1)[None, :], tiles(blk, -big).amax(1)[None, :]
+        above = cols_min[None, :] > rows_max[:, None]  # every column after every row
+        below = cols_max[None, :] <= rows_min[:, None]  # every column at or before every row
+        any_ts, all_ts = ts_rows.any(1)[:, None], ts_rows.all(1)[:, None]
+        any_open, all_open = open_cols.any(1)[None, :], open_cols.all(1)[None, :]
+        none = above | (~any_ts & ~any_open & (blk_max < lo_min[:, None]))
+        full = below & (all_ts | all_open | (blk_min >= lo_max[:, None]))
+        return ~none & ~full, full
 
     def visible_columns(self, b: int) -> torch.Tensor:
         """Columns the non-timestamp rows of block b may see (before the causal cut): the text before the

@@ -49,12 +49,16 @@ _flex = None
 
 
 def flex_attention(q, k, v, block_mask):
-    """FlexAttention, compiled once: it skips the tiles a `BlockMask` rules out (the eager version does not)."""
+    """FlexAttention, compiled once on CUDA: it skips the tiles a `BlockMask` rules out. (The eager version
+    computes every score; on the CPU it serves only to check the mask.)"""
     global _flex
-    if _flex is None:
-        from torch.nn.attention.flex_attention import flex_attention as eager
+    from torch.nn.attention.flex_attention import flex_attention as eager
 
-        _flex = torch.compile(eager, dynamic=False)
+    if q.device.type != "cuda":
+        return eager(q, k, v, block_mask=block_mask, enable_gqa=True)
+    if _flex is None:
+        # dynamic: one kernel for every sequence length (each video has its own), not a recompile per length
+        _flex = torch.compile(eager, dynamic=True)
     return _flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
@@ -62,7 +66,7 @@ def attend(q, k, v, mask=None):
     """Attention of q [b, heads, n, d] over k, v [b, kv_heads, m, d] (grouped-query).
 
     `mask`: None = causal with the n queries at the end of the m keys; a bool tensor [n, m] (True = may
-    attend); or a FlexAttention `BlockMask` (block-sparse, CUDA).
+    attend); or a callable doing block-sparse attention (`prefill.BlockSparseAttention`, CUDA).
     """
     n, m = q.shape[2], k.shape[2]
     if mask is None:
@@ -73,7 +77,7 @@ def attend(q, k, v, mask=None):
         mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    return flex_attention(q, k, v, mask)
+    return mask(q, k, v)  # a block-sparse attention object (prefill.BlockSparseAttention)
 
 
 class Attention(nn.Module):

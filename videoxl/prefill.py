@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .chunking import BlockPlan
-from .decoder import Qwen2Decoder, apply_rope, attend, rope_cos_sin
+from .decoder import Qwen2Decoder, apply_rope, attend, flex_attention, rope_cos_sin
 from .kv_store import KVStore
 
 STREAM_TOKENS_PER_SLICE = 16384  # projections/MLP slice: bounds activations (16384 x 18944 bf16 = 0.6 GB)
@@ -35,12 +35,37 @@ def flex_available(device: torch.device) -> bool:
     return True
 
 
-def block_mask(plan: BlockPlan, device: torch.device):
-    """The plan as a FlexAttention BlockMask (128x128 tiles), built on the GPU without a dense L x L mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
+class BlockSparseAttention:
+    """The plan's pattern as a FlexAttention BlockMask over tokens in `plan.attention_order()`: q, k, v are
+    gathered into that order, attended, and the output put back. Tiles the pattern rules out are skipped, fully
+    visible tiles run without a mask, only partial tiles evaluate `mask_mod`. The BlockMask comes from per-tile
+    bounds (`BlockPlan.tile_classes`) rather than `create_block_mask`, which evaluates the mask at all
+    length^2 positions and, compiled, took minutes on an H200."""
 
-    return create_block_mask(plan.mask_mod(device), None, None, plan.length, plan.length, device=device,
-                             _compile=True)
+    def __init__(self, plan: BlockPlan, device: torch.device, tile: int = 128):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        order = plan.attention_order()
+        partial, full = plan.tile_classes(tile, device, order)
+        kv_num, kv_idx = self._as_indices(partial)
+        full_num, full_idx = self._as_indices(full)
+        self.mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tile,
+                                             mask_mod=plan.mask_mod(device, order),
+                                             seq_lengths=(plan.length, plan.length))
+        self.order = order.to(device)
+        self.inverse = torch.argsort(order).to(device)
+        self.tiles_run = (partial.sum().item(), full.sum().item())  # for reports: partial, full tiles
+
+    @staticmethod
+    def _as_indices(cls: torch.Tensor):
+        counts = cls.sum(1, dtype=torch.int32)[None, None]
+        order = torch.argsort((~cls).to(torch.int8), dim=1, stable=True).to(torch.int32)[None, None]
+        return counts, order
+
+    def __call__(self, q, k, v):
+        o = self.order
+        out = flex_attention(q[:, :, o], k[:, :, o], v[:, :, o], self.mask)
+        return out[:, :, self.inverse]
 
 
 def whole_layer_attention(mask=None):
@@ -60,7 +85,7 @@ def dense_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, o
 def mask_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, plan: BlockPlan) -> None:
     assert store.length == 0 and embeds.shape[1] == plan.length
     device = embeds.device
-    mask = block_mask(plan, device) if flex_available(device) else plan.dense_mask(device)
+    mask = BlockSparseAttention(plan, device) if flex_available(device) else plan.dense_mask(device)
     decoder(embeds, store, mask=mask, logits_for="none")
 
 
@@ -68,7 +93,7 @@ def streaming_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStor
                       on_layer=None) -> None:
     assert embeds.shape[1] == plan.length
     if flex_available(embeds.device):  # one block-sparse kernel over the whole layer
-        attention = whole_layer_attention(block_mask(plan, embeds.device))
+        attention = whole_layer_attention(BlockSparseAttention(plan, embeds.device))
     else:
         def attention(queries, k_all, v_all, slices):
             return [block_attention(plan, queries, k_all, v_all, s) for s in slices]
