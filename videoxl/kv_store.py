@@ -24,8 +24,14 @@ class KVStore:
         self.dtype, self.device, self.offload = dtype, torch.device(device), offload
         self.home = torch.device("cpu") if offload else self.device
         self._pin = offload and self.device.type == "cuda"
-        self._k = [self._empty(capacity) for _ in range(num_layers)]
-        self._v = [self._empty(capacity) for _ in range(num_layers)]
+        self._capacity = capacity
+        # Offloaded (pinned) buffers are made when a layer is first written: pinning ~20 GB of host memory up
+        # front stalls for seconds, while one layer at a time hides behind the GPU's work on the layer before.
+        self._k: list[torch.Tensor | None] = [None] * num_layers
+        self._v: list[torch.Tensor | None] = [None] * num_layers
+        if not offload:
+            for i in range(num_layers):
+                self._home(i)
         self._len = [0] * num_layers
         self.plan = None  # chunking.BlockPlan of the prefilled video, when chunk prefill made it
         cuda = offload and self.device.type == "cuda"
@@ -37,6 +43,11 @@ class KVStore:
         return torch.empty((1, self.num_kv_heads, capacity, self.head_dim), dtype=self.dtype, device=self.home,
                            pin_memory=self._pin)
 
+    def _home(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._k[layer] is None:
+            self._k[layer], self._v[layer] = self._empty(self._capacity), self._empty(self._capacity)
+        return self._k[layer], self._v[layer]
+
     # ---- sizes ----------------------------------------------------------------------------------------------
     @property
     def length(self) -> int:
@@ -45,11 +56,11 @@ class KVStore:
 
     @property
     def capacity(self) -> int:
-        return self._k[0].shape[2]
+        return self._capacity
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.num_layers * self.length * self.num_kv_heads * self.head_dim * self._k[0].element_size()
+        return 2 * self.num_layers * self.length * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     def reserve(self, total: int) -> None:
         """Room for `total` tokens in every layer, so a known-length prefill + decode never reallocates."""
@@ -59,9 +70,12 @@ class KVStore:
         for i in range(self.num_layers):
             n = self._len[i]
             for buf in (self._k, self._v):
+                if buf[i] is None:
+                    continue
                 grown = self._empty(new_cap)
                 grown[:, :, :n] = buf[i][:, :, :n]
                 buf[i] = grown
+        self._capacity = new_cap
         self._scratch.clear()
         self._fetched.clear()
 
@@ -79,8 +93,9 @@ class KVStore:
         end = start + k.shape[2]
         if end > self.capacity:
             self.reserve(end)
-        self._k[layer][:, :, start:end] = k
-        self._v[layer][:, :, start:end] = v
+        home_k, home_v = self._home(layer)
+        home_k[:, :, start:end] = k
+        home_v[:, :, start:end] = v
         self._len[layer] = end
         if not self.offload:
             return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
@@ -108,12 +123,13 @@ class KVStore:
             self._scratch[slot] = (torch.empty(shape, dtype=self.dtype, device=self.device),
                                    torch.empty(shape, dtype=self.dtype, device=self.device))
         kb, vb = self._scratch[slot]
+        home_k, home_v = self._home(layer)
         stream = self._copy_stream
         # the slot was last read by layer-2's attention on the compute stream: wait for it before overwriting
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            kb[:, :, :n].copy_(self._k[layer][:, :, :n], non_blocking=True)
-            vb[:, :, :n].copy_(self._v[layer][:, :, :n], non_blocking=True)
+            copy_prefix(kb, home_k, n)
+            copy_prefix(vb, home_v, n)
             done = torch.cuda.Event()
             done.record(stream)
         return slot, done
@@ -124,7 +140,8 @@ class KVStore:
         `layer`. Without offload they are the store itself; with offload, GPU staging sent home by `commit`."""
         self.reserve(n)
         if not self.offload or self._copy_stream is None:
-            return self._k[layer][:, :, :n], self._v[layer][:, :, :n]
+            home_k, home_v = self._home(layer)
+            return home_k[:, :, :n], home_v[:, :, :n]
         slot, _ = self._fetch_slot_free(layer)
         kb, vb = self._scratch[slot]
         return kb[:, :, :n], vb[:, :, :n]
@@ -145,11 +162,12 @@ class KVStore:
         if not self.offload or self._copy_stream is None:
             return
         kb, vb = self._scratch[layer % 2]
+        home_k, home_v = self._home(layer)
         stream = self._copy_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._k[layer][:, :, :n].copy_(kb[:, :, :n], non_blocking=True)
-            self._v[layer][:, :, :n].copy_(vb[:, :, :n], non_blocking=True)
+            copy_prefix(home_k, kb, n)
+            copy_prefix(home_v, vb, n)
 
     def synchronize(self) -> None:
         if self._copy_stream is not None:
@@ -159,4 +177,13 @@ class KVStore:
         """The layer's K/V where they live (home memory): for inspection and tests."""
         self.synchronize()
         n = self._len[layer]
-        return self._k[layer][:, :, :n], self._v[layer][:, :, :n]
+        home_k, home_v = self._home(layer)
+        return home_k[:, :, :n], home_v[:, :, :n]
+
+
+def copy_prefix(dst: torch.Tensor, src: torch.Tensor, n: int) -> None:
+    """dst[:, :, :n] = src[:, :, :n] between devices, asynchronously. Per head, because the prefix of a
+    [1, heads, capacity, dim] buffer is not contiguous, and a non-contiguous copy to or from the CPU goes
+    through a pageable staging buffer, synchronously, at a few GB/s."""
+    for h in range(dst.shape[1]):
+        dst[0, h, :n].copy_(src[0, h, :n], non_blocking=True)
