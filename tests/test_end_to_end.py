@@ -109,6 +109,10 @@ def test_cli_demo_and_chat(tiny_dir, clip_path, capsys):
                  "--no-progress"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "frames" in err
+    assert main(["chat", clip_path, "What happens?", "--model", tiny_dir, "--max-new-tokens", "5",
+                 "--no-progress", "--chunk-prefill", "streaming", "--chunk-size", "2", "--offload"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "prefill streaming, 2 blocks" in err and "KVs offloaded" in err
     assert main(["inspect", tiny_dir]) == 0
     assert "status: OK" in capsys.readouterr().out
 
@@ -123,6 +127,10 @@ def test_cli_demo_and_chat(tiny_dir, clip_path, capsys):
     (["chat", "CLIP", "q", "--model", "TINY", "--top-p", "2"], "error: generation_config: top_p must be in (0, 1]"),
     (["chat", "CLIP", "q", "--model", "TINY", "--dtype", "int8"], "error: dtype must be one of"),
     (["chat", "CLIP", "q"], "error: give --model DIR"),
+    (["chat", "CLIP", "q", "--model", "TINY", "--chunk-prefill", "mask", "--chunk-size", "3", "--step-size", "2"],
+     "error: prefill_config: step_size (2) must divide chunk_size (3)"),
+    (["chat", "CLIP", "q", "--model", "TINY", "--chunk-prefill", "streaming", "--vision-chunk", "6"],
+     "error: prefill_config: chunk_size_for_vision_tower must be a multiple of 4"),
 ])
 def test_cli_errors_are_one_line(tiny_dir, clip_path, capsys, args, message):
     args = [{"TINY": tiny_dir, "CLIP": clip_path}.get(a, a) for a in args]

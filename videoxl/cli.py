@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 
+from .chunking import PrefillConfig
 from .errors import VideoXLError
 
 DEFAULT_QUESTION = "Describe this video."
@@ -57,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_sampling_args(chat)
     add_generation_args(chat)
+    chunk = chat.add_argument_group("chunk-based prefill (the model card's prefill_config)")
+    chunk.add_argument("--chunk-prefill", choices=["streaming", "mask"], default=None,
+                       help="enable chunk-based prefill in this mode (default: dense prefill)")
+    chunk.add_argument("--chunk-size", type=int, default=4,
+                       help="attention window, in groups of 4 frames (default 4)")
+    chunk.add_argument("--step-size", type=int, default=1,
+                       help="groups of 4 frames per block; must divide --chunk-size (default 1)")
+    chunk.add_argument("--offload", action="store_true", help="keep the KVs in CPU memory")
+    chunk.add_argument("--vision-chunk", type=int, default=24,
+                       help="frames per vision-tower batch, a multiple of 4 (default 24)")
 
     inspect = sub.add_parser("inspect", help="show what a checkpoint folder holds and whether it loads")
     inspect.add_argument("model")
@@ -96,7 +107,16 @@ def cmd_chat(args) -> int:
         model_dir, video = args.model, args.video
     if isinstance(video, str) and not os.path.exists(video):
         raise VideoXLError(f"video not found: {video}")  # before the (slow) model load
+    prefill_config = None
+    if args.chunk_prefill:
+        prefill_config = {"chunk_prefill_mode": args.chunk_prefill, "chunk_size": args.chunk_size,
+                          "step_size": args.step_size, "offload": args.offload,
+                          "chunk_size_for_vision_tower": args.vision_chunk}
+        PrefillConfig.from_dict(prefill_config)  # settings errors before the (slow) model load
     model, tokenizer = videoxl.load(model_dir, device=args.device, dtype=args.dtype)
+    if prefill_config:
+        model.config.enable_chunk_prefill = True
+        model.config.prefill_config = prefill_config
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
@@ -106,10 +126,23 @@ def cmd_chat(args) -> int:
                max_sample_fps=args.max_sample_fps, generation_config=generation_config(args),
                show_progress=progress_stages(args), on_text=write)
     sys.stdout.write("\n")
-    s = model.last_stats
-    print(f"[{s.get('frames')} frames, {s.get('groups')} groups, {s.get('prompt_tokens')} prompt tokens]",
-          file=sys.stderr)
+    print(report(model.last_stats), file=sys.stderr)
     return 0
+
+
+def report(s: dict) -> str:
+    """One line on what the last question cost: frames, blocks, attention share, times, peak GPU memory."""
+    parts = [f"{s['frames']} frames", f"{s['groups']} groups of 4", f"{s['prompt_tokens']} prompt tokens",
+             f"prefill {s['prefill']}"]
+    if "blocks" in s:
+        parts.append(f"{s['blocks']} blocks, {100 * s['attended_share']:.1f}% of attention pairs computed"
+                     + (", KVs offloaded" if s.get("offload") else ""))
+    for key, name in (("decode_s", "video decode"), ("vision_s", "vision"), ("prefill_s", "prefill")):
+        if key in s:
+            parts.append(f"{name} {s[key]:.2f}s")
+    if "peak_gpu_gb" in s:
+        parts.append(f"peak GPU {s['peak_gpu_gb']:.1f} GiB")
+    return "[" + ", ".join(parts) + "]"
 
 
 def cmd_inspect(args) -> int:
