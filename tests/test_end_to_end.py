@@ -148,3 +148,33 @@ def test_cli_bad_videos(tiny_dir, tmp_path, capsys):
         assert main(["chat", str(path), "q", "--model", tiny_dir, "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_decode_errors_surface_from_the_decoding_thread(tiny):
+    """Frames are decoded on a worker thread while the vision tower encodes: its errors reach the caller."""
+    import numpy as np
+
+    from videoxl.video import FrameStream
+
+    model, _ = tiny
+
+    def read(size):
+        yield [0, 1, 2, 3], np.zeros((4, 384, 384, 3), dtype=np.uint8)
+        raise videoxl.VideoXLError("corrupt video, frame 4 unreadable")
+
+    stream = FrameStream("x.mp4", list(range(8)), 30.0, 8, read)
+    with pytest.raises(videoxl.VideoXLError, match="frame 4 unreadable"):
+        model.encode_stream(stream, 4)
+
+
+def test_truncated_video_answers_with_the_frames_it_has(tiny, clip_path, tmp_path):
+    data = open(clip_path, "rb").read()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    model, tokenizer = tiny
+    try:
+        answer = model.chat(str(cut), tokenizer, "What?", generation_config=GREEDY)
+    except videoxl.VideoXLError as e:  # a cut through the header is a one-line error, not a crash
+        assert "video" in str(e)
+    else:
+        assert isinstance(answer, str) and 1 <= model.last_stats["frames"] <= 6

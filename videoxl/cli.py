@@ -137,7 +137,7 @@ def report(s: dict) -> str:
     if "blocks" in s:
         parts.append(f"{s['blocks']} blocks, {100 * s['attended_share']:.1f}% of attention pairs computed"
                      + (", KVs offloaded" if s.get("offload") else ""))
-    for key, name in (("decode_s", "video decode"), ("vision_s", "vision"), ("prefill_s", "prefill")):
+    for key, name in (("vision_s", "decode + vision"), ("prefill_s", "prefill")):
         if key in s:
             parts.append(f"{name} {s[key]:.2f}s")
     if "peak_gpu_gb" in s:

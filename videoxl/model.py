@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -24,7 +26,7 @@ from .generate import Detokenizer, GenerationConfig, next_token
 from .kv_store import KVStore
 from .prefill import dense_prefill, mask_prefill, streaming_prefill
 from .prompt import VideoPrompt, build_prompt, normalise_history
-from .video import Clip, load_video
+from .video import Clip, FrameStream, open_video
 from .vision import VisionEncoder
 
 VISION_PAD = "<|vision_pad|>"
@@ -162,11 +164,48 @@ class VideoXL(nn.Module):
         return pad if isinstance(pad, int) and 0 <= pad < self.config.text.vocab_size else 0
 
     def encode_clip(self, clip: Clip, frames_per_slice: int = DEFAULT_FRAMES_PER_SLICE,
-                    show_progress: bool = False) -> torch.Tensor:
-        """Frames -> visual tokens [groups, tokens_per_group, hidden]."""
-        slices = -(-len(clip) // frames_per_slice)
-        parts = progress(self.vision.encode(clip.frames, frames_per_slice), slices, "vision", show_progress)
-        return torch.cat(list(parts), dim=0)
+                    show_progress=False) -> torch.Tensor:
+        """Decoded frames -> visual tokens [groups, tokens_per_group, hidden]."""
+        return self.encode_stream(FrameStream.from_clip(clip), frames_per_slice, show_progress)
+
+    def encode_stream(self, stream: FrameStream, frames_per_slice: int = DEFAULT_FRAMES_PER_SLICE,
+                      show_progress=False) -> torch.Tensor:
+        """Frames -> visual tokens, `frames_per_slice` at a time, while a thread decodes the next slice (PyAV
+        and PIL release the GIL while they work, so decoding and the GPU overlap)."""
+        batches: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def decode():
+            try:
+                for frames in stream.batches(frames_per_slice):
+                    while not stop.is_set():
+                        try:
+                            batches.put(frames, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                batches.put(None)
+            except BaseException as e:  # handed to the consumer, raised there
+                batches.put(e)
+
+        worker = threading.Thread(target=decode, name="videoxl-decode", daemon=True)
+        worker.start()
+        bar = progress(None, -(-len(stream.planned) // frames_per_slice), "vision", show_progress)
+        parts = []
+        try:
+            while (item := batches.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                parts.extend(self.vision.encode(item, frames_per_slice))
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            stop.set()
+            close(bar)
+        worker.join()
+        return torch.cat(parts, dim=0)
 
     def embed_prompt(self, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:
         """Token embeddings [1, n, hidden] of the prompt up to `end`, visual positions filled in."""
@@ -185,18 +224,18 @@ class VideoXL(nn.Module):
             return self._prefix
         self._prefix = None  # free the previous video's KVs before building new ones
         timer = StageTimer(self.device)
-        clip = load_video(video_path, max_num_frames, sample_fps, max_sample_fps)
-        timer.lap("decode_s")
+        stream = open_video(video_path, max_num_frames, sample_fps, max_sample_fps)
         per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
-        visual = self.encode_clip(clip, per_slice, show_progress)
-        timer.lap("vision_s")
-        timestamps = list(clip.timestamps) + [clip.timestamps[-1]] * (-len(clip) % FRAMES_PER_GROUP)
+        visual = self.encode_stream(stream, per_slice, show_progress)
+        timer.lap("vision_s")  # video decoding included: it runs alongside
+        frames = len(stream.kept)
+        timestamps = stream.timestamps + [stream.timestamps[-1]] * (-frames % FRAMES_PER_GROUP)
         prompt = build_prompt(tokenizer, question, timestamps, self.config.tokens_per_group,
                               self._placeholder_id(tokenizer), history)
         embeds = self.embed_prompt(prompt, visual, prompt.video_end)
         del visual
         store = self.decoder.new_cache(capacity=len(prompt) + 512, offload=bool(chunking and chunking.offload))
-        stats = {"frames": len(clip), "groups": len(prompt.group_starts), "video_tokens": prompt.video_end}
+        stats = {"frames": frames, "groups": len(prompt.group_starts), "video_tokens": prompt.video_end}
         stats.update(self.prefill(embeds, store, prompt, chunking, show_progress))
         timer.lap("prefill_s")
         stats.update(timer.report())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -106,12 +107,51 @@ def load_images(images: list, max_num_frames: int) -> Clip:
     return Clip(np.stack(frames), [float(i) for i in range(len(frames))], source="images")
 
 
-def load_video(path: str, max_num_frames: int = 150, sample_fps: float | None = 1,
-               max_sample_fps: float | None = None, decoder: str = "pyav") -> Clip:
-    """Sample and decode frames from a video file, a single image, or a folder of images."""
+@dataclass
+class FrameStream:
+    """A sampled video whose frames are decoded as they are read, `size` at a time (`batches`), so the vision
+    tower can encode one batch while the next is being decoded. Once read, `clip()` tells what was decoded: a
+    truncated file may hold fewer frames than its header announced, and only those that exist are kept."""
+
+    source: str
+    planned: list[int]  # frame numbers to take, ascending
+    video_fps: float
+    total_frames: int
+    _read: Callable[[int], Iterator[tuple[list[int], np.ndarray]]]  # size -> (frame numbers, frames) batches
+    kept: list[int] = field(default_factory=list)
+    timestamps_override: list[float] | None = None  # still images: 0.0, 1.0, ... whatever their number
+
+    def batches(self, size: int) -> Iterator[np.ndarray]:
+        for numbers, frames in self._read(size):
+            self.kept += numbers
+            yield frames
+
+    @property
+    def timestamps(self) -> list[float]:
+        if self.timestamps_override is not None:
+            return self.timestamps_override[:len(self.kept)]
+        return [round(i / self.video_fps, 1) for i in self.kept]
+
+    def clip(self, frames: np.ndarray) -> Clip:
+        return Clip(frames, self.timestamps, list(self.kept), self.source, self.video_fps, self.total_frames)
+
+    @classmethod
+    def from_clip(cls, clip: Clip) -> "FrameStream":
+        def read(size):
+            for s in range(0, len(clip), size):
+                yield list(range(s, min(s + size, len(clip)))), clip.frames[s:s + size]
+        return cls(clip.source, list(range(len(clip))), clip.video_fps or 1.0, len(clip), read,
+                   timestamps_override=list(clip.timestamps))
+
+
+def open_video(path, max_num_frames: int = 150, sample_fps: float | None = 1,
+               max_sample_fps: float | None = None, decoder: str = "pyav") -> FrameStream:
+    """Check and sample a video file, a single image, a folder of images or a list of images; decode nothing
+    yet (images excepted). Every problem with the input is raised here or, for a file that breaks mid-way,
+    from `batches`."""
     check_sampling(max_num_frames, sample_fps, max_sample_fps)
     if isinstance(path, (list, tuple)):
-        return load_images(list(path), max_num_frames)
+        return FrameStream.from_clip(load_images(list(path), max_num_frames))
     path = os.fspath(path)
     if not os.path.exists(path):
         raise VideoXLError(f"video not found: {path}")
@@ -120,26 +160,33 @@ def load_video(path: str, max_num_frames: int = 150, sample_fps: float | None = 
                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
         if not files:
             raise VideoXLError(f"folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): {path}")
-        return load_images(files, max_num_frames)
+        return FrameStream.from_clip(load_images(files, max_num_frames))
     if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
-        return load_images([path], max_num_frames)
+        return FrameStream.from_clip(load_images([path], max_num_frames))
     if os.path.getsize(path) == 0:
         raise VideoXLError(f"video file is empty (0 bytes): {path}")
     if decoder == "decord":
-        return _load_decord(path, max_num_frames, sample_fps, max_sample_fps)
+        return _open_decord(path, max_num_frames, sample_fps, max_sample_fps)
     if decoder != "pyav":
         raise VideoXLError(f"decoder must be 'pyav' or 'decord', got {decoder!r}")
-    return _load_pyav(path, max_num_frames, sample_fps, max_sample_fps)
+    return _open_pyav(path, max_num_frames, sample_fps, max_sample_fps)
 
 
-def _load_pyav(path, max_num_frames, sample_fps, max_sample_fps) -> Clip:
+def load_video(path, max_num_frames: int = 150, sample_fps: float | None = 1,
+               max_sample_fps: float | None = None, decoder: str = "pyav") -> Clip:
+    """Sample and decode all frames at once (see `open_video` for decoding while encoding)."""
+    stream = open_video(path, max_num_frames, sample_fps, max_sample_fps, decoder)
+    return stream.clip(np.concatenate(list(stream.batches(256))))
+
+
+def _open_pyav(path, max_num_frames, sample_fps, max_sample_fps) -> FrameStream:
     import av
 
     try:
         container = av.open(path)
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise VideoXLError(f"not a readable video: {path} ({_short(e)})") from None
-    with container:
+    try:
         if not container.streams.video:
             raise VideoXLError(f"file has no video stream: {path}")
         stream = container.streams.video[0]
@@ -156,28 +203,39 @@ def _load_pyav(path, max_num_frames, sample_fps, max_sample_fps) -> Clip:
             container.seek(0)
         if total <= 0:
             raise VideoXLError(f"video has no frames: {path}")
-        indices = sample_frame_indices(total, video_fps, max_num_frames, sample_fps, max_sample_fps)
+    except BaseException:
+        container.close()
+        raise
+    indices = sample_frame_indices(total, video_fps, max_num_frames, sample_fps, max_sample_fps)
+
+    def read(size):
         wanted, last = set(indices), indices[-1]
-        stream.thread_type = "AUTO"
-        got: dict[int, np.ndarray] = {}
-        try:
-            for n, frame in enumerate(container.decode(stream)):
-                if n in wanted:
-                    got[n] = resize_frame(frame.to_ndarray(format="rgb24"))
-                if n >= last:
-                    break
-        except av.FFmpegError as e:
-            if not got:
-                raise VideoXLError(f"corrupt video, no frame could be decoded: {path} ({_short(e)})") from None
-    if not got:
-        raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
-    # A container may announce more frames than it holds (truncated file): keep the ones that exist.
-    kept = [i for i in indices if i in got]
-    return Clip(np.stack([got[i] for i in kept]), [round(i / video_fps, 1) for i in kept], kept, path,
-                video_fps, total)
+        numbers, frames, decoded = [], [], 0
+        with container:
+            stream.thread_type = "AUTO"
+            try:
+                for n, frame in enumerate(container.decode(stream)):
+                    if n in wanted:
+                        numbers.append(n)
+                        frames.append(resize_frame(frame.to_ndarray(format="rgb24")))
+                        if len(frames) == size:
+                            decoded += size
+                            yield numbers, np.stack(frames)
+                            numbers, frames = [], []
+                    if n >= last:
+                        break
+            except av.FFmpegError as e:  # truncated or damaged: keep what was decoded before
+                if not decoded and not frames:
+                    raise VideoXLError(f"corrupt video, no frame could be decoded: {path} ({_short(e)})") from None
+        if frames:
+            yield numbers, np.stack(frames)
+        elif not decoded:
+            raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
+
+    return FrameStream(path, indices, video_fps, total, read)
 
 
-def _load_decord(path, max_num_frames, sample_fps, max_sample_fps) -> Clip:
+def _open_decord(path, max_num_frames, sample_fps, max_sample_fps) -> FrameStream:
     try:
         from decord import VideoReader, cpu
     except ImportError:
@@ -190,8 +248,13 @@ def _load_decord(path, max_num_frames, sample_fps, max_sample_fps) -> Clip:
     if len(vr) == 0 or fps <= 0:
         raise VideoXLError(f"video has no frames or no frame rate: {path}")
     indices = sample_frame_indices(len(vr), fps, max_num_frames, sample_fps, max_sample_fps)
-    frames = np.stack([resize_frame(f) for f in vr.get_batch(indices).asnumpy()])
-    return Clip(frames, [round(i / fps, 1) for i in indices], indices, path, fps, len(vr))
+
+    def read(size):
+        for s in range(0, len(indices), size):
+            part = indices[s:s + size]
+            yield part, np.stack([resize_frame(f) for f in vr.get_batch(part).asnumpy()])
+
+    return FrameStream(path, indices, fps, len(vr), read)
 
 
 def _short(e: Exception) -> str:
