@@ -113,16 +113,20 @@ class KVStore:
         kb[:, :, start:end] = k_new  # the new tokens are already on the GPU
         vb[:, :, start:end] = v_new
         if layer + 1 < self.num_layers:  # overlap the next layer's copy with this layer's attention
-            self._fetched[layer + 1] = self._fetch(layer + 1, self._len[layer + 1], after_current=True)
+            self._fetched[layer + 1] = self._fetch(layer + 1, self._len[layer + 1])
         return kb[:, :, :end], vb[:, :, :end]
 
-    def _fetch(self, layer: int, n: int, after_current: bool = False):
+    def _staging(self, layer: int) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+        """GPU staging buffers for `layer`: two slots, so one layer's copy overlaps its neighbour's compute."""
         slot = layer % 2
         if slot not in self._scratch:
             shape = (1, self.num_kv_heads, self.capacity, self.head_dim)
             self._scratch[slot] = (torch.empty(shape, dtype=self.dtype, device=self.device),
                                    torch.empty(shape, dtype=self.dtype, device=self.device))
-        kb, vb = self._scratch[slot]
+        return slot, self._scratch[slot]
+
+    def _fetch(self, layer: int, n: int):
+        slot, (kb, vb) = self._staging(layer)
         home_k, home_v = self._home(layer)
         stream = self._copy_stream
         # the slot was last read by layer-2's attention on the compute stream: wait for it before overwriting
@@ -142,19 +146,10 @@ class KVStore:
         if not self.offload or self._copy_stream is None:
             home_k, home_v = self._home(layer)
             return home_k[:, :, :n], home_v[:, :, :n]
-        slot, _ = self._fetch_slot_free(layer)
-        kb, vb = self._scratch[slot]
-        return kb[:, :, :n], vb[:, :, :n]
-
-    def _fetch_slot_free(self, layer):
-        slot = layer % 2
-        if slot not in self._scratch:
-            shape = (1, self.num_kv_heads, self.capacity, self.head_dim)
-            self._scratch[slot] = (torch.empty(shape, dtype=self.dtype, device=self.device),
-                                   torch.empty(shape, dtype=self.dtype, device=self.device))
+        _, (kb, vb) = self._staging(layer)
         # the previous user of this slot (layer-2) must have finished its copy home before we overwrite it
         torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
-        return slot, None
+        return kb[:, :, :n], vb[:, :, :n]
 
     def commit(self, layer: int, n: int) -> None:
         """Positions [0, n) of `layer` are final. With offload, copy them home behind the next layer's work."""
