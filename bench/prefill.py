@@ -124,11 +124,13 @@ def profile_vision(model, frames_u8) -> None:
         for _ in range(2):
             torch.cat(list(model.vision.encode(frames_u8, CHUNKING["chunk_size_for_vision_tower"])))
         sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             torch.cat(list(model.vision.encode(frames_u8, CHUNKING["chunk_size_for_vision_tower"])))
             sync()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60),
-          flush=True)
+    # aten ops with the GPU time of their kernels, by input shape: which op each slow kernel belongs to
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="cuda_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=70)
+    print(table, flush=True)
 
 
 def check_paths(model, tokenizer, frames_u8) -> dict:

@@ -125,18 +125,21 @@ class KVStore:
                                    torch.empty(shape, dtype=self.dtype, device=self.device))
         return slot, self._scratch[slot]
 
-    def _fetch(self, layer: int, n: int):
-        slot, (kb, vb) = self._staging(layer)
-        home_k, home_v = self._home(layer)
+    def _copy_behind_compute(self, dst: tuple, src: tuple, n: int) -> torch.cuda.Event:
+        """Copy K and V positions [0, n) on the side stream, after the work queued so far on the compute stream
+        (which may still be reading the destination or writing the source)."""
         stream = self._copy_stream
-        # the slot was last read by layer-2's attention on the compute stream: wait for it before overwriting
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            copy_prefix(kb, home_k, n)
-            copy_prefix(vb, home_v, n)
+            for d, s in zip(dst, src):
+                copy_prefix(d, s, n)
             done = torch.cuda.Event()
             done.record(stream)
-        return slot, done
+        return done
+
+    def _fetch(self, layer: int, n: int):
+        slot, staging = self._staging(layer)
+        return slot, self._copy_behind_compute(staging, self._home(layer), n)
 
     # ---- layer-at-a-time access (chunked prefill) ------------------------------------------------------------
     def layer_slot(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,13 +159,7 @@ class KVStore:
         self._len[layer] = n
         if not self.offload or self._copy_stream is None:
             return
-        kb, vb = self._scratch[layer % 2]
-        home_k, home_v = self._home(layer)
-        stream = self._copy_stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            copy_prefix(home_k, kb, n)
-            copy_prefix(home_v, vb, n)
+        self._copy_behind_compute(self._home(layer), self._staging(layer)[1], n)
 
     def synchronize(self) -> None:
         if self._copy_stream is not None:
