@@ -1,6 +1,6 @@
 """Plot bench/prefill.py results: vision+prefill time and peak GPU memory against frame count, per way.
 
-    python bench/plot.py bench/results/*.json --out bench/prefill.png
+    python bench/plot.py OLDER.json NEWER.json ... --out bench/prefill.png   (later files win)
 """
 import argparse
 import json
@@ -16,11 +16,12 @@ def main():
     ap.add_argument("files", nargs="+")
     ap.add_argument("--out", default="bench/prefill.png")
     args = ap.parse_args()
-    runs, device = [], set()
-    for path in args.files:
+    latest, device = {}, set()
+    for path in args.files:  # a later file's run replaces an earlier one's at the same size and way
         data = json.load(open(path))
-        runs += data["runs"]
+        latest.update({(r["frames"], r["way"]): r for r in data["runs"]})
         device.add(data["device"])
+    runs = list(latest.values())
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for way in ("dense", "mask", "streaming", "hf"):
         pts = sorted((r["frames"], r) for r in runs if r["way"] == way and r["seconds"] != "OOM")
