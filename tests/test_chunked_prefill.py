@@ -223,3 +223,22 @@ def test_block_sparse_attention_matches_dense_mask(prepared):
     for tile in (32, 128):
         got = BlockSparseAttention(plan, torch.device("cpu"), tile)(q, k, v)
         assert (got - ref).abs().max() < TOL
+
+
+def test_same_logits_after_mask_and_streaming_prefill(tiny, prepared, long_clip):
+    """The question's logits on top of each prefilled store: mask vs streaming vs streaming with offload."""
+    model, prompt, embeds = prepared
+    _, tokenizer = tiny
+    full = build_prompt(tokenizer, "What is moving?", prompt.timestamps, model.config.tokens_per_group,
+                        tokenizer.convert_tokens_to_ids("<|vision_pad|>"))
+    tail = torch.tensor(full.input_ids[full.video_end:])
+    plan = BlockPlan.from_prompt(prompt, PrefillConfig(chunk_size=4, step_size=1))
+    logits = {}
+    for name, fn, offload in (("mask", mask_prefill, False), ("streaming", streaming_prefill, False),
+                              ("offload", streaming_prefill, True)):
+        store = run(fn, model, embeds, plan, offload=offload)
+        with torch.inference_mode():
+            logits[name] = model.decoder(model.decoder.embed_tokens(tail)[None], store, logits_for="all")
+    assert logits["mask"].abs().max() > 0.1  # not vanishing: an absolute tolerance is meaningful
+    assert (logits["mask"] - logits["streaming"]).abs().max() < TOL
+    assert torch.equal(logits["streaming"], logits["offload"])

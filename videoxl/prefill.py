@@ -54,7 +54,6 @@ class BlockSparseAttention:
                                              seq_lengths=(plan.length, plan.length))
         self.order = order.to(device)
         self.inverse = torch.argsort(order).to(device)
-        self.tiles_run = (partial.sum().item(), full.sum().item())  # for reports: partial, full tiles
 
     @staticmethod
     def _as_indices(cls: torch.Tensor):
