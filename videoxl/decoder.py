@@ -30,12 +30,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables [len, head_dim] for the given absolute positions (computed in fp32, then cast)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                                / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos/sin tables [len, head_dim] for the given absolute positions.
+
+    The angles are float32 products of float32 frequencies, as in `transformers`' Qwen2 (whose rounding the
+    model was trained with: at position 4e5 it is ~0.02 rad). The power and the cos/sin are taken in float64
+    and rounded once, so the table does not depend on which vector or scalar float32 kernel the CPU happens to
+    pick (seen here: 4e-4 differences in keys between two runs of the same prefill).
+    """
+    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
+    inv_freq = (1.0 / theta ** exponent).float()
+    angles = (positions.float()[:, None] * inv_freq[None, :]).double()
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
