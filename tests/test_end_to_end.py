@@ -126,6 +126,7 @@ def test_cli_demo_and_chat(tiny_dir, clip_path, capsys):
      "error: sample_fps must be a positive number or None, got -1.0"),
     (["chat", "CLIP", "q", "--model", "TINY", "--top-p", "2"], "error: generation_config: top_p must be in (0, 1]"),
     (["chat", "CLIP", "q", "--model", "TINY", "--dtype", "int8"], "error: dtype must be one of"),
+    (["chat", "CLIP", "q", "--model", "TINY", "--device", "gpu0"], "error: device must be like 'cpu', 'cuda'"),
     (["chat", "CLIP", "q"], "error: give --model DIR"),
     (["chat", "CLIP", "q", "--model", "TINY", "--chunk-prefill", "mask", "--chunk-size", "3", "--step-size", "2"],
      "error: prefill_config: step_size (2) must divide chunk_size (3)"),
@@ -178,3 +179,10 @@ def test_truncated_video_answers_with_the_frames_it_has(tiny, clip_path, tmp_pat
         assert "video" in str(e)
     else:
         assert isinstance(answer, str) and 1 <= model.last_stats["frames"] <= 6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_asked_without_gpu(tiny_dir, clip_path, capsys):
+    assert main(["chat", clip_path, "q", "--model", tiny_dir, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: device 'cuda' asked for, but this torch sees no CUDA GPU "
+                                               "(use --device cpu)")

@@ -183,12 +183,29 @@ def load_tokenizer(model_dir: str):
 def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
     """`videoxl.load(path)` -> (model, tokenizer). Defaults: CUDA + bfloat16 when there is a GPU, else CPU + fp32."""
     model_dir = os.fspath(model_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     cfg = read_config(model_dir)  # first: its errors are the clearest
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device, dtype, cfg)
     return model, tokenizer
+
+
+def parse_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise VideoXLError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VideoXLError("device 'cuda' asked for, but this torch sees no CUDA GPU (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise VideoXLError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif device.type != "cpu":
+        raise VideoXLError(f"device must be a CPU or a CUDA GPU, got {device}")
+    return device
 
 
 def parse_dtype(dtype, device: torch.device) -> torch.dtype:
