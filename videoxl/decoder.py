@@ -143,16 +143,18 @@ class Qwen2Decoder(nn.Module):
         return KVStore(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
                        p.dtype, p.device, capacity, offload)
 
-    def forward(self, embeds: torch.Tensor, cache: KVStore, mask: torch.Tensor | None = None,
+    def forward(self, embeds: torch.Tensor, cache: KVStore, mask=None,
                 logits_for: str = "last") -> torch.Tensor:
         """Run `embeds` [1, n, hidden] after what `cache` holds; return logits for the last position
         (`logits_for="last"`, all a generation step needs), for every position (`"all"`, for tests) or none.
 
-        `mask` (bool [n, cached+n], True = may attend, or a FlexAttention BlockMask) overrides plain causal
-        attention.
+        `mask` (bool [n, cached+n], True = may attend, or a block-sparse attention callable such as
+        `prefill.BlockSparseAttention`) overrides plain causal attention.
         """
         n = embeds.shape[1]
         start = cache.length
+        if mask is None and start > 0 and n > 1:  # once here, not in every layer's `attend`
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=embeds.device).tril(diagonal=start)
         positions = torch.arange(start, start + n, device=embeds.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
         x = embeds

@@ -58,10 +58,6 @@ class KVStore:
     def capacity(self) -> int:
         return self._capacity
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.num_layers * self.length * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-
     def reserve(self, total: int) -> None:
         """Room for `total` tokens in every layer, so a known-length prefill + decode never reallocates."""
         if total <= self.capacity:
