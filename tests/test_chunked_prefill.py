@@ -159,8 +159,9 @@ def test_vision_tower_streamed_equals_whole(tiny, long_clip):
     with torch.inference_mode():
         whole = model.encode_clip(clip, 96)
         for per_slice in (4, 8, 12):
-            # same math per frame; only BLAS blocking over a different batch size can move the last bits
-            torch.testing.assert_close(model.encode_clip(clip, per_slice), whole, rtol=TOL, atol=TOL)
+            # same math per frame; only BLAS blocking over a different batch size can move the last bits, and
+            # DTS's softmax and GroupNorm amplify them (seen: 2.1e-5 with torch 2.13 on a 2-core CPU)
+            torch.testing.assert_close(model.encode_clip(clip, per_slice), whole, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("config, message", [
