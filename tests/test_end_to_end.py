@@ -46,10 +46,11 @@ def test_multi_turn_history_and_prefix_reuse(tiny, clip_path):
     a1, history = model.chat(clip_path, tokenizer, "What happens?", return_history=True,
                              max_num_frames=16, generation_config=GREEDY)
     assert history == [{"role": "user", "content": "What happens?"}, {"role": "assistant", "content": a1}]
-    prefix = model._prefix
+    runs = model.kv_cache.counts["vision_runs"]
     a2, history2 = model.chat(clip_path, tokenizer, "And then?", chat_history=history, return_history=True,
                               max_num_frames=16, generation_config=GREEDY)
-    assert model._prefix is prefix  # the video's KVs were reused, not recomputed
+    assert model.kv_cache.counts["vision_runs"] == runs  # the video's KVs were reused, not recomputed
+    assert model.last_stats["kv_cache"] == "memory" and model.last_stats["cached_tokens"] > 0
     assert len(history2) == 4 and history2[-1]["content"] == a2
     with torch.inference_mode():
         assert a2 == reference_answer(model, tokenizer, clip_path, "And then?", [("What happens?", a1)])

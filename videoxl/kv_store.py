@@ -168,6 +168,38 @@ class KVStore:
         home_k, home_v = self._home(layer)
         return home_k[:, :, :n], home_v[:, :, :n]
 
+    # ---- snapshots (the video KV cache keeps them in memory and writes them to disk) -------------------------
+    def to_tensors(self, n: int | None = None) -> dict[str, torch.Tensor]:
+        """Contiguous CPU copies of every layer's first `n` positions (default: all): {"k.0", "v.0", ...}."""
+        n = self.length if n is None else n
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot snapshot {n} tokens of a store holding {self.length}")
+        self.synchronize()
+        out = {}
+        for i in range(self.num_layers):
+            home_k, home_v = self._home(i)
+            out[f"k.{i}"] = home_k[:, :, :n].to("cpu", copy=True).contiguous()
+            out[f"v.{i}"] = home_v[:, :, :n].to("cpu", copy=True).contiguous()
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the contents with a `to_tensors` snapshot (same layers, heads, head size; cast to our dtype)."""
+        n = tensors["k.0"].shape[2]
+        expected = (1, self.num_kv_heads, n, self.head_dim)
+        for i in range(self.num_layers):
+            for name in (f"k.{i}", f"v.{i}"):
+                if name not in tensors or tuple(tensors[name].shape) != expected:
+                    raise ValueError(f"snapshot tensor {name} missing or not of shape {expected}")
+        self.truncate(0)
+        self.reserve(n)
+        for i in range(self.num_layers):
+            home_k, home_v = self._home(i)
+            copy_prefix(home_k, tensors[f"k.{i}"].to(self.dtype), n)
+            copy_prefix(home_v, tensors[f"v.{i}"].to(self.dtype), n)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the sources may be freed after we return
+        self._len = [n] * self.num_layers
+
 
 def copy_prefix(dst: torch.Tensor, src: torch.Tensor, n: int) -> None:
     """dst[:, :, :n] = src[:, :, :n] between devices, asynchronously. Per head, because the prefix of a

@@ -180,14 +180,21 @@ def load_tokenizer(model_dir: str):
         hf_logging.set_verbosity(level)
 
 
-def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
-    """`videoxl.load(path)` -> (model, tokenizer). Defaults: CUDA + bfloat16 when there is a GPU, else CPU + fp32."""
+def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+         kv_cache_gb: float = 0, kv_cache_dir: str | None = None):
+    """`videoxl.load(path)` -> (model, tokenizer). Defaults: CUDA + bfloat16 when there is a GPU, else CPU + fp32.
+    Videos' prefix KVs are kept in memory up to `kv_cache_gb` (0: the latest video only) and, with
+    `kv_cache_dir`, on disk, where a later process finds them (see video_kv.py)."""
+    from .video_kv import VideoKVCache
+
     model_dir = os.fspath(model_dir)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     cfg = read_config(model_dir)  # first: its errors are the clearest
+    kv_cache = VideoKVCache(VideoKVCache.parse_gb(kv_cache_gb), kv_cache_dir)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device, dtype, cfg)
+    model.kv_cache = kv_cache
     return model, tokenizer
 
 

@@ -2,17 +2,15 @@
 
     video.load_video -> vision.VisionEncoder.encode -> prompt.build_prompt -> prefill -> generate -> text
 
-The KV store of a video's prefix (system prompt + video) is kept after a question, so a follow-up question on
-the same video with the same settings only prefills its own text.
+A video's prefix KVs (system prompt + video) are kept in `model.kv_cache` (video_kv.py), so a later question on
+the same video with the same settings only prefills its own text. One question runs at a time per model (a lock):
+the KV cache and the decoder's state are shared, so concurrent calls are served one after the other, never mixed.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
-import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -26,22 +24,12 @@ from .generate import Detokenizer, GenerationConfig, next_token
 from .kv_store import KVStore
 from .prefill import dense_prefill, mask_prefill, streaming_prefill
 from .prompt import VideoPrompt, build_prompt, normalise_history
-from .video import Clip, FrameStream, open_video
+from .video import Clip, FrameStream
+from .video_kv import DEFAULT_FRAMES_PER_SLICE, VideoKVCache, video_prefix
 from .vision import VisionEncoder
 
 VISION_PAD = "<|vision_pad|>"
-DEFAULT_FRAMES_PER_SLICE = 96  # vision tower batch when chunk prefill does not set one
 LONG_PREFILL_TOKENS = 20000  # show a prefill progress bar above this
-
-
-@dataclass
-class PrefixState:
-    """A video's prefix KVs, kept for the next question on the same video and settings."""
-
-    key: tuple
-    cache: KVStore
-    prompt: VideoPrompt
-    stats: dict
 
 
 def progress(iterable, total: int | None, desc: str, enabled):
@@ -61,37 +49,15 @@ def close(bar) -> None:
         bar.close()
 
 
-class StageTimer:
-    """Wall time per stage (synchronising the GPU so each stage owns its kernels) and peak GPU memory."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        self.device, self.times, self.t0 = device, {}, time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.times[name] = round(now - self.t0, 3)
-        self.t0 = now
-
-    def report(self) -> dict:
-        out = dict(self.times)
-        if self.cuda:
-            out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-        return out
-
-
 class VideoXL(nn.Module):
     def __init__(self, config: VideoXLConfig):
         super().__init__()
         self.config = config
         self.vision = VisionEncoder(config)
         self.decoder = Qwen2Decoder(config.text)
-        self._prefix: PrefixState | None = None
+        self.kv_cache = VideoKVCache()  # keeps the latest video; `videoxl.load(kv_cache_gb=, kv_cache_dir=)`
         self.last_stats: dict = {}
+        self._lock, self._lock_owner = threading.Lock(), None
 
     @property
     def device(self) -> torch.device:
@@ -137,9 +103,9 @@ class VideoXL(nn.Module):
         gen = GenerationConfig.from_dict(generation_config)
         chunking = self._check_runtime_settings()
         history = normalise_history(chat_history)
-        with torch.inference_mode():
-            prefix = self._video_prefix(video_path, tokenizer, question, history, max_num_frames, sample_fps,
-                                        max_sample_fps, chunking, show_progress)
+        with self._exclusive(), torch.inference_mode():
+            prefix = video_prefix(self, video_path, tokenizer, question, history,
+                                  (max_num_frames, sample_fps, max_sample_fps), chunking, show_progress)
             prompt = build_prompt(tokenizer, question, prefix.prompt.timestamps, self.config.tokens_per_group,
                                   self._placeholder_id(tokenizer), history)
             cache = prefix.cache
@@ -148,6 +114,20 @@ class VideoXL(nn.Module):
             logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
             self.last_stats = dict(prefix.stats, prompt_tokens=len(prompt))
             yield from self._generate(logits, cache, tokenizer, gen, prompt.input_ids, show_progress)
+            self.last_stats["completion_tokens"] = cache.length - len(prompt)  # every kept token was fed back
+            self.kv_cache.persist_pending()
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        if self._lock_owner == threading.get_ident():  # waiting would deadlock this thread
+            raise VideoXLError("a chat on this model is still open in this thread (an unfinished stream_chat); "
+                               "finish or close it first")
+        with self._lock:
+            self._lock_owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._lock_owner = None
 
     # ---- steps ------------------------------------------------------------------------------------------------
     def _check_runtime_settings(self) -> PrefillConfig | None:
@@ -215,35 +195,6 @@ class VideoXL(nn.Module):
         embeds[pos] = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
         return embeds[None]
 
-    def _video_prefix(self, video_path, tokenizer, question, history, max_num_frames, sample_fps,
-                      max_sample_fps, chunking: PrefillConfig | None, show_progress) -> PrefixState:
-        key = self._prefix_key(video_path, max_num_frames, sample_fps, max_sample_fps)
-        if key is not None:
-            key += (chunking,)  # another pattern gives other KVs
-        if key is not None and self._prefix is not None and self._prefix.key == key:
-            return self._prefix
-        self._prefix = None  # free the previous video's KVs before building new ones
-        timer = StageTimer(self.device)
-        stream = open_video(video_path, max_num_frames, sample_fps, max_sample_fps)
-        per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
-        visual = self.encode_stream(stream, per_slice, show_progress)
-        timer.lap("vision_s")  # video decoding included: it runs alongside
-        frames = len(stream.kept)
-        timestamps = stream.timestamps + [stream.timestamps[-1]] * (-frames % FRAMES_PER_GROUP)
-        prompt = build_prompt(tokenizer, question, timestamps, self.config.tokens_per_group,
-                              self._placeholder_id(tokenizer), history)
-        embeds = self.embed_prompt(prompt, visual, prompt.video_end)
-        del visual
-        store = self.decoder.new_cache(capacity=len(prompt) + 512, offload=bool(chunking and chunking.offload))
-        stats = {"frames": frames, "groups": len(prompt.group_starts), "video_tokens": prompt.video_end}
-        stats.update(self.prefill(embeds, store, prompt, chunking, show_progress))
-        timer.lap("prefill_s")
-        stats.update(timer.report())
-        state = PrefixState(key, store, prompt, stats)
-        if key is not None:
-            self._prefix = state
-        return state
-
     def prefill(self, embeds: torch.Tensor, store: KVStore, prompt: VideoPrompt,
                 chunking: PrefillConfig | None = None, show_progress=False) -> dict:
         """Fill `store` with the KVs of `embeds` (the prompt up to the end of the video); returns stats."""
@@ -264,17 +215,6 @@ class VideoXL(nn.Module):
             close(bar)
         return {"prefill": chunking.chunk_prefill_mode, "blocks": len(plan.blocks),
                 "attended_share": round(plan.attended_share(), 4), "offload": chunking.offload}
-
-    @staticmethod
-    def _prefix_key(video_path, max_num_frames, sample_fps, max_sample_fps) -> tuple | None:
-        if not isinstance(video_path, (str, os.PathLike)):
-            return None  # in-memory frames: no cheap identity to check
-        path = os.path.abspath(os.fspath(video_path))
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return (path, st.st_mtime_ns, st.st_size, max_num_frames, sample_fps, max_sample_fps)
 
     def _generate(self, logits: torch.Tensor, cache: KVStore, tokenizer, gen: GenerationConfig,
                   prompt_ids: list[int], show_progress: bool) -> Iterator[str]:

@@ -1,0 +1,134 @@
+"""The on-disk side of the video KV cache: one folder per entry, `kv.safetensors` (every layer's K and V of the
+video prefix) and `manifest.json` (the key, the prefix prompt, the layout, per-tensor checksums).
+
+An entry is written into a temporary folder, fsynced and renamed into place, so a reader (another process, or
+this one after a crash) sees no entry or a whole one. It is verified when read (format, key, file size, every
+tensor's checksum); anything wrong and the folder is removed and the caller rebuilds. Writes run on a
+background thread: a full disk leaves the entry in memory only and is logged, never raised into a question.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+
+import torch
+
+from .errors import VideoXLError
+
+FORMAT_VERSION = 1
+log = logging.getLogger("videoxl.kv_disk")
+
+
+def checksum(t: torch.Tensor) -> int:
+    """Sum of a tensor's bytes read as int32 words: exact on any device and cheap on the GPU, so a corrupted or
+    truncated file is caught without hashing gigabytes on the CPU (not a defence against tampering)."""
+    b = t.contiguous().reshape(-1).view(torch.uint8)
+    if b.numel() % 4 == 0:
+        b = b.view(torch.int32)
+    return int(b.sum(dtype=torch.int64))
+
+
+class KVDisk:
+    def __init__(self, directory: str):
+        self.directory = os.fspath(directory)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as e:
+            raise VideoXLError(f"cannot create the KV cache directory {directory}: {e.strerror}") from None
+        if not os.access(self.directory, os.W_OK):
+            raise VideoXLError(f"the KV cache directory is not writable: {directory}")
+        self.writes, self.rejected = 0, 0
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._writer, name="videoxl-kv-writer", daemon=True).start()
+
+    def folder(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.folder(name), "manifest.json"))
+
+    # ---- writing ----
+    def submit(self, name: str, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Write an entry on the background thread (`tensors` are CPU copies the caller no longer touches)."""
+        self._queue.put((name, manifest, tensors))
+
+    def join(self) -> None:
+        self._queue.join()
+
+    def _writer(self) -> None:
+        while True:
+            name, manifest, tensors = self._queue.get()
+            try:
+                self.write(name, manifest, tensors)
+            except Exception as e:  # the entry stays memory-only
+                log.warning("could not write KV cache entry %s: %s", name, e)
+            finally:
+                self._queue.task_done()
+
+    def write(self, name: str, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        final = self.folder(name)
+        if self.has(name):
+            return
+        tmp = self.folder(f".tmp-{name}-{os.getpid()}-{threading.get_ident()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            data = os.path.join(tmp, "kv.safetensors")
+            save_file(tensors, data)
+            manifest = dict(manifest, format=FORMAT_VERSION, file_bytes=os.path.getsize(data),
+                            checksums={n: checksum(t) for n, t in tensors.items()})
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump(manifest, f)
+            for file in (data, os.path.join(tmp, "manifest.json")):
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            shutil.rmtree(final, ignore_errors=True)  # a folder without a manifest is a dead write
+            os.rename(tmp, final)
+            self.writes += 1
+        except OSError:
+            if not self.has(name):
+                raise  # else another process wrote the same entry first
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- reading ----
+    def read(self, name: str, key: dict, device: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """(manifest, tensors on `device`) of a verified entry with this key, or None (absent or rejected)."""
+        if not self.has(name):
+            return None
+        try:
+            return self._read(name, key, device)
+        except Exception as e:  # whatever is wrong with the files, the answer is to rebuild, not to fail
+            self.reject(name, e)
+            return None
+
+    def reject(self, name: str, why) -> None:
+        self.rejected += 1
+        log.warning("KV cache entry %s rejected (%s); it will be rebuilt", self.folder(name), why)
+        shutil.rmtree(self.folder(name), ignore_errors=True)
+
+    def _read(self, name: str, key: dict, device: str):
+        from safetensors.torch import load_file
+
+        folder = self.folder(name)
+        with open(os.path.join(folder, "manifest.json")) as f:
+            m = json.load(f)
+        if m.get("format") != FORMAT_VERSION or m.get("key") != json.loads(json.dumps(key)):
+            raise ValueError("manifest is for another key or format")
+        data = os.path.join(folder, "kv.safetensors")
+        if os.path.getsize(data) != m["file_bytes"]:
+            raise ValueError("file size differs from the manifest")
+        tensors = load_file(data, device=device)
+        bad = [n for n, c in m["checksums"].items() if n not in tensors or checksum(tensors[n]) != c]
+        if bad or len(tensors) != len(m["checksums"]):
+            raise ValueError(f"checksum mismatch in {bad[:3] or 'the tensor list'}")
+        return m, tensors
