@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show what a checkpoint folder holds and whether it loads")
     inspect.add_argument("model")
 
+    from .serving.cli import add_serve_parser  # argparse only: the server stack is imported when it starts
+    add_serve_parser(sub)
+
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the released format")
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
@@ -161,9 +164,16 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serving.cli import serve
+
+    return serve(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"chat": cmd_chat, "inspect": cmd_inspect, "make-tiny": cmd_make_tiny}[args.command]
+    handler = {"chat": cmd_chat, "inspect": cmd_inspect, "make-tiny": cmd_make_tiny,
+               "serve": cmd_serve}[args.command]
     try:
         return handler(args)
     except VideoXLError as e:

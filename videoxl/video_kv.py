@@ -44,7 +44,7 @@ class VideoRef:
     read if its KVs are not cached. `path=None`: answer only from the cache."""
 
     id: str
-    path: str | None = None
+    path: str | tuple | None = None  # a tuple: still images, as frames
 
 
 @dataclass(frozen=True)

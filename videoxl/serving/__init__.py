@@ -1,0 +1,5 @@
+"""`videoxl serve`: an OpenAI-compatible HTTP server over the same model and video KV cache as the Python API.
+
+Reading order: protocol.py (the request) -> media.py (URLs -> checked files) -> engine.py (workers, queue)
+-> app.py (HTTP) -> cli.py (options, start-up). FastAPI and uvicorn are imported only when a server starts.
+"""
