@@ -1,0 +1,90 @@
+"""A live `videoxl serve` in a thread (uvicorn on a free port), and request builders for the tests."""
+from __future__ import annotations
+
+import argparse
+import base64
+import socket
+import threading
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, model_dir: str, *options: str):
+        import uvicorn
+
+        from videoxl.serving.cli import add_serve_parser, build
+
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        self.port = free_port()
+        args = parser.parse_args(["serve", "--model", model_dir, "--port", str(self.port), "--devices", "cpu",
+                                  "--served-model-name", "tiny", *options])
+        self.app, self.engine, self.settings = build(args)
+        self.engine.start()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def post(self, body, **kw) -> httpx.Response:
+        return httpx.post(self.url + "/v1/chat/completions", json=body, timeout=120, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def healthy(self) -> bool:
+        return httpx.get(self.url + "/health").status_code == 200
+
+    def stop(self) -> None:
+        if self.server.should_exit:
+            return
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.stop()
+
+
+def video_part(url: str, uuid: str | None = None) -> dict:
+    part = {"type": "video_url", "video_url": None if url is None else {"url": url}}
+    if uuid is not None:
+        part["uuid"] = uuid
+    return part
+
+
+def messages(question: str, *parts: dict) -> list[dict]:
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
+def request(question: str, *parts: dict, **fields) -> dict:
+    body = {"model": "tiny", "messages": messages(question, *parts), "max_tokens": 10, "temperature": 0,
+            "max_num_frames": 8}
+    body.update(fields)
+    return body
+
+
+def data_url(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:video/mp4;base64," + base64.b64encode(f.read()).decode()
