@@ -84,3 +84,4 @@ def test_interpreted_kernels_match_torch(tiny_dir):
     assert errors["attention"] < 1e-5
     assert errors["rms_norm"] == 0 and errors["rope_store"] == 0  # same operations, same roundings
     assert errors["step_logits"] < 1e-4 and errors["step_kv"] < 1e-5
+    assert errors["fused_reused"]

@@ -40,7 +40,8 @@ def _side_by_side(params: list[torch.nn.Parameter]) -> torch.Tensor:
     adjacent = all(p.is_contiguous() and p.untyped_storage().data_ptr() == storage for p in params) and all(
         b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(params, params[1:]))
     if adjacent:
-        return first.data.as_strided((size // first.shape[-1],) + tuple(first.shape[1:]), first.stride())
+        row = first[0].numel() if first.ndim > 1 else 1
+        return first.data.as_strided((size // row,) + tuple(first.shape[1:]), first.stride())
     whole = torch.cat([p.data for p in params])
     offset = 0
     for p in params:
