@@ -29,6 +29,8 @@ from ..decoder import Qwen2Decoder, apply_rope, rope_cos_sin
 from ..kv_store import KVStore
 from .sparse_config import SparseConfig
 
+CAPACITY_BUCKET = 8192  # mixed stores grow in these steps, so the next question can reuse one
+
 
 class SparseLevel:
     """The pooled KVs of a prefilled video (step 1), with the map from tokens to their pooled slots."""
@@ -68,6 +70,9 @@ class SparseLevel:
 _levels: "weakref.WeakKeyDictionary[KVStore, dict]" = weakref.WeakKeyDictionary()
 
 
+_mixed: "weakref.WeakKeyDictionary[KVStore, KVStore]" = weakref.WeakKeyDictionary()
+
+
 def sparse_level(decoder, store: KVStore, compression: int) -> SparseLevel:
     per_store = _levels.setdefault(store, {})
     if compression not in per_store:
@@ -85,9 +90,10 @@ def block_times(plan: BlockPlan, timestamps: list[float], groups_per_block: int)
 
 
 def mixed_store(decoder: Qwen2Decoder, store: KVStore, level: SparseLevel | None, dense: set[int],
-                extra: int) -> tuple:
-    """A new GPU store [prefix, blocks dense or sparse in time order] (step 3), with room for `extra` tokens,
-    and the block of each of its positions (-1: text before the video). `level` may be None if all are dense."""
+                extra: int, reuse: KVStore | None = None) -> tuple:
+    """A GPU store [prefix, blocks dense or sparse in time order] (step 3), with room for `extra` tokens, and the
+    block of each of its positions (-1: text before the video). `level` may be None if all are dense. `reuse`:
+    a store to overwrite if it is large enough (the previous question's: its captured decode graph stays valid)."""
     plan = store.plan
     vs = plan.video_start
     dense_src, dense_dst, sparse_src, sparse_dst, owner = [np.arange(vs)], [np.arange(vs)], [], [], [np.full(vs, -1)]
@@ -106,7 +112,12 @@ def mixed_store(decoder: Qwen2Decoder, store: KVStore, level: SparseLevel | None
         owner.append(np.full(at - start, b))
     device = decoder.embed_tokens.weight.device
     cfg = decoder.cfg
-    mixed = KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, store.dtype, device, at + extra)
+    if reuse is not None and reuse.capacity >= at + extra:
+        mixed = reuse
+        mixed.set_length(0)
+    else:
+        capacity = -(-(at + extra) // CAPACITY_BUCKET) * CAPACITY_BUCKET
+        mixed = KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, store.dtype, device, capacity)
     spans = [(0, vs)] + [plan.blocks[b] for b in sorted(dense)]
     d_src, d_dst = (torch.from_numpy(np.concatenate(a)).to(device) for a in (dense_src, dense_dst))
     d_cos, d_sin = rope_cos_sin(d_dst - d_src, cfg.head_dim, cfg.rope_theta, torch.float32)
@@ -177,7 +188,14 @@ def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, 
         scores = mass.scores[:n_blocks].float().cpu()
         ranked = [b for b in scores.argsort(descending=True).tolist() if b not in forced]
         dense = forced | set(ranked[:want - len(forced)])
-    mixed, _ = mixed_store(decoder, store, level, dense, extra)
+    need = plan.video_start + extra + sum(
+        (e - s) if b in dense else (level.block_slots[b][1] - level.block_slots[b][0])
+        for b, (s, e) in enumerate(plan.blocks))
+    previous = _mixed.pop(store, None)  # one mixed store per video, freed before a larger one is made
+    if previous is not None and previous.capacity < need:
+        previous = None
+    mixed, _ = mixed_store(decoder, store, level, dense, extra, previous)
+    _mixed[store] = mixed
     kept = mixed.length / plan.length
     logits = decoder(embeds, mixed)
     stats = {"dense_blocks": [list(times[b]) for b in sorted(dense)], "blocks": n_blocks,
