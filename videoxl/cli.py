@@ -145,6 +145,11 @@ def report(s: dict) -> str:
             parts.append(f"{name} {s[key]:.2f}s")
     if "peak_gpu_gb" in s:
         parts.append(f"peak GPU {s['peak_gpu_gb']:.1f} GiB")
+    if s.get("ttft_s") is not None:
+        parts.append(f"first token {s['ttft_s']:.2f}s")
+    if s.get("decode_tokens_per_s"):
+        parts.append(f"{s['generated_tokens']} tokens at {s['decode_tokens_per_s']:.1f} tokens/s "
+                     f"({s['decode_path']} decode)")
     return "[" + ", ".join(parts) + "]"
 
 

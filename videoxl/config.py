@@ -70,6 +70,7 @@ class VideoXLConfig:
     enable_chunk_prefill: bool = False
     prefill_config: dict | None = None
     enable_sparse: bool = False
+    sparse_config: dict | None = None  # bi-level decoding settings (decoding/sparse_config.py)
 
     @property
     def tokens_per_group(self) -> int:

@@ -152,7 +152,7 @@ class Engine:
             return
         if len(text) > sent:
             job.emit("delta", text[sent:])
-        completion = stats.get("completion_tokens", 0)
+        completion = stats.get("generated_tokens", 0)
         if finish is None:
             finish = "length" if completion >= r.generation["max_new_tokens"] else "stop"
         usage = {"prompt_tokens": stats.get("prompt_tokens", 0), "completion_tokens": completion,
