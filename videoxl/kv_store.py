@@ -216,8 +216,9 @@ class KVStore:
         out = {}
         for i in range(self.num_layers):
             home_k, home_v = self._home(i)
-            out[f"k.{i}"] = home_k[:, :, :n].to("cpu", copy=True).contiguous()
-            out[f"v.{i}"] = home_v[:, :, :n].to("cpu", copy=True).contiguous()
+            # contiguous where they live first: a strided copy to the CPU crawls through a staging buffer
+            out[f"k.{i}"] = home_k[:, :, :n].contiguous().to("cpu", copy=True)
+            out[f"v.{i}"] = home_v[:, :, :n].contiguous().to("cpu", copy=True)
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .chunking import BlockPlan, PrefillConfig
-from .config import FRAMES_PER_GROUP, VideoXLConfig
+from .config import VideoXLConfig
 from .decoder import Qwen2Decoder
 from .errors import VideoXLError
 from .decoding import decode_step, generate_tokens
