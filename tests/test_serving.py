@@ -85,6 +85,34 @@ def test_models_health_and_answers_streamed_or_not(server, media, tiny):
     assert r.choices[0].message.content == text[:text.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
+def test_frames_as_image_parts_as_lmms_eval_sends_them(server, tiny):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(5)]
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+            buf.getvalue()).decode()}}
+
+    body = {"model": "tiny", "max_tokens": 8, "temperature": 0,  # the text first, then the frames
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "What happens?"},
+                                                      *map(png, frames)]}]}
+    first, again = server.post(body).json(), server.post(body).json()
+    model, tok = tiny
+    assert first["choices"][0]["message"]["content"] == model.chat(frames, tok, "What happens?",
+                                                                   generation_config={"max_new_tokens": 8})
+    assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 300  # the same frames: the same video
+
+
 def test_32_concurrent_clients_answered_or_429_never_mixed(server, media):
     client = server.client()
     cases = [(q, f"file://{media}/{v}") for v in ("clip.mp4", "other.mp4")

@@ -41,7 +41,7 @@ class Settings:
 
     @property
     def max_body_bytes(self) -> int:
-        return self.limits.max_base64_bytes + (1 << 20)
+        return max(self.limits.max_request_bytes, self.limits.max_base64_bytes + (1 << 20))
 
 
 class UuidRegistry:

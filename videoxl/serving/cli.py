@@ -33,6 +33,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     media.add_argument("--allowed-media-domains", nargs="*", default=[], help="hosts http(s) URLs may name")
     media.add_argument("--max-media-mb", type=float, default=2048, help="largest video file")
     media.add_argument("--max-base64-mb", type=float, default=64, help="largest data: URL payload (encoded)")
+    media.add_argument("--max-request-mb", type=float, default=512, help="largest request body")
     media.add_argument("--max-duration-s", type=float, default=4 * 3600, help="longest video")
     media.add_argument("--max-frames", type=int, default=2048, help="most frames a request may ask for")
     media.add_argument("--max-tokens", type=int, default=4096, help="most answer tokens a request may ask for")
@@ -64,6 +65,10 @@ def build(args):
 
     if not os.path.isdir(args.model):
         raise VideoXLError(f"--model must be a checkpoint folder: {args.model}")
+    for name in ("max_media_mb", "max_base64_mb", "max_request_mb", "max_duration_s", "request_timeout",
+                 "kv_cache_gb"):
+        if not getattr(args, name) >= 0:
+            raise VideoXLError(f"--{name.replace('_', '-')} must be a number >= 0")
     for name in ("max_queue", "max_frames", "max_tokens", "max_num_frames", "default_max_tokens", "port"):
         if getattr(args, name) < 1:
             raise VideoXLError(f"--{name.replace('_', '-')} must be at least 1")
@@ -86,7 +91,8 @@ def build(args):
         replicas.append((model, tok))
     mb = 2**20
     limits = MediaLimits(args.allowed_local_media_path, tuple(args.allowed_media_domains),
-                         int(args.max_media_mb * mb), int(args.max_base64_mb * mb), args.max_duration_s)
+                         int(args.max_media_mb * mb), int(args.max_base64_mb * mb), int(args.max_request_mb * mb),
+                         args.max_duration_s)
     defaults = ServerDefaults(args.max_num_frames, args.sample_fps, args.max_sample_fps, args.max_frames,
                               min(args.default_max_tokens, args.max_tokens), args.max_tokens)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))

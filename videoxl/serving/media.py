@@ -36,6 +36,7 @@ class MediaLimits:
     allowed_domains: tuple[str, ...] = ()  # http(s):// is off unless set; exact host names
     max_file_bytes: int = 2 << 30  # a video file, however it arrives
     max_base64_bytes: int = 64 << 20  # a data: URL's payload, encoded
+    max_request_bytes: int = 512 << 20  # a whole request body (frames sent as many image data: URLs add up)
     max_duration_s: float = 4 * 3600.0
     max_pixels: int = 7680 * 4320  # per frame (8K): a larger header is a decompression bomb
     fetch_timeout_s: float = 30.0

@@ -88,6 +88,8 @@ def parse_request(body, served_model: str, defaults: ServerDefaults) -> ChatRequ
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise bad("stream_options must be {\"include_usage\": true|false}", "stream_options")
+    if len(media) > defaults.frame_cap:
+        raise bad(f"{len(media)} images: over the {defaults.frame_cap} frame cap", "messages")
     return ChatRequest(model, question, history, media, parse_sampling(body, defaults),
                        parse_generation(body, defaults), parse_stop(body.get("stop")), stream,
                        bool(options.get("include_usage", False)))
