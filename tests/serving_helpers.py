@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import shutil
 import socket
 import threading
 import time
@@ -65,6 +66,7 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.engine.stop()
+        shutil.rmtree(self.settings.tmp_dir, ignore_errors=True)
 
 
 def video_part(url: str, uuid: str | None = None) -> dict:

@@ -163,6 +163,7 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
 
+        status = "499"  # unless the stream ends: the client went away
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
@@ -173,15 +174,16 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
                     if req.include_usage:
                         yield chunk({}, usage=event[1], choices=False)
                     yield "data: [DONE]\n\n"
-                    metrics.count("videoxl_requests_total", status="200")
+                    status = "200"
                     return
                 else:
-                    metrics.count("videoxl_requests_total", status=str(event[1]))
+                    status = str(event[1])
                     yield f"data: {json.dumps(error_body(event[1], event[2]))}\n\n"
                     return
                 event = await job.events.get()
         finally:
             job.cancelled.set()  # a client gone mid-stream stops the generation (no-op once done)
+            metrics.count("videoxl_requests_total", status=status)
 
     async def video_ref(req: ChatRequest, media: Media) -> VideoRef:
         part = req.media[0]

@@ -145,8 +145,7 @@ class Engine:
         first = first or end
         stats = dict(model.last_stats)
         if finish == "cancelled":
-            self.metrics.count("videoxl_requests_total", status="499")
-            return
+            return  # the HTTP side counts it
         if finish == "timeout":
             job.emit("error", 504, "the answer took longer than the server's time limit")
             return
