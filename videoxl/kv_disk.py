@@ -24,11 +24,12 @@ log = logging.getLogger("videoxl.kv_disk")
 
 
 def checksum(t: torch.Tensor) -> int:
-    """Sum of a tensor's bytes read as int32 words: exact on any device and cheap on the GPU, so a corrupted or
-    truncated file is caught without hashing gigabytes on the CPU (not a defence against tampering)."""
+    """Sum of a tensor's bytes read as int64 words, wrapping: integer addition modulo 2**64 gives the same result
+    in any order, so on any device, at memory speed. Catches corrupted or truncated files without hashing
+    gigabytes on the CPU (not a defence against tampering)."""
     b = t.contiguous().reshape(-1).view(torch.uint8)
-    if b.numel() % 4 == 0:
-        b = b.view(torch.int32)
+    if b.numel() % 8 == 0:
+        b = b.view(torch.int64)
     return int(b.sum(dtype=torch.int64))
 
 

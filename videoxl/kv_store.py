@@ -216,9 +216,8 @@ class KVStore:
         out = {}
         for i in range(self.num_layers):
             home_k, home_v = self._home(i)
-            # contiguous where they live first: a strided copy to the CPU crawls through a staging buffer
-            out[f"k.{i}"] = home_k[:, :, :n].contiguous().to("cpu", copy=True)
-            out[f"v.{i}"] = home_v[:, :, :n].contiguous().to("cpu", copy=True)
+            for name, home in ((f"k.{i}", home_k), (f"v.{i}", home_v)):
+                out[name] = home[:, :, :n].to("cpu", copy=True, memory_format=torch.contiguous_format)
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
