@@ -92,8 +92,9 @@ class KVDisk:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            shutil.rmtree(final, ignore_errors=True)  # a folder without a manifest is a dead write
-            os.rename(tmp, final)
+            if os.path.isdir(final) and not self.has(name):
+                shutil.rmtree(final, ignore_errors=True)  # a folder without a manifest: a write that died
+            os.rename(tmp, final)  # fails if another process put a whole entry there meanwhile: kept
             self.writes += 1
         except OSError:
             if not self.has(name):
