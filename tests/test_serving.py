@@ -250,3 +250,19 @@ def test_restart_answers_known_videos_from_disk_without_vision(server, tiny_dir,
         assert again.healthy()
     finally:
         again.stop()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--model", "/no/such/folder"], "--model must be a checkpoint folder"),
+    (["--kv-cache-gb", "-1"], "--kv-cache-gb must be a number >= 0"),
+    (["--max-queue", "0"], "--max-queue must be at least 1"),
+    (["--allowed-local-media-path", "/no/such/folder"], "not a folder"),
+    (["--chunk-prefill", "mask", "--chunk-size", "3", "--step-size", "2"], "step_size"),
+])
+def test_serve_option_errors_are_one_line_exit_2(tiny_dir, capsys, argv, words):
+    from videoxl.cli import main
+
+    args = ["serve", "--model", tiny_dir, *argv] if argv[0] != "--model" else ["serve", *argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
