@@ -192,3 +192,20 @@ def test_budget_counts():
     assert SparseConfig.from_dict({"budget": 1.0}).dense_count(7) == 7
     assert SparseConfig.from_dict({"budget": np.int64(4)}).dense_count(10) == 4
     assert SparseConfig.from_dict({"budget": 40}).dense_count(10) == 10
+
+
+def test_cli_sparse(tiny_dir, video, capsys):
+    from videoxl.cli import main
+
+    path = video[0]
+    args = ["chat", path, "What moves?", "--model", tiny_dir, "--max-new-tokens", "4", "--no-progress",
+            "--max-num-frames", "40"]
+    assert main(args + ["--sparse"]) == 2
+    assert "--sparse (bi-level decoding) needs --chunk-prefill" in capsys.readouterr().err
+    assert main(args + ["--sparse", "--chunk-prefill", "streaming", "--sparse-budget", "1.5"]) == 2
+    assert "budget as a share must be in (0, 1]" in capsys.readouterr().err
+    assert main(args + ["--chunk-prefill", "streaming", "--chunk-size", "4", "--step-size", "2", "--sparse",
+                        "--sparse-budget", "2", "--dense-times", "9-10"]) == 0
+    err = capsys.readouterr().err
+    # blocks of 8 frames at 1 fps: the first (0-7 s), the one holding 9-10 s, and the last (32-39 s)
+    assert "bi-level: 3 of 5 blocks dense (0-7s, 8-15s, 32-39s)" in err
