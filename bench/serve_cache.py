@@ -63,7 +63,8 @@ def ask(model, tokenizer, video, question, frames, tokens) -> dict:
     return {"ttft_s": s.get("ttft_s"), "first_piece_s": round((first or time.perf_counter()) - t0, 3),
             "kv_cache": s["kv_cache"], "prompt_tokens": s["prompt_tokens"], "cached_tokens": s["cached_tokens"],
             "vision_s": s.get("vision_s"), "prefill_s": s.get("prefill_s"), "load_s": s.get("load_s"),
-            "peak_gpu_gb": s.get("peak_gpu_gb"), "answer": "".join(pieces)}
+            "peak_gpu_gb": s.get("peak_gpu_gb"), "answer": "".join(pieces),
+            "slow_disk_reads": model.kv_cache.disk.slow_reads if model.kv_cache.disk else None}
 
 
 def main():

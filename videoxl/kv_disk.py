@@ -42,7 +42,8 @@ class KVDisk:
             raise VideoXLError(f"cannot create the KV cache directory {directory}: {e.strerror}") from None
         if not os.access(self.directory, os.W_OK):
             raise VideoXLError(f"the KV cache directory is not writable: {directory}")
-        self.writes, self.rejected = 0, 0
+        self.writes, self.rejected, self.slow_reads = 0, 0, 0
+        self._staging: list[torch.Tensor] = []  # pinned read buffers, made at the first read to a GPU
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._writer, name="videoxl-kv-writer", daemon=True).start()
 
@@ -109,6 +110,8 @@ class KVDisk:
             return None
         try:
             return self._read(name, key, device)
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise  # not the entry's fault
         except Exception as e:  # whatever is wrong with the files, the answer is to rebuild, not to fail
             self.reject(name, e)
             return None
@@ -119,8 +122,6 @@ class KVDisk:
         shutil.rmtree(self.folder(name), ignore_errors=True)
 
     def _read(self, name: str, key: dict, device: str):
-        from safetensors.torch import load_file
-
         folder = self.folder(name)
         with open(os.path.join(folder, "manifest.json")) as f:
             m = json.load(f)
@@ -129,8 +130,99 @@ class KVDisk:
         data = os.path.join(folder, "kv.safetensors")
         if os.path.getsize(data) != m["file_bytes"]:
             raise ValueError("file size differs from the manifest")
-        tensors = load_file(data, device=device)
+        try:
+            tensors = read_safetensors(data, torch.device(device), self._staging)
+        except (ValueError, OSError, MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as e:  # a fault of the fast reader, not of the file: safetensors' own loader
+            from safetensors.torch import load_file
+
+            self.slow_reads += 1
+            log.warning("fast KV read failed (%s: %s); reading with safetensors", type(e).__name__, e)
+            tensors = load_file(data, device=str(device))
         bad = [n for n, c in m["checksums"].items() if n not in tensors or checksum(tensors[n]) != c]
         if bad or len(tensors) != len(m["checksums"]):
             raise ValueError(f"checksum mismatch in {bad[:3] or 'the tensor list'}")
         return m, tensors
+
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+READ_CHUNK = 32 << 20
+READERS = 4
+
+
+def read_safetensors(path: str, device: torch.device, staging: list) -> dict[str, torch.Tensor]:
+    """A safetensors file of KVs -> tensors on `device`, read by a few threads straight into one flat buffer
+    (on a GPU through reused pinned chunks, copies overlapping reads), as views of it. safetensors' own loader
+    goes tensor by tensor through pageable memory; a disk hit is only worth having if it is fast."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < min(size, 1 << 26):
+            raise ValueError("not a safetensors file")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    base = 8 + n
+    total = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if base + total != size or any(v["dtype"] not in DTYPES for v in header.values()):
+        raise ValueError("safetensors header does not match the file")
+    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    chunks = [(a, min(a + READ_CHUNK, total)) for a in range(0, total, READ_CHUNK)]
+    cuda = device.type == "cuda"
+    if cuda and not staging:
+        staging += [torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2 * READERS)]
+    fd = os.open(path, os.O_RDONLY)
+
+    def reader(worker: int) -> None:
+        stream = torch.cuda.Stream(device) if cuda else None
+        done = [None, None]
+        for k, (a, b) in enumerate(chunks[worker::READERS]):
+            if not cuda:
+                _pread_into(fd, memoryview(flat[a:b].numpy()), base + a)
+                continue
+            slot = k % 2
+            if done[slot] is not None:
+                done[slot].synchronize()  # the copy out of this buffer has finished
+            buf = staging[2 * worker + slot][:b - a]
+            _pread_into(fd, memoryview(buf.numpy()), base + a)
+            with torch.cuda.stream(stream):
+                flat[a:b].copy_(buf, non_blocking=True)
+                done[slot] = torch.cuda.Event()
+                done[slot].record(stream)
+        if stream is not None:
+            stream.synchronize()
+
+    try:
+        threads = [threading.Thread(target=reader, args=(w,)) for w in range(min(READERS, len(chunks)))]
+        errors = []
+        for t in threads:
+            t.run = _catching(t.run, errors)
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    finally:
+        os.close(fd)
+    out = {}
+    for name, v in header.items():
+        a, b = v["data_offsets"]
+        out[name] = flat[a:b].view(DTYPES[v["dtype"]]).view(v["shape"])
+    return out
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            raise ValueError("the file ended early")
+        view, offset = view[got:], offset + got
+
+
+def _catching(run, errors: list):
+    def wrapped():
+        try:
+            run()
+        except BaseException as e:  # handed to the caller
+            errors.append(e)
+    return wrapped
