@@ -232,7 +232,7 @@ def wait_until_stopped(server, gone):
         m = server.metrics()
         if m.get('videoxl_requests_total{status="499"}', 0) >= gone and m["videoxl_running_requests"] == 0:
             return
-        assert time.time() < deadline, "the generation did not stop"
+        assert time.time() < deadline, f"the generation did not stop: {gone} expected, {m}"
         time.sleep(0.05)
 
 

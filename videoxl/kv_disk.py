@@ -174,6 +174,8 @@ def read_safetensors(path: str, device: torch.device, staging: list) -> dict[str
     fd = os.open(path, os.O_RDONLY)
 
     def reader(worker: int) -> None:
+        if cuda:
+            torch.cuda.set_device(device)  # this thread's copies go to the store's GPU
         stream = torch.cuda.Stream(device) if cuda else None
         done = [None, None]
         for k, (a, b) in enumerate(chunks[worker::READERS]):

@@ -128,7 +128,7 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
         if first[0] == "error":
             raise APIError(first[1], first[2])
         if req.stream:
-            return StreamingResponse(sse(job, req, first), media_type="text/event-stream")
+            return StreamingResponse(sse(job, req, first, request), media_type="text/event-stream")
         text, event = [], first
         while event[0] == "delta":
             text.append(event[1])
@@ -142,16 +142,21 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
                              "finish_reason": event[2], "logprobs": None}]}
 
     async def next_event(job: Job, request) -> tuple:
-        """The worker's next event; a client that goes away meanwhile cancels the job."""
+        """The worker's next event; a client that went away (checked every POLL_S, however fast events come)
+        cancels the job."""
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                return await asyncio.wait_for(job.events.get(), POLL_S)
-            except asyncio.TimeoutError:
+            if loop.time() >= job.next_check:
+                job.next_check = loop.time() + POLL_S
                 if await request.is_disconnected():
                     job.cancelled.set()
-                    raise APIError(499, "client closed the request") from None
+                    raise APIError(499, "client closed the request")
+            try:
+                return await asyncio.wait_for(job.events.get(), max(0.0, job.next_check - loop.time()))
+            except asyncio.TimeoutError:
+                continue
 
-    async def sse(job: Job, req: ChatRequest, event: tuple):
+    async def sse(job: Job, req: ChatRequest, event: tuple, request: Request):
         cid, created = f"chatcmpl-{uuidlib.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish=None, usage=None, choices=True) -> str:
@@ -180,7 +185,10 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
                     status = str(event[1])
                     yield f"data: {json.dumps(error_body(event[1], event[2]))}\n\n"
                     return
-                event = await job.events.get()
+                try:  # polling the connection: a send to a gone client may not raise here
+                    event = await next_event(job, request)
+                except APIError:
+                    return  # the client went away (the job is cancelled)
         finally:
             job.cancelled.set()  # a client gone mid-stream stops the generation (no-op once done)
             metrics.count("videoxl_requests_total", status=status)

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from .errors import APIError
 from .metrics import Metrics
 from .protocol import ChatRequest
@@ -34,6 +36,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     release: Callable[[], None] = lambda: None  # delete the request's temporary media
     arrived: float = field(default_factory=time.perf_counter)
+    next_check: float = 0.0  # loop time of the next check that the client is still connected
 
     def emit(self, *event) -> None:
         try:
@@ -94,6 +97,8 @@ class Engine:
             raise APIError(429, f"the server is busy ({self.jobs.maxsize} requests waiting); retry later") from None
 
     def _work(self, model, tokenizer) -> None:
+        if model.device.type == "cuda":
+            torch.cuda.set_device(model.device)  # per thread: kernels launched without a device go to this GPU
         while (job := self.jobs.get()) is not None:
             with self._running_lock:
                 self.running += 1
