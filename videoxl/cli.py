@@ -186,8 +186,9 @@ def check_before_load(args, video) -> dict | None:
                                       ("--vision-chunk", args.vision_chunk), ("--offload", args.offload or None))
              if value is not None]
     if given and not args.chunk_prefill:
-        raise VideoXLError(f"{', '.join(given)} only apply with --chunk-prefill streaming|mask: add it, or drop "
-                           f"{'them' if len(given) > 1 else 'it'}")
+        many = len(given) > 1
+        raise VideoXLError(f"{', '.join(given)} only appl{'y' if many else 'ies'} with --chunk-prefill "
+                           f"streaming|mask: add it, or drop {'them' if many else 'it'}")
     if isinstance(video, str) and os.path.isfile(video) and \
             os.path.splitext(video)[1].lower() not in IMAGE_EXTENSIONS:
         open_video(video, args.max_num_frames, args.sample_fps, args.max_sample_fps)  # reads the header only
