@@ -7,7 +7,6 @@ the same video with the same settings only prefills its own text.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import threading
@@ -22,7 +21,8 @@ from .chunking import BlockPlan, PrefillConfig
 from .config import FRAMES_PER_GROUP, VideoXLConfig
 from .decoder import Qwen2Decoder
 from .errors import VideoXLError
-from .generate import Detokenizer, GenerationConfig, next_token
+from .decoding import decode_step, generate_tokens
+from .generate import Detokenizer, GenerationConfig
 from .inputs import answer_stats, check_history, check_request, frame_stats, history_messages, memory_errors
 from .kv_store import KVStore
 from .memory import check_fits
@@ -94,6 +94,8 @@ class VideoXL(nn.Module):
         self.decoder = Qwen2Decoder(config.text)
         self._prefix: PrefixState | None = None
         self.last_stats: dict = {}
+        self.decode_mode = "auto"  # 'captured' (CUDA graph), 'eager', or 'auto': captured where it can run
+        self._t_question = 0.0
 
     @property
     def device(self) -> torch.device:
@@ -131,7 +133,7 @@ class VideoXL(nn.Module):
         """`chat`, yielding the answer's text as it is generated."""
         r = check_request(self.config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
                           max_sample_fps, generation_config)
-        chunking, before = self._check_runtime_settings(), self._prefix
+        chunking, before, self._t_question = self._check_runtime_settings(), self._prefix, time.perf_counter()
         with torch.inference_mode(), memory_errors(self.device, r.max_num_frames, chunking is not None):
             prefix = self._video_prefix(r.video, tokenizer, question, r.history, r.max_num_frames, r.sample_fps,
                                         r.max_sample_fps, chunking, show_progress)
@@ -277,25 +279,25 @@ class VideoXL(nn.Module):
                   prompt_ids: list[int], show_progress: bool) -> Iterator[str]:
         stop = {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
                 if isinstance(i, int)}
-        generator = None
-        if not gen.greedy:
-            generator = torch.Generator(device=logits.device)
-            generator.manual_seed(gen.seed if gen.seed is not None else torch.seed())
-        seen = torch.tensor(prompt_ids, device=logits.device) if gen.repetition_penalty != 1.0 else None
+        step = decode_step(self.decoder, cache, gen.max_new_tokens, self.decode_mode)
+        self.last_stats.update(decode_path=type(step).__name__.replace("Step", "").lower(),
+                               capture_s=None if step.capture_s is None else round(step.capture_s, 3))
         detok = Detokenizer(tokenizer)
-        steps = progress(range(gen.max_new_tokens), gen.max_new_tokens, "decode", show_progress)
-        with contextlib.closing(steps) if hasattr(steps, "close") else contextlib.nullcontext():
-            for _ in steps:
-                token = next_token(logits[0, -1], gen, seen, generator)
-                if token in stop:
-                    break
+        bar = progress(None, gen.max_new_tokens, "decode", show_progress)
+        first = True
+        try:
+            for token in generate_tokens(step, logits, gen, prompt_ids, stop, self.config.text.vocab_size,
+                                         self.last_stats):
+                if first:
+                    self.last_stats["ttft_s"] = round(time.perf_counter() - self._t_question, 3)
+                    first = False
+                if bar is not None:
+                    bar.update(1)
                 piece = detok.add(token)
                 if piece:
                     yield piece
-                if seen is not None:
-                    seen = torch.cat([seen, torch.tensor([token], device=seen.device)])
-                logits = self.decoder(self.decoder.embed_tokens(torch.tensor([[token]], device=self.device)),
-                                      cache)
+        finally:
+            close(bar)
         rest = detok.flush()
         if rest:
             yield rest
