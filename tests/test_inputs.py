@@ -184,3 +184,12 @@ def test_random_weight_checkpoint_is_marked(tiny_dir):
     assert json.load(open(os.path.join(tiny_dir, "config.json")))["videoxl_random_weights"] is True
     ok, text = inspect_checkpoint(tiny_dir)
     assert ok and "weights: RANDOM (made by `videoxl make-tiny`): it runs, its answers are noise" in text
+
+
+def test_short_text_of_many_tokens_is_counted(tiny, clip_path, monkeypatch):
+    """3,000 four-byte characters are 3,000 characters but (byte-level BPE) up to 12,000 tokens: counted, not
+    waved through on their character count."""
+    model, tokenizer = tiny
+    monkeypatch.setattr(model, "encode_stream", lambda *a, **k: pytest.fail("decoded frames"))
+    with pytest.raises(videoxl.VideoXLError, match=r"^question is \d+ tokens \(3000 characters\); at most 8192"):
+        model.chat(clip_path, tokenizer, "\U0001F600" * 3000, generation_config=GREEDY)

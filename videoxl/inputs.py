@@ -99,7 +99,7 @@ def history_messages(pairs: list[tuple[str, str]]) -> list[dict]:
 def check_text_length(config, tokenizer, question: str, history: list[tuple[str, str]]) -> None:
     limit = min(MAX_TEXT_TOKENS, getattr(config.text, "max_position_embeddings", MAX_TEXT_TOKENS))
     texts = [question] + [t for pair in history for t in pair]
-    if sum(map(len, texts)) <= limit:  # a token is at least one character: no need to tokenize
+    if sum(len(t.encode()) for t in texts) <= limit:  # byte-level BPE: a token is at least one UTF-8 byte
         return
     n = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     if n > limit:

@@ -138,11 +138,14 @@ def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames
     est = estimate(model.config, frames, mode, w, tokens, frames_per_slice, b)
     if est.working * HEADROOM <= available:
         return est
-    gib = lambda x: f"{x / GiB:.1f} GiB"  # noqa: E731
     head = (f"{frames} frames need ~{gib(est.total)} in {mode} mode ({gib(est.weights)} weights + "
             f"{gib(est.working)} working memory); {gib(available)} free on {model.device} besides the weights")
     raise VideoXLMemoryError(head + "; " + suggestion(model.config, frames, text_tokens, w + available, b, w,
                                                       mode, frames_per_slice))
+
+
+def gib(x: int) -> str:
+    return f"{x / GiB:.1f} GiB"
 
 
 def suggestion(config, frames, text_tokens, budget, b, w, mode, frames_per_slice) -> str:
