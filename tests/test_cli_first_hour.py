@@ -90,10 +90,10 @@ def test_report_line_names_frame_decoding_and_times(tiny_dir, clip_path, capsys)
 def test_report_of_engine_counts_and_a_cut_video():
     stats = {"frames": 13, "frames_expected": 40, "groups": 4, "prompt_tokens": 700, "prefill": "dense",
              "vision_s": 1.0, "prefill_s": 0.5, "ttft_s": 0.61, "answer_s": 2.0, "generated_tokens": 57,
-             "decode_tokens_per_s": 41.25}
+             "decode_tokens_per_s": 41.25, "decode_path": "captured"}
     assert report(stats) == ("[13 frames (of 40 expected: the video ended early), 4 groups of 4, 700 prompt tokens, "
                              "prefill dense, frame decoding + vision 1.00s, prefill 0.50s, first token 0.61s, "
-                             "answer 2.00s, 57 tokens generated at 41.2 tokens/s]")
+                             "answer 2.00s, 57 tokens generated at 41.2 tokens/s (captured decode)]")
 
 
 def test_cut_video_warns_on_the_command_line(tiny_dir, cut_video, capsys):

@@ -89,7 +89,7 @@ def report(s: dict, device_type: str = "cuda") -> str:
         for key, name in (("vision_s", "frame decoding + vision"), ("prefill_s", "prefill")):
             if key in s:
                 parts.append(f"{name} {s[key]:.2f}s")
-    if "ttft_s" in s:
+    if s.get("ttft_s") is not None:
         parts.append(f"first token {s['ttft_s']:.2f}s")
     elif "first_text_s" in s:
         parts.append(f"first text {s['first_text_s']:.2f}s")
@@ -97,7 +97,8 @@ def report(s: dict, device_type: str = "cuda") -> str:
         parts.append(f"answer {s['answer_s']:.2f}s")
     if "generated_tokens" in s:
         rate = f" at {s['decode_tokens_per_s']:.1f} tokens/s" if s.get("decode_tokens_per_s") else ""
-        parts.append(f"{s['generated_tokens']} tokens generated{rate}")
+        path = f" ({s['decode_path']} decode)" if s.get("decode_path") else ""
+        parts.append(f"{s['generated_tokens']} tokens generated{rate}{path}")
     if "peak_gpu_gb" in s:
         parts.append(f"peak GPU {s['peak_gpu_gb']:.1f} GiB")
     return "[" + ", ".join(parts) + "]"
