@@ -37,6 +37,8 @@ def no_load(monkeypatch):
                             "drop it"),
     (["--step-size", "2", "--offload"], "error: --step-size, --offload only apply with --chunk-prefill "
                                         "streaming|mask: add it, or drop them"),
+    (["--chunk-prefill", "streaming", "--sparse-budget", "8", "--dense-times", "1-2"],
+     "error: --sparse-budget, --dense-times only apply with --sparse: add it, or drop them"),
     (["--chunk-prefill", "mask", "--chunk-size", "3", "--step-size", "2"],
      "error: prefill_config: step_size (2) must divide chunk_size (3)"),
 ])
@@ -180,7 +182,9 @@ def test_readme_synopsis_shows_the_real_defaults():
     parser = build_parser()
     chat = parser._subparsers._group_actions[0].choices["chat"]
     defaults = {a.option_strings[-1]: a.default for a in chat._actions if a.option_strings}
-    chunk = {"--chunk-size": 4, "--step-size": 1, "--vision-chunk": 24}  # PrefillConfig's, with --chunk-prefill
+    # PrefillConfig's and SparseConfig's, which apply with --chunk-prefill / --sparse
+    chunk = {"--chunk-size": 4, "--step-size": 1, "--vision-chunk": 24, "--sparse-budget": 0.25,
+             "--sparse-compression": 4}
     shown = re.findall(r"\[(--[a-z-]+) ([^\]\s|]+)\]", synopsis)
     assert len(shown) >= 12, shown
     for option, value in shown:

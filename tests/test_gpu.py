@@ -138,3 +138,43 @@ def test_chat_captured_follow_up_matches_eager(gpu_model, long_video):
         answers[mode] = (a, b, model.last_stats["ttft_s"] > 0)
     model.decode_mode = "auto"
     assert answers["eager"] == answers["captured"]
+
+
+def test_captured_steps_do_not_keep_stores_alive(gpu_model):
+    import gc
+
+    import videoxl.decoding as decoding
+
+    model, _ = gpu_model
+    store = model.decoder.new_cache(capacity=256)
+    with torch.inference_mode():
+        model.decoder(model.decoder.embed_tokens(torch.randint(0, 100, (1, 50), device="cuda")), store)
+    _decode(model, store, "captured", {}, n=4)
+    assert store in decoding._captured
+    before = len(decoding._captured)
+    del store
+    gc.collect()
+    assert len(decoding._captured) == before - 1
+
+
+def test_bilevel_on_gpu(gpu_model, long_video):
+    """Full budget = chunked decoding (same greedy text); half budget runs through the captured step and keeps
+    less of the cache; a second question reuses the mixed store's captured graph."""
+    model, tokenizer = gpu_model
+    gen = {"max_new_tokens": 16}
+    model.config.enable_chunk_prefill = True
+    model.config.prefill_config = {"chunk_prefill_mode": "streaming", "chunk_size": 4, "step_size": 2,
+                                   "offload": True}
+    try:
+        chunked = model.chat(long_video, tokenizer, "What moves?", max_num_frames=64, generation_config=gen)
+        model.config.enable_sparse, model.config.sparse_config = True, {"budget": 1.0}
+        full = model.chat(long_video, tokenizer, "What moves?", max_num_frames=64, generation_config=gen)
+        model.config.sparse_config = {"budget": 0.5}
+        model.chat(long_video, tokenizer, "What moves?", max_num_frames=64, generation_config=gen)
+        assert model.last_stats["decode_path"] == "captured" and model.last_stats["kept_share"] < 0.9
+        model.chat(long_video, tokenizer, "And then?", max_num_frames=64, generation_config=gen)
+        assert model.last_stats["capture_s"] == 0.0
+    finally:
+        model.config.enable_chunk_prefill = model.config.enable_sparse = False
+        model.config.prefill_config = model.config.sparse_config = None
+    assert full == chunked

@@ -11,11 +11,13 @@ import sys
 
 from .chunking import PrefillConfig
 from .console import AnswerTimer, Loading, err, json_line, questions, report, show_warnings_as_lines
+from .decoding.sparse_config import SparseConfig
 from .errors import VideoXLError, VideoXLMemoryError
 
 DEFAULT_QUESTION = "Describe this video."
 DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "videoxl", "tiny-demo")
 CHUNK_DEFAULTS = PrefillConfig()  # what --chunk-size etc. are with --chunk-prefill when not given
+SPARSE_DEFAULTS = SparseConfig()  # what --sparse-budget etc. are with --sparse when not given
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -36,6 +38,21 @@ def optional_float(text: str):
 
 def optional_int(text: str):
     return None if text.lower() == "none" else int(text)
+
+
+def budget_value(text: str):
+    """'0.25' -> a share, '8' -> a number of blocks (validated by SparseConfig)."""
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a share or a number of blocks: {text!r}") from None
+
+
+def time_spans(text: str) -> list[list[float]]:
+    try:
+        return [[float(x) for x in part.split("-", 1)] for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START-END seconds, comma-separated: {text!r}") from None
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -102,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"frames per vision-tower batch, a multiple of 4 "
                             f"(default: {CHUNK_DEFAULTS.chunk_size_for_vision_tower})")
 
+    sparse = chat.add_argument_group("bi-level KV decoding (the model card's enable_sparse; needs --chunk-prefill)")
+    sparse.add_argument("--sparse", action="store_true",
+                        help="keep only the blocks the question needs dense, the rest pooled (default: off)")
+    sparse.add_argument("--sparse-budget", type=budget_value, default=None,
+                        help=f"share of blocks kept dense (0.25) or a whole number of blocks (8) "
+                             f"(default: {SPARSE_DEFAULTS.budget})")
+    sparse.add_argument("--sparse-compression", type=int, default=None,
+                        help=f"visual KVs of a pooled block averaged over this many tokens "
+                             f"(default: {SPARSE_DEFAULTS.compression})")
+    sparse.add_argument("--dense-times", type=time_spans, default=None,
+                        help="seconds that must stay dense, e.g. '10-25,300-320' (default: none)")
+
     inspect = sub.add_parser("inspect", help="show what a checkpoint folder holds and whether it loads")
     inspect.add_argument("model")
 
@@ -144,7 +173,7 @@ def cmd_chat(args) -> int:
         model_dir, video = args.model, args.video
     if isinstance(video, str) and not os.path.exists(video):
         raise VideoXLError(f"video not found: {video}")  # before the (slow) model load
-    prefill_config = check_before_load(args, video)
+    prefill_config, sparse_config = check_before_load(args, video)
     with Loading(model_dir):
         model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
                                         dtype=None if args.dtype == "auto" else args.dtype)
@@ -155,6 +184,8 @@ def cmd_chat(args) -> int:
             err("note: --offload has no effect on a CPU (the KVs are in CPU memory already)")
         model.config.enable_chunk_prefill = True
         model.config.prefill_config = prefill_config
+    if sparse_config:
+        model.config.enable_sparse, model.config.sparse_config = True, sparse_config
     interactive = args.interactive or (args.question is None and not args.demo)
     history = []
     for question in questions(args.question) if interactive else [args.question]:
@@ -174,34 +205,51 @@ def write(piece: str) -> None:
     sys.stdout.flush()
 
 
-def check_before_load(args, video) -> dict | None:
-    """Every setting, and the video file's header, checked before the (slow) model load; the chunk-prefill
-    settings as a prefill_config (None: dense prefill)."""
+def check_before_load(args, video) -> tuple[dict | None, dict | None]:
+    """Every setting, and the video file's header, checked before the (slow) model load; returns the
+    prefill_config (None: dense prefill) and the sparse_config (None: dense decoding)."""
     from .generate import GenerationConfig
     from .video import IMAGE_EXTENSIONS, check_sampling, open_video
 
     check_sampling(args.max_num_frames, args.sample_fps, args.max_sample_fps)
     GenerationConfig.from_dict(generation_config(args))
-    given = [flag for flag, value in (("--chunk-size", args.chunk_size), ("--step-size", args.step_size),
-                                      ("--vision-chunk", args.vision_chunk), ("--offload", args.offload or None))
-             if value is not None]
-    if given and not args.chunk_prefill:
-        many = len(given) > 1
-        raise VideoXLError(f"{', '.join(given)} only appl{'y' if many else 'ies'} with --chunk-prefill "
-                           f"streaming|mask: add it, or drop {'them' if many else 'it'}")
+    only_with("--chunk-prefill streaming|mask", args.chunk_prefill,
+              {"--chunk-size": args.chunk_size, "--step-size": args.step_size, "--vision-chunk": args.vision_chunk,
+               "--offload": args.offload or None})
+    if args.sparse and not args.chunk_prefill:
+        raise VideoXLError("--sparse (bi-level decoding) needs --chunk-prefill streaming|mask: its blocks are what is "
+                           "kept dense")
+    only_with("--sparse", args.sparse, {"--sparse-budget": args.sparse_budget,
+                                        "--sparse-compression": args.sparse_compression,
+                                        "--dense-times": args.dense_times})
     if isinstance(video, str) and os.path.isfile(video) and \
             os.path.splitext(video)[1].lower() not in IMAGE_EXTENSIONS:
         open_video(video, args.max_num_frames, args.sample_fps, args.max_sample_fps)  # reads the header only
     if not args.chunk_prefill:
-        return None
+        return None, None
     d = CHUNK_DEFAULTS
-    config = {"chunk_prefill_mode": args.chunk_prefill,
-              "chunk_size": d.chunk_size if args.chunk_size is None else args.chunk_size,
-              "step_size": d.step_size if args.step_size is None else args.step_size, "offload": args.offload,
-              "chunk_size_for_vision_tower": d.chunk_size_for_vision_tower if args.vision_chunk is None
-              else args.vision_chunk}
-    PrefillConfig.from_dict(config)
-    return config
+    prefill = {"chunk_prefill_mode": args.chunk_prefill,
+               "chunk_size": d.chunk_size if args.chunk_size is None else args.chunk_size,
+               "step_size": d.step_size if args.step_size is None else args.step_size, "offload": args.offload,
+               "chunk_size_for_vision_tower": d.chunk_size_for_vision_tower if args.vision_chunk is None
+               else args.vision_chunk}
+    PrefillConfig.from_dict(prefill)
+    if not args.sparse:
+        return prefill, None
+    sparse = {"budget": SPARSE_DEFAULTS.budget if args.sparse_budget is None else args.sparse_budget,
+              "compression": SPARSE_DEFAULTS.compression if args.sparse_compression is None
+              else args.sparse_compression, "dense_times": args.dense_times}
+    SparseConfig.from_dict(dict(sparse))
+    return prefill, sparse
+
+
+def only_with(needed: str, present, options: dict) -> None:
+    """Options that only mean something with another one are an error without it, not silently ignored."""
+    given = [flag for flag, value in options.items() if value is not None]
+    if given and not present:
+        many = len(given) > 1
+        raise VideoXLError(f"{', '.join(given)} only appl{'y' if many else 'ies'} with {needed}: add it, or drop "
+                           f"{'them' if many else 'it'}")
 
 
 def cmd_inspect(args) -> int:

@@ -71,6 +71,7 @@ class VideoXLConfig:
     enable_chunk_prefill: bool = False
     prefill_config: dict | None = None
     enable_sparse: bool = False
+    sparse_config: dict | None = None  # bi-level decoding settings (decoding/sparse_config.py)
     random_weights: bool = False  # written by `videoxl make-tiny` (key `videoxl_random_weights`): say so to users
 
     @property

@@ -89,6 +89,10 @@ def report(s: dict, device_type: str = "cuda") -> str:
         for key, name in (("vision_s", "frame decoding + vision"), ("prefill_s", "prefill")):
             if key in s:
                 parts.append(f"{name} {s[key]:.2f}s")
+    if "dense_blocks" in s:
+        spans = ", ".join(f"{a:g}-{b:g}s" for a, b in s["dense_blocks"])
+        parts.append(f"bi-level: {len(s['dense_blocks'])} of {s['blocks']} blocks dense ({spans}), "
+                     f"{100 * s['kept_share']:.0f}% of the video's KVs kept")
     if s.get("ttft_s") is not None:
         parts.append(f"first token {s['ttft_s']:.2f}s")
     elif "first_text_s" in s:

@@ -22,6 +22,8 @@ from .config import FRAMES_PER_GROUP, VideoXLConfig
 from .decoder import Qwen2Decoder
 from .errors import VideoXLError
 from .decoding import decode_step, generate_tokens
+from .decoding.bilevel import bilevel_question
+from .decoding.sparse_config import SparseConfig
 from .generate import Detokenizer, GenerationConfig
 from .inputs import answer_stats, check_history, check_request, frame_stats, history_messages, memory_errors
 from .kv_store import KVStore
@@ -133,7 +135,7 @@ class VideoXL(nn.Module):
         """`chat`, yielding the answer's text as it is generated."""
         r = check_request(self.config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
                           max_sample_fps, generation_config)
-        chunking, before, self._t_question = self._check_runtime_settings(), self._prefix, time.perf_counter()
+        (chunking, sparse), before, self._t_question = self._check_runtime_settings(), self._prefix, time.perf_counter()
         with torch.inference_mode(), memory_errors(self.device, r.max_num_frames, chunking is not None):
             prefix = self._video_prefix(r.video, tokenizer, question, r.history, r.max_num_frames, r.sample_fps,
                                         r.max_sample_fps, chunking, show_progress)
@@ -142,19 +144,28 @@ class VideoXL(nn.Module):
             cache = prefix.cache
             cache.truncate(prompt.video_end)
             tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=self.device)
-            logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
             self.last_stats = answer_stats(prefix.stats, prefix is before, len(prompt))
+            if sparse is None:
+                logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
+            else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
+                cache, logits, info = bilevel_question(self.decoder, cache, tail, sparse, prompt.timestamps,
+                                                       chunking.groups_per_block, r.gen.max_new_tokens)
+                self.last_stats.update(info)
             yield from self._generate(logits, cache, tokenizer, r.gen, prompt.input_ids, show_progress)
 
     # ---- steps ------------------------------------------------------------------------------------------------
-    def _check_runtime_settings(self) -> PrefillConfig | None:
-        """The card's runtime switches, validated: the chunk-prefill settings, or None for dense prefill."""
-        if self.config.enable_sparse:
-            raise VideoXLError("enable_sparse (bi-level KV decoding) is not available yet; set "
-                               "model.config.enable_sparse = False")
+    def _check_runtime_settings(self) -> tuple[PrefillConfig | None, SparseConfig | None]:
+        """The card's runtime switches, validated: chunk-prefill settings (None: dense prefill) and bi-level
+        decoding settings (None: dense decoding)."""
+        if not isinstance(self.config.enable_sparse, bool) or not isinstance(self.config.enable_chunk_prefill, bool):
+            raise VideoXLError("enable_sparse and enable_chunk_prefill must be True or False")
+        sparse = SparseConfig.from_dict(self.config.sparse_config) if self.config.enable_sparse else None
         if not self.config.enable_chunk_prefill:
-            return None
-        return PrefillConfig.from_dict(self.config.prefill_config)
+            if sparse is not None:
+                raise VideoXLError("enable_sparse (bi-level KV decoding) needs chunk prefill: set "
+                                   "model.config.enable_chunk_prefill = True (its blocks are what is kept dense)")
+            return None, None
+        return PrefillConfig.from_dict(self.config.prefill_config), sparse
 
     def _placeholder_id(self, tokenizer) -> int:
         pad = tokenizer.convert_tokens_to_ids(VISION_PAD)

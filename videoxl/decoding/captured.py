@@ -10,6 +10,7 @@ each one product over weights laid side by side, and attention splits the keys a
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,8 @@ class CapturedStep:
 
     def __init__(self, decoder: Qwen2Decoder, cache: KVStore):
         cfg = decoder.cfg
-        self.decoder, self.cache, self.cfg = decoder, cache, cfg
+        # a weak reference: the step is kept per store (decoding._captured) and must not keep the store alive
+        self.decoder, self.cache_ref, self.cfg = decoder, weakref.ref(cache), cfg
         self.buffers = [(k, v) for k, v in cache.decode_buffers()]
         self.weights = fuse_projections(decoder)
         dev = decoder.embed_tokens.weight.device
@@ -69,7 +71,7 @@ class CapturedStep:
         self.capture_s = None
 
     def valid_for(self, cache: KVStore) -> bool:
-        return cache is self.cache and all(
+        return cache is self.cache_ref() and all(
             k.data_ptr() == k2.data_ptr() for (k, _), (k2, _) in zip(self.buffers, cache.decode_buffers()))
 
     def _body(self) -> torch.Tensor:
@@ -101,7 +103,7 @@ class CapturedStep:
         """Warm up (Triton compiles, cuBLAS picks its kernels) on a side stream, then capture. The warm-up
         writes a K/V at the current position, which the first real step overwrites."""
         t0 = time.perf_counter()
-        self.pos.fill_(self.cache.length)
+        self.pos.fill_(self.cache_ref().length)
         stream = torch.cuda.Stream(self.pos.device)
         stream.wait_stream(torch.cuda.current_stream(self.pos.device))
         with torch.cuda.stream(stream):
@@ -116,7 +118,7 @@ class CapturedStep:
 
     def start(self) -> None:
         """The next step writes at the store's current length."""
-        self.pos.fill_(self.cache.length)
+        self.pos.fill_(self.cache_ref().length)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token.view(1))
@@ -125,4 +127,5 @@ class CapturedStep:
         return self.logits
 
     def finish(self, written: int) -> None:
-        self.cache.set_length(self.cache.length + written)
+        cache = self.cache_ref()
+        cache.set_length(cache.length + written)
