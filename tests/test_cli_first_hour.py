@@ -154,7 +154,7 @@ def test_out_of_memory_exit_code(tiny_dir, clip_path, capsys, monkeypatch):
     monkeypatch.setattr(Qwen2Decoder, "forward", boom)
     assert main(["chat", clip_path, "q", "--model", tiny_dir, *FAST]) == 3
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: out of CPU memory while answering; try fewer frames (max_num_frames, now 150)")
+    assert last.startswith("error: out of GPU memory while answering; try fewer frames (max_num_frames, now 150)")
 
 
 def test_version(capsys):

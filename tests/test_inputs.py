@@ -117,13 +117,13 @@ def test_long_question_refused_before_any_frame(tiny, clip_path, monkeypatch):
         model.chat(clip_path, tokenizer, question, generation_config=GREEDY)
 
 
-@pytest.mark.parametrize("error", [
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
-                 "allocate 42949672960 bytes. Error code 12 (Cannot allocate memory)"),
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB"),
-    MemoryError(),
+@pytest.mark.parametrize("error, where", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 42949672960 bytes. Error code 12 (Cannot allocate memory)"), "CPU"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB"), "GPU"),
+    (MemoryError(), "CPU"),
 ])
-def test_out_of_memory_anywhere_is_one_line(tiny, clip_path, monkeypatch, error):
+def test_out_of_memory_anywhere_is_one_line(tiny, clip_path, monkeypatch, error, where):
     model, tokenizer = tiny
     model._prefix = None
 
@@ -132,7 +132,7 @@ def test_out_of_memory_anywhere_is_one_line(tiny, clip_path, monkeypatch, error)
     monkeypatch.setattr(model.decoder, "forward", boom)
     with pytest.raises(VideoXLMemoryError) as e:
         ask(model, tokenizer, clip_path, max_num_frames=16)
-    assert str(e.value) == ("out of CPU memory while answering; try fewer frames (max_num_frames, now 16), or "
+    assert str(e.value) == (f"out of {where} memory while answering; try fewer frames (max_num_frames, now 16), or "
                             "chunk prefill 'streaming' with offload (CLI: --chunk-prefill streaming --offload), "
                             "or a smaller vision batch (chunk_size_for_vision_tower / --vision-chunk, e.g. 8), or "
                             "a shorter question")

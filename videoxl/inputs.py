@@ -225,7 +225,8 @@ def memory_errors(device: torch.device, max_num_frames, chunked: bool):
             raise
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        where = "GPU" if device.type == "cuda" else "CPU"
+        # the exception tells which memory ran out: with offload, a GPU run can run out of (pinned) host memory
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e) else "CPU"
         fix = [f"fewer frames (max_num_frames, now {max_num_frames})"]
         if not chunked:
             fix.append("chunk prefill 'streaming' with offload (CLI: --chunk-prefill streaming --offload)")
