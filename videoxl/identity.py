@@ -4,10 +4,20 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from .video import IMAGE_EXTENSIONS
+
+@dataclass(frozen=True)
+class VideoRef:
+    """A video named by a content id (`content_id(path)`, or a name its caller vouches for), with the file to
+    read if its KVs are not cached. `path=None`: answer only from the cache."""
+
+    id: str
+    path: str | tuple | None = None  # a tuple: still images, as frames
+
 
 _content_ids: dict[tuple, str] = {}
 _content_lock = threading.Lock()

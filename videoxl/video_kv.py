@@ -27,24 +27,17 @@ import torch
 from .chunking import BlockPlan, PrefillConfig
 from .config import FRAMES_PER_GROUP
 from .errors import VideoXLError
-from .identity import content_id, weights_digest
+from .identity import VideoRef, content_id, weights_digest
 from .kv_disk import KVDisk
+from .inputs import frame_stats
 from .kv_store import KVStore
+from .memory import check_fits
 from .prompt import VideoPrompt, build_prompt
 from .video import open_video
 
 BUILD_TIMES = ("vision_s", "prefill_s", "peak_gpu_gb")  # stats of a build that a cache hit does not repeat
 DEFAULT_FRAMES_PER_SLICE = 96  # vision tower batch when chunk prefill does not set one
 DECODE_ROOM = 512  # tokens of room after the prefix for the question and the first answer tokens
-
-
-@dataclass(frozen=True)
-class VideoRef:
-    """A video named by a content id (`content_id(path)`, or a name its caller vouches for), with the file to
-    read if its KVs are not cached. `path=None`: answer only from the cache."""
-
-    id: str
-    path: str | tuple | None = None  # a tuple: still images, as frames
 
 
 @dataclass(frozen=True)
@@ -148,6 +141,7 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
     groups = -(-len(stream.planned) // FRAMES_PER_GROUP)
     model.kv_cache.make_room(model.kv_cache.bytes_for(model, groups * (model.config.tokens_per_group + 16)))
     per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
+    check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice)
     visual = model.encode_stream(stream, per_slice, show_progress)
     timer.lap("vision_s")  # video decoding included: it runs alongside
     frames = len(stream.kept)
@@ -157,7 +151,8 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
     embeds = model.embed_prompt(prompt, visual, prompt.video_end)
     del visual
     store = model.decoder.new_cache(capacity=len(prompt) + DECODE_ROOM, offload=bool(chunking and chunking.offload))
-    stats = {"frames": frames, "groups": len(prompt.group_starts), "video_tokens": prompt.video_end}
+    stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
+             "video_tokens": prompt.video_end}
     stats.update(model.prefill(embeds, store, prompt, chunking, show_progress))
     timer.lap("prefill_s")
     stats.update(timer.report())

@@ -30,6 +30,7 @@ from ..kv_store import KVStore
 from .sparse_config import SparseConfig
 
 CAPACITY_BUCKET = 8192  # mixed stores grow in these steps, so the next question can reuse one
+QUESTION_ROOM = 512  # tokens a prepared mixed store keeps for the question (a longer one reallocates it)
 
 
 class SparseLevel:
@@ -118,7 +119,12 @@ def mixed_store(decoder: Qwen2Decoder, store: KVStore, level: SparseLevel | None
     else:
         capacity = -(-(at + extra) // CAPACITY_BUCKET) * CAPACITY_BUCKET
         mixed = KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, store.dtype, device, capacity)
-    spans = [(0, vs)] + [plan.blocks[b] for b in sorted(dense)]
+    spans = []
+    for s, e in [(0, vs)] + [plan.blocks[b] for b in sorted(dense)]:
+        if spans and spans[-1][1] == s:  # neighbouring dense blocks travel as one copy
+            spans[-1] = (spans[-1][0], e)
+        else:
+            spans.append((s, e))
     d_src, d_dst = (torch.from_numpy(np.concatenate(a)).to(device) for a in (dense_src, dense_dst))
     d_cos, d_sin = rope_cos_sin(d_dst - d_src, cfg.head_dim, cfg.rope_theta, torch.float32)
     if sparse_src:
@@ -162,10 +168,45 @@ class AttentionMass:
         return (p @ v.float()).reshape(b, heads, n, d).to(q.dtype)
 
 
+def _mixed_size(plan: BlockPlan, level: SparseLevel | None, dense: set[int]) -> int:
+    return plan.video_start + sum((e - s) if b in dense else (level.block_slots[b][1] - level.block_slots[b][0])
+                                  for b, (s, e) in enumerate(plan.blocks))
+
+
+def prepare_bilevel(decoder: Qwen2Decoder, store: KVStore, cfg: SparseConfig, max_new_tokens: int) -> float:
+    """What does not depend on the question, done once per video: the sparse level, a mixed store large enough
+    for the budget's biggest blocks, and (on CUDA) its captured decode step, so that a question pays only for
+    its relevance pass, its blocks' copies and its tokens. Returns the seconds it took (0: already done)."""
+    from . import decode_step
+
+    plan = store.plan
+    n_blocks = len(plan.blocks)
+    want = cfg.dense_count(n_blocks)
+    if store in _mixed and (want >= n_blocks or cfg.compression in _levels.get(store, {})):
+        return 0.0
+    t0 = time.perf_counter()
+    if want >= n_blocks:
+        size = plan.length
+    else:
+        level = sparse_level(decoder, store, cfg.compression)
+        growth = sorted(((e - s) - (level.block_slots[b][1] - level.block_slots[b][0])
+                         for b, (s, e) in enumerate(plan.blocks)), reverse=True)
+        size = _mixed_size(plan, level, set()) + sum(growth[:want])
+    _mixed.pop(store, None)
+    dc = decoder.cfg
+    capacity = -(-(size + QUESTION_ROOM + max_new_tokens + 1) // CAPACITY_BUCKET) * CAPACITY_BUCKET
+    mixed = KVStore(dc.num_hidden_layers, dc.num_key_value_heads, dc.head_dim, store.dtype,
+                    decoder.embed_tokens.weight.device, capacity)
+    _mixed[store] = mixed
+    decode_step(decoder, mixed, max_new_tokens)  # captures the graph now, on the store every question reuses
+    return time.perf_counter() - t0
+
+
 def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, cfg: SparseConfig,
                      timestamps: list[float], groups_per_block: int, max_new_tokens: int):
     """Forward the question's tokens `tail` [n] over the bi-level cache of `store` (a prefilled video: prefix
     and blocks only). Returns (mixed store, logits of the last position, stats)."""
+    prepare_s = prepare_bilevel(decoder, store, cfg, max_new_tokens)
     t0 = time.perf_counter()
     plan = store.plan
     n_blocks = len(plan.blocks)
@@ -176,30 +217,29 @@ def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, 
     embeds = decoder.embed_tokens(tail)[None]
     extra = len(tail) + max_new_tokens + 1
     scores, level = None, None
+    mixed = _mixed.pop(store, None)  # reused for the relevance pass, then for the answer's cache
     if want >= n_blocks:
         dense = set(range(n_blocks))
     else:
         level = sparse_level(decoder, store, cfg.compression)
-        probe, owner = mixed_store(decoder, store, level, forced, len(tail))
+        if mixed is not None and mixed.capacity < _mixed_size(plan, level, forced) + len(tail):
+            mixed = None  # freed before a larger one is made
+        mixed, owner = mixed_store(decoder, store, level, forced, len(tail), mixed)
         layers = decoder.cfg.num_hidden_layers
         mass = AttentionMass(owner, n_blocks, range(layers // 2, layers))
-        decoder(embeds, probe, mask=mass, logits_for="none")
-        del probe
+        decoder(embeds, mixed, mask=mass, logits_for="none")
         scores = mass.scores[:n_blocks].float().cpu()
         ranked = [b for b in scores.argsort(descending=True).tolist() if b not in forced]
         dense = forced | set(ranked[:want - len(forced)])
-    need = plan.video_start + extra + sum(
-        (e - s) if b in dense else (level.block_slots[b][1] - level.block_slots[b][0])
-        for b, (s, e) in enumerate(plan.blocks))
-    previous = _mixed.pop(store, None)  # one mixed store per video, freed before a larger one is made
-    if previous is not None and previous.capacity < need:
-        previous = None
-    mixed, _ = mixed_store(decoder, store, level, dense, extra, previous)
+    if mixed is not None and mixed.capacity < _mixed_size(plan, level, dense) + extra:
+        mixed = None
+    mixed, _ = mixed_store(decoder, store, level, dense, extra, mixed)
     _mixed[store] = mixed
     kept = mixed.length / plan.length
     logits = decoder(embeds, mixed)
     stats = {"dense_blocks": [list(times[b]) for b in sorted(dense)], "blocks": n_blocks,
-             "kept_share": round(kept, 4), "bilevel_s": round(time.perf_counter() - t0, 3)}
+             "kept_share": round(kept, 4), "bilevel_s": round(time.perf_counter() - t0, 3),
+             "bilevel_prepare_s": round(prepare_s, 3)}
     if scores is not None:
         stats["block_scores"] = [round(float(x), 4) for x in scores]
     return mixed, logits, stats

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from ..config import settings_from_dict
 from ..errors import VideoXLError
 
 
@@ -18,17 +19,7 @@ class SparseConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SparseConfig":
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise VideoXLError(f"sparse_config must be a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise VideoXLError(f"unknown sparse_config key(s) {unknown}; allowed: {sorted(known)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+        return settings_from_dict(cls, d, "sparse_config")
 
     def validate(self) -> None:
         b = self.budget

@@ -14,11 +14,12 @@ def optional_float(text: str):
     return None if text.lower() in ("none", "uniform") else float(text)
 
 
-def add_serve_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("serve", help="an OpenAI-compatible server (POST /v1/chat/completions with video_url)")
-    p.add_argument("--model", required=True, help="checkpoint folder")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (POST /v1/chat/completions with video_url)",
+                       formatter_class=formatter_class)
+    p.add_argument("--model", required=True, help="checkpoint folder (required: no default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
     p.add_argument("--devices", default=None,
                    help="one engine worker per device, comma-separated (default: every GPU, else cpu)")
@@ -38,16 +39,16 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     media.add_argument("--max-frames", type=int, default=2048, help="most frames a request may ask for")
     media.add_argument("--max-tokens", type=int, default=4096, help="most answer tokens a request may ask for")
     sampling = p.add_argument_group("defaults for requests that do not say")
-    sampling.add_argument("--max-num-frames", type=int, default=150)
-    sampling.add_argument("--sample-fps", type=optional_float, default=1.0)
-    sampling.add_argument("--max-sample-fps", type=optional_float, default=None)
-    sampling.add_argument("--default-max-tokens", type=int, default=256)
+    sampling.add_argument("--max-num-frames", type=int, default=150, help="most frames to sample")
+    sampling.add_argument("--sample-fps", type=optional_float, default=1.0, help="frames per second; 'none' = uniform")
+    sampling.add_argument("--max-sample-fps", type=optional_float, default=None, help="raise the rate up to this")
+    sampling.add_argument("--default-max-tokens", type=int, default=256, help="answer tokens when max_tokens is unset")
     chunk = p.add_argument_group("chunk-based prefill (as `videoxl chat`)")
-    chunk.add_argument("--chunk-prefill", choices=["streaming", "mask"], default=None)
-    chunk.add_argument("--chunk-size", type=int, default=4)
-    chunk.add_argument("--step-size", type=int, default=1)
-    chunk.add_argument("--offload", action="store_true")
-    chunk.add_argument("--vision-chunk", type=int, default=24)
+    chunk.add_argument("--chunk-prefill", choices=["streaming", "mask"], default=None, help="chunk prefill mode")
+    chunk.add_argument("--chunk-size", type=int, default=4, help="attention window, in groups of 4 frames")
+    chunk.add_argument("--step-size", type=int, default=1, help="groups of 4 frames per block")
+    chunk.add_argument("--offload", action="store_true", help="keep the KVs in CPU memory")
+    chunk.add_argument("--vision-chunk", type=int, default=24, help="frames per vision-tower batch")
     return p
 
 
