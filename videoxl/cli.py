@@ -137,6 +137,8 @@ def report(s: dict) -> str:
     if "blocks" in s:
         parts.append(f"{s['blocks']} blocks, {100 * s['attended_share']:.1f}% of attention pairs computed"
                      + (", KVs offloaded" if s.get("offload") else ""))
+    if "decode_s" in s:
+        parts.append(f"{s['decoder']} decoded {s['source_frames_read']} source frames in {s['decode_s']:.2f}s")
     for key, name in (("vision_s", "decode + vision"), ("prefill_s", "prefill")):
         if key in s:
             parts.append(f"{name} {s[key]:.2f}s")

@@ -26,7 +26,7 @@ from .generate import Detokenizer, GenerationConfig, next_token
 from .kv_store import KVStore
 from .prefill import dense_prefill, mask_prefill, streaming_prefill
 from .prompt import VideoPrompt, build_prompt, normalise_history
-from .video import Clip, FrameStream, open_video
+from .video import Clip, FrameStream, SideStream, open_video
 from .vision import VisionEncoder
 
 VISION_PAD = "<|vision_pad|>"
@@ -193,18 +193,18 @@ class VideoXL(nn.Module):
         worker = threading.Thread(target=decode, name="videoxl-decode", daemon=True)
         worker.start()
         bar = progress(None, -(-len(stream.planned) // frames_per_slice), "vision", show_progress)
-        parts = []
+        parts, side = [], SideStream(self.device)
         try:
             while (item := batches.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                parts.extend(self.vision.encode(item, frames_per_slice))
+                parts.extend(side.run(lambda f: self.vision.encode(f, frames_per_slice), item))
                 if bar is not None:
                     bar.update(1)
         finally:
             stop.set()
             close(bar)
-        worker.join()
+        worker.join(), side.join()
         return torch.cat(parts, dim=0)
 
     def embed_prompt(self, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:
@@ -224,7 +224,7 @@ class VideoXL(nn.Module):
             return self._prefix
         self._prefix = None  # free the previous video's KVs before building new ones
         timer = StageTimer(self.device)
-        stream = open_video(video_path, max_num_frames, sample_fps, max_sample_fps)
+        stream = open_video(video_path, max_num_frames, sample_fps, max_sample_fps, device=self.device)
         per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
         visual = self.encode_stream(stream, per_slice, show_progress)
         timer.lap("vision_s")  # video decoding included: it runs alongside
@@ -235,7 +235,7 @@ class VideoXL(nn.Module):
         embeds = self.embed_prompt(prompt, visual, prompt.video_end)
         del visual
         store = self.decoder.new_cache(capacity=len(prompt) + 512, offload=bool(chunking and chunking.offload))
-        stats = {"frames": frames, "groups": len(prompt.group_starts), "video_tokens": prompt.video_end}
+        stats = {"frames": frames, "groups": len(prompt.group_starts), "video_tokens": prompt.video_end, **stream.stats}
         stats.update(self.prefill(embeds, store, prompt, chunking, show_progress))
         timer.lap("prefill_s")
         stats.update(timer.report())

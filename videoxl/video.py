@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import VideoXLError
+from .video_gpu import SideStream  # noqa: F401  (re-exported for the model)
 from .video_stream import IMAGE_SIZE, Clip, FrameStream, resize_frame  # noqa: F401  (re-exported)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}

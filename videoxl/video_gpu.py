@@ -4,8 +4,9 @@ turned into the model's 384x384 input there.
 The resize is PIL's bicubic resampling done exactly (the same fixed-point filter taps and rounding, as float64
 matrix products, which are exact for these integers), so a frame's resized pixels equal PIL's for the same
 RGB input. The RGB conversion (BT.601/709, limited or full range, chroma repeated over each 2x2 block as
-FFmpeg's unscaled converter does) is computed in float32 and rounded; it may differ from FFmpeg's fixed-point
-converter by a level or two, which tests/test_video_decode.py measures on the CPU with the same code.
+FFmpeg's unscaled converter does) is computed in float32 and rounded; it differs from FFmpeg's fixed-point
+converter by up to 3 levels (about 0.2 on average), which tests/test_video_decode.py measures on the CPU with
+the same code, and bench/video_decode.py on NVDEC frames against the CPU decoder's.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def pil_taps(in_size: int, out_size: int) -> np.ndarray:
         total = sum(w)
         for x, v in enumerate(w):
             v = v / total if total != 0.0 else v
-            taps[xx, xmin + x] = int(-0.5 + v * (1 << PRECISION_BITS)) if v < 0 else int(0.5 + v * (1 << PRECISION_BITS))
+            fixed = v * (1 << PRECISION_BITS)
+            taps[xx, xmin + x] = int(fixed - 0.5) if v < 0 else int(fixed + 0.5)  # C's truncating cast
     return taps
 
 
@@ -80,9 +82,11 @@ def yuv_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, colorspace: in
         yf, cscale = y.float(), 1.0
     else:
         yf, cscale = (y.float() - 16.0) * (255.0 / 219.0), 255.0 / 224.0
-    r = yf + cscale * 2.0 * (1.0 - kr) * v
-    b = yf + cscale * 2.0 * (1.0 - kb) * u
-    g = yf - cscale * 2.0 * (kb * (1.0 - kb) * u + kr * (1.0 - kr) * v) / kg
+    # FFmpeg's fixed-point converter lands about 1, 1.5 and 1 levels under the exact values (fitted on random
+    # planes: mean error 0.7 -> 0.2 levels with these offsets, at most 2)
+    r = yf + cscale * 2.0 * (1.0 - kr) * v - 1.0
+    b = yf + cscale * 2.0 * (1.0 - kb) * u - 1.0
+    g = yf - cscale * 2.0 * (kb * (1.0 - kb) * u + kr * (1.0 - kr) * v) / kg - 1.5
     return torch.stack([r, g, b], dim=-1).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -106,17 +110,51 @@ def nvdec_accel(device: torch.device):
     return HWAccel("cuda", device=str(index), allow_software_fallback=False, is_hw_owned=True), None
 
 
+def nv12_to_model_input(frame, turns: int) -> torch.Tensor:
+    """An NV12 frame (in GPU memory from NVDEC, or in CPU memory: the same code) -> uint8 [384, 384, 3] where
+    its planes are, through DLPack (no copy)."""
+    from torch.utils.dlpack import from_dlpack
+
+    h, w = frame.height, frame.width
+    y = from_dlpack(frame.planes[0].__dlpack__())  # the capsule itself: PyAV refuses a stream argument
+    uv = from_dlpack(frame.planes[1].__dlpack__())  # [h/2, w/2, 2]
+    return frame_to_model_input(y[:h, :w], uv[..., 0], uv[..., 1], frame.colorspace, frame.color_range == 2,
+                                turns)
+
+
 def nvdec_convert(rotation_turns, device: torch.device):
-    """A CUDA frame (NV12 in device memory) -> uint8 [384, 384, 3] on `device`."""
+    """A CUDA frame -> uint8 [384, 384, 3] on `device`.
+
+    FFmpeg maps the decoded surface on the legacy default stream, which is torch's default stream here, so
+    kernels queued after it see the finished picture. The surface goes back to the decoder when `frame` is
+    freed, so the conversion must be done by then: hence the wait at the end."""
     def convert(frame) -> torch.Tensor:
         if frame.format.name != "cuda":
             raise VideoXLError(f"NVDEC handed back a {frame.format.name} frame, not a CUDA one")
-        torch.cuda.synchronize(device)  # the decoder's copy into the frame runs on FFmpeg's own stream
-        y = torch.from_dlpack(frame.planes[0])
-        uv = torch.from_dlpack(frame.planes[1])
-        h, w = frame.height, frame.width
-        y, uv = y.reshape(y.shape[0], -1)[:h, :w], uv.reshape(uv.shape[0], -1)[: (h + 1) // 2, : 2 * ((w + 1) // 2)]
-        full = frame.color_range == 2
-        return frame_to_model_input(y, uv[:, 0::2], uv[:, 1::2], frame.colorspace, full,
-                                    rotation_turns(frame.rotation))
+        out = nv12_to_model_input(frame, rotation_turns(frame.rotation))
+        torch.cuda.current_stream(device).synchronize()
+        return out
     return convert
+
+
+class SideStream:
+    """The vision tower's own CUDA stream. NVDEC's pictures are mapped on the default stream and each one is
+    waited for there before its surface goes back to the decoder; with the tower's kernels queued on the same
+    stream, every such wait would also wait for the tower, and decoding would stall while it runs."""
+
+    def __init__(self, device: torch.device):
+        use = device.type == "cuda" and torch.cuda.is_available()
+        self.stream = torch.cuda.Stream(device) if use else None
+
+    def run(self, encode, frames) -> list:
+        if self.stream is None:
+            return list(encode(frames))
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the frames' conversion
+        if torch.is_tensor(frames) and frames.is_cuda:
+            frames.record_stream(self.stream)
+        with torch.cuda.stream(self.stream):
+            return list(encode(frames))
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
