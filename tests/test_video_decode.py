@@ -234,7 +234,7 @@ def test_bad_options(files):
 # The GPU path's pixel arithmetic, run on the CPU
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(1080, 1920), (720, 1280), (2160, 3840), (48, 64), (384, 384), (300, 200)])
+@pytest.mark.parametrize("shape", [(1080, 1920), (720, 1280), (48, 64), (384, 384), (300, 200)])
 def test_torch_resize_equals_pil(shape):
     rng = np.random.default_rng(sum(shape))
     ys, xs = np.mgrid[0:shape[0], 0:shape[1]]
