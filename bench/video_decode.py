@@ -92,18 +92,23 @@ def repeat(src, dst, copies, frames, fps=30):
                     out.mux(p)
 
 
-def make_files(work, hour):
+SIZES = {"1080p": (1920, 1080), "720p": (1280, 720), "4k": (3840, 2160)}
+
+
+def make_files(work, plan):
+    """plan: {name: (seconds encoded, [minutes of each file made by repeating it])}"""
     os.makedirs(work, exist_ok=True)
     files = {}
-    for name, (w, h) in {"1080p": (1920, 1080), "720p": (1280, 720)}.items():
-        chunk = os.path.join(work, f"{name}-60s.mp4")
+    for name, (seconds, lengths) in plan.items():
+        w, h = SIZES[name]
+        chunk = os.path.join(work, f"{name}-{seconds}s.mp4")
         t = time.perf_counter()
-        n = encode_chunk(chunk, w, h)
-        log(f"encoded {name} 60 s ({n} frames) in {time.perf_counter() - t:.1f}s, "
-            f"{os.path.getsize(chunk) * 8 / 60 / 1e6:.1f} Mbit/s")
-        for minutes in (2, 10) + ((60,) if hour and name == "1080p" else ()):
+        n = encode_chunk(chunk, w, h, seconds)
+        log(f"encoded {name} {seconds} s ({n} frames) in {time.perf_counter() - t:.1f}s, "
+            f"{os.path.getsize(chunk) * 8 / seconds / 1e6:.1f} Mbit/s")
+        for minutes in lengths:
             path = os.path.join(work, f"{name}-{minutes}min.mp4")
-            repeat(chunk, path, minutes, n)
+            repeat(chunk, path, round(minutes * 60 / seconds), n)
             files[f"{name}-{minutes}min"] = path
         log(f"{name}: files {sorted(k for k in files if k.startswith(name))}")
     return files
@@ -209,7 +214,51 @@ def nvdec_vs_cpu(path):
     log(f"NVDEC vs CPU pixels (64 frames): {RESULTS['nvdec_vs_cpu']}")
 
 
-def ttft(path, device="cuda", tiny=False):
+def nvdec_codecs(work):
+    """HEVC and VP9 (encoders at hand in PyAV's FFmpeg) through NVDEC vs the CPU decoder."""
+    import av
+    import av.filter
+
+    out = {}
+    for codec, ext, opts in (("libx265", "mp4", {"preset": "ultrafast", "x265-params": "log-level=error"}),
+                             ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8"})):
+        path = os.path.join(work, f"{codec}.{ext}")
+        g = av.filter.Graph()
+        src = g.add("testsrc2", "size=640x360:rate=30:duration=2")
+        fmt = g.add("format", "yuv420p")
+        src.link_to(fmt)
+        fmt.link_to(g.add("buffersink"))
+        g.configure()
+        tb = Fraction(1, 30)
+        with av.open(path, "w") as o:
+            st = o.add_stream(codec, rate=30)
+            st.width, st.height, st.pix_fmt, st.time_base, st.options = 640, 360, "yuv420p", tb, opts
+            n = 0
+            while True:
+                try:
+                    f = g.pull()
+                except (av.error.EOFError, av.error.BlockingIOError):
+                    break
+                f.pts, f.time_base, f.pict_type, n = n, tb, 0, n + 1
+                for p in st.encode(f):
+                    o.mux(p)
+            for p in st.encode(None):
+                o.mux(p)
+        try:
+            cpu = load_video(path, 16, None, decoder="pyav")
+            stream = open_video(path, 16, None, device="cuda")
+            gpu = np.concatenate([b.cpu().numpy() if hasattr(b, "cpu") else b for b in stream.batches(16)])
+            d = np.abs(cpu.frames.astype(int) - gpu.astype(int))
+            out[codec] = dict(decoder=stream.stats["decoder"], same_indices=cpu.indices == stream.kept,
+                              max_abs=int(d.max()), mean_abs=round(float(d.mean()), 3),
+                              nvdec_unavailable=stream.stats.get("nvdec_unavailable"))
+        except Exception as e:  # noqa: BLE001
+            out[codec] = f"FAILED {type(e).__name__}: {e}"[:300]
+        log(f"{codec}: {out[codec]}")
+    RESULTS["nvdec_codecs"] = out
+
+
+def ttft(path, device="cuda", tiny=False, workers=None, cpu_too=True):
     import torch
 
     import videoxl.model as model_module
@@ -241,12 +290,15 @@ def ttft(path, device="cuda", tiny=False):
         model_module.open_video = lambda *a, **k: FrameStream.from_clip(clip)
         pre, pre_stats = one(path, m, fps)
         model_module.open_video = original
+        model_module.open_video = lambda *a, **k: original(*a, **k, **({"workers": workers} if workers else {}))
         nv, nv_stats = one(path, m, fps)
-        model_module.open_video = lambda *a, **k: original(*a, **{**k, "decoder": "pyav", "device": None})
-        cpu, cpu_stats = one(path, m, fps)
+        cpu, cpu_stats = None, {}
+        if cpu_too:
+            model_module.open_video = lambda *a, **k: original(*a, **{**k, "decoder": "pyav", "device": None})
+            cpu, cpu_stats = one(path, m, fps)
         model_module.open_video = original
         out[sampling] = dict(frames=len(frames), predecoded_s=pre, file_auto_s=nv, file_cpu_s=cpu,
-                             ratio_auto=round(nv / pre, 2), ratio_cpu=round(cpu / pre, 2),
+                             ratio_auto=round(nv / pre, 2), ratio_cpu=round(cpu / pre, 2) if cpu else None,
                              auto_stats=nv_stats, cpu_stats=cpu_stats, predecoded_stats=pre_stats)
         log(f"TTFT {sampling}: pre-decoded {pre}s, file (auto: {nv_stats.get('decoder')}) {nv}s, file (cpu) {cpu}s")
     RESULTS["ttft"] = out
@@ -259,6 +311,7 @@ def main():
     ap.add_argument("--hour", action="store_true")
     ap.add_argument("--ttft", action="store_true")
     ap.add_argument("--skip-table", action="store_true")
+    ap.add_argument("--nvdec-sweep", action="store_true", help="NVDEC sessions 4/8/12 on 1080p, 4K, HEVC/VP9")
     args = ap.parse_args()
     import av
     import torch
@@ -275,10 +328,15 @@ def main():
     RESULTS["env"]["libnvcuvid"] = subprocess.run("ldconfig -p | grep -c nvcuvid", shell=True,
                                                   capture_output=True, text=True).stdout.strip()
     log(f"env {RESULTS['env']}")
-    files = make_files(args.work, args.hour)
+    plan = {"1080p": (60, [10] + ([60] if args.hour else []))}
+    if not args.skip_table:
+        plan = {"1080p": (60, [2, 10] + ([60] if args.hour else [])), "720p": (60, [2, 10])}
+    if args.nvdec_sweep:
+        plan["4k"] = (10, [2])
+    files = make_files(args.work, plan)
     RESULTS["files"] = {k: dict(path=v, bytes=os.path.getsize(v)) for k, v in files.items()}
     save(args.out)
-    if cuda:
+    if cuda and not args.skip_table:
         try:
             nvdec_vs_cpu(files["1080p-2min"])
         except Exception as e:  # noqa: BLE001
@@ -288,17 +346,33 @@ def main():
     if not args.skip_table:
         decode_table(files, cuda)
         save(args.out)
+    cores, best = os.cpu_count(), None
+    if args.nvdec_sweep and cuda:
+        nvdec_codecs(args.work)
+        path, times = files["1080p-10min"], {}
+        for n in (4, 8, 12):
+            row = timed_row("1080p-10min", path, "1fps", f"nvdec-w{n}",
+                            new_path(path, 2048, 1, decoder="nvdec", device="cuda", workers=n))
+            times[n] = row["wall_s"] if row else 1e9
+        best = min(times, key=times.get)
+        RESULTS["nvdec_best_workers"] = best
+        k4 = files["4k-2min"]
+        timed_row("4k-2min", k4, "1fps", f"pyav-w{cores}", new_path(k4, 2048, 1, decoder="pyav", workers=cores))
+        timed_row("4k-2min", k4, "1fps", f"nvdec-w{best}", new_path(k4, 2048, 1, decoder="nvdec", device="cuda",
+                                                                    workers=best))
+        save(args.out)
     if args.hour:
         path = files["1080p-60min"]
-        cores = os.cpu_count()
-        timed_row("1080p-60min", path, "1fps", f"pyav-w{cores}", new_path(path, 2048, 1, decoder="pyav", workers=cores))
+        if not args.nvdec_sweep:
+            timed_row("1080p-60min", path, "1fps", f"pyav-w{cores}",
+                      new_path(path, 2048, 1, decoder="pyav", workers=cores))
         if cuda:
-            for n in (4,):
-                timed_row("1080p-60min", path, "1fps", f"nvdec-w{n}", new_path(path, 2048, 1, decoder="nvdec",
-                                                                              device="cuda", workers=n))
+            n = best or 4
+            timed_row("1080p-60min", path, "1fps", f"nvdec-w{n}", new_path(path, 2048, 1, decoder="nvdec",
+                                                                          device="cuda", workers=n))
         save(args.out)
     if args.ttft and cuda:
-        ttft(files["1080p-10min"])
+        ttft(files["1080p-10min"], workers=best, cpu_too=not args.nvdec_sweep)
         save(args.out)
     log("done")
 
