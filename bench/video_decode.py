@@ -171,8 +171,9 @@ def new_path(path, max_num_frames, sample_fps, **options):
             import torch
             torch.cuda.synchronize()
         s = stream.stats
-        keep = {k: s[k] for k in ("decoder", "workers", "source_frames_read", "decode_s", "scan_s", "seeks",
-                                  "approx_max_error_s", "nvdec_unavailable") if k in s}
+        keep = {k[6:]: s[k] for k in ("video_decoder", "video_workers", "video_frames_read", "video_decode_s",
+                                      "video_scan_s", "video_seeks", "video_approx_max_error_s",
+                                      "video_nvdec_unavailable") if k in s}
         return n, stream.kept[-1] + 1, keep
     return run
 
@@ -249,9 +250,9 @@ def nvdec_codecs(work):
             stream = open_video(path, 16, None, device="cuda")
             gpu = np.concatenate([b.cpu().numpy() if hasattr(b, "cpu") else b for b in stream.batches(16)])
             d = np.abs(cpu.frames.astype(int) - gpu.astype(int))
-            out[codec] = dict(decoder=stream.stats["decoder"], same_indices=cpu.indices == stream.kept,
+            out[codec] = dict(decoder=stream.stats["video_decoder"], same_indices=cpu.indices == stream.kept,
                               max_abs=int(d.max()), mean_abs=round(float(d.mean()), 3),
-                              nvdec_unavailable=stream.stats.get("nvdec_unavailable"))
+                              nvdec_unavailable=stream.stats.get("video_nvdec_unavailable"))
         except Exception as e:  # noqa: BLE001
             out[codec] = f"FAILED {type(e).__name__}: {e}"[:300]
         log(f"{codec}: {out[codec]}")
@@ -300,7 +301,7 @@ def ttft(path, device="cuda", tiny=False, workers=None, cpu_too=True):
         out[sampling] = dict(frames=len(frames), predecoded_s=pre, file_auto_s=nv, file_cpu_s=cpu,
                              ratio_auto=round(nv / pre, 2), ratio_cpu=round(cpu / pre, 2) if cpu else None,
                              auto_stats=nv_stats, cpu_stats=cpu_stats, predecoded_stats=pre_stats)
-        log(f"TTFT {sampling}: pre-decoded {pre}s, file (auto: {nv_stats.get('decoder')}) {nv}s, file (cpu) {cpu}s")
+        log(f"TTFT {sampling}: pre-decoded {pre}s, file (auto: {nv_stats.get('video_decoder')}) {nv}s, file (cpu) {cpu}s")
     RESULTS["ttft"] = out
 
 

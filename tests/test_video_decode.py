@@ -111,17 +111,17 @@ def test_sparse_sampling_reads_fewer_frames(files):
     stream = open_video(files["x264-gop30"], max_num_frames=4, sample_fps=None, workers=2)
     list(stream.batches(8))
     s = stream.stats
-    assert s["decoder"] == "pyav" and s["workers"] == 2 and s["source_frames_total"] == 600
+    assert s["video_decoder"] == "pyav" and s["video_workers"] == 2 and s["video_frames_total"] == 600
     # 4 frames in 4 of 20 GOPs: at most 4 GOPs' worth of packets, fewer since unreferenced B-frames are skipped
-    assert 4 <= s["source_frames_read"] < 4 * 30
-    assert s["decode_s"] > 0 and s["frames_missing"] == 0 and s["mode"] == "exact"
+    assert 4 <= s["video_frames_read"] < 4 * 30
+    assert s["video_decode_s"] > 0 and s["video_frames_missing"] == 0 and s["video_mode"] == "exact"
 
 
 def test_disposable_frames_skipped_on_long_gop(files):
     stream = open_video(files["x264"], max_num_frames=150, sample_fps=1, workers=1)
     list(stream.batches(8))
     # frames 0..570 are needed; the unreferenced B-frames among 600 are left undecoded
-    assert stream.stats["source_frames_read"] < 500
+    assert stream.stats["video_frames_read"] < 500
 
 
 def test_keyframes_mode(files):
@@ -134,7 +134,7 @@ def test_keyframes_mode(files):
     np.testing.assert_array_equal(clip.frames, expected(full, clip.indices))
     stream = open_video(files["x264-gop30"], max_num_frames=10, sample_fps=None, mode="keyframes")
     list(stream.batches(16))
-    assert stream.stats["approx_max_error_s"] == pytest.approx(29 / 30, abs=1e-3)  # 599 -> 570
+    assert stream.stats["video_approx_max_error_s"] == pytest.approx(29 / 30, abs=1e-3)  # 599 -> 570
 
 
 def test_variable_frame_rate(tmp_path):
@@ -150,7 +150,7 @@ def test_variable_frame_rate(tmp_path):
     assert stream.kept == list(range(0, 60, step))
     np.testing.assert_array_equal(frames, expected(full, stream.kept))
     # timestamps are the frames' real times (the reference would print number / average rate)
-    assert stream.stats["vfr"] is True
+    assert stream.stats["video_vfr"] is True
     assert stream.timestamps == [round(pts[k] / 1000, 1) for k in stream.kept]
     assert stream.timestamps != [round(k / fps, 1) for k in stream.kept]
 
@@ -210,8 +210,8 @@ def test_corrupt_middle_is_an_error_or_a_reported_skip(files, workers):
     stream = open_video(path, max_num_frames=60, sample_fps=None, workers=workers, on_damage="skip")
     frames = np.concatenate(list(stream.batches(16)))
     planned = sample_frame_indices(600, 30.0, 60, None)
-    assert stream.stats["frames_skipped"] > 0
-    assert len(stream.kept) == len(planned) - stream.stats["frames_skipped"]
+    assert stream.stats["video_frames_skipped"] > 0
+    assert len(stream.kept) == len(planned) - stream.stats["video_frames_skipped"]
     assert all(not 300 <= k < 330 for k in stream.kept) and stream.kept[-1] == 599
     # never a wrong frame: everything returned is the clean file's frame
     np.testing.assert_array_equal(frames, expected(clean, stream.kept))

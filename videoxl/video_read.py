@@ -66,13 +66,13 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
     wanted = [k for k in sampler(info.total, info.fps) if k < len(info.index)]
     if not wanted:
         raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
-    stats = {"decoder": "pyav", "source_frames_total": len(info.index), "scan_s": round(info.scan_s, 3),
-             "vfr": info.index.is_vfr()}
+    stats = {"video_decoder": "pyav", "video_frames_total": len(info.index), "video_scan_s": round(info.scan_s, 3),
+             "video_vfr": info.index.is_vfr()}
     frames_after = [k for k in sampler(info.total, info.fps) if k >= len(info.index)]
     if mode == "keyframes":
         jobs, sub, worst = keyframe_jobs(info, wanted)
         wanted = sorted(set(sub.values()))
-        stats["approx_max_error_s"] = round(worst, 3)
+        stats["video_approx_max_error_s"] = round(worst, 3)
     else:
         jobs = plan(info.index, wanted)
 
@@ -85,9 +85,9 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
             import torch
 
             from .video_gpu import nvdec_convert
-            convert, stack, stats["decoder"] = nvdec_convert(rotation_turns, torch.device(device)), torch.stack, "nvdec"
+            convert, stack, stats["video_decoder"] = nvdec_convert(rotation_turns, torch.device(device)), torch.stack, "nvdec"
         elif why:
-            stats["nvdec_unavailable"] = why
+            stats["video_nvdec_unavailable"] = why
     cores = os.cpu_count() or 1
     if workers is None:
         workers = min(cores, 16) if accel is None else 4
@@ -97,7 +97,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
         convert = cpu_convert(rotation_turns)
     opener = (lambda: av.open(path, hwaccel=accel)) if accel is not None else (lambda: av.open(path))
     reader = JobReader(info, parts, convert, opener, threads, stack, on_damage)
-    stats.update(workers=len(parts), threads_per_decoder=threads, mode=mode)
+    stats.update(video_workers=len(parts), video_threads_per_decoder=threads, video_mode=mode)
 
     def read(size):
         t0, given = time.perf_counter(), 0
@@ -109,12 +109,12 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
                 raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
         finally:
             fed = sum(r.packets_fed for r in reader.reports)
-            stats.update(decode_s=round(time.perf_counter() - t0 + info.scan_s, 3), source_frames_read=fed,
-                         seeks=sum(r.seeks for r in reader.reports),
-                         frames_missing=len(reader.missing) + len(frames_after),
-                         frames_skipped=len(reader.skipped))
+            stats.update(video_decode_s=round(time.perf_counter() - t0 + info.scan_s, 3), video_frames_read=fed,
+                         video_seeks=sum(r.seeks for r in reader.reports),
+                         video_frames_missing=len(reader.missing) + len(frames_after),
+                         video_frames_skipped=len(reader.skipped))
 
-    seconds = info.seconds if stats["vfr"] else None
+    seconds = info.seconds if stats["video_vfr"] else None
     return FrameStream(path, wanted, info.fps, info.total, read, stats=stats, seconds=seconds)
 
 
@@ -168,4 +168,4 @@ def _open_decord(path, sampler) -> FrameStream:
             part = indices[s:s + size]
             yield part, np.stack([resize_frame(f) for f in vr.get_batch(part).asnumpy()])
 
-    return FrameStream(path, indices, fps, len(vr), read, stats={"decoder": "decord"})
+    return FrameStream(path, indices, fps, len(vr), read, stats={"video_decoder": "decord"})
