@@ -272,3 +272,16 @@ def test_nv12_frame_path_on_cpu_frames(files):
     ref = resize_frame(frame.to_ndarray(format="rgb24"))
     diff = np.abs(ours.astype(int) - ref)
     assert ours.shape == (384, 384, 3) and diff.max() <= 3 and diff.mean() < 0.4
+
+
+def test_raw_h264_without_timestamps_decoded_in_order(tmp_path, files):
+    """An Annex B elementary stream has no packet timestamps: frames are counted in one sequential decode."""
+    raw = write(tmp_path / "raw.h264", frames=90, options={"x264-params": "keyint=30:scenecut=0"})
+    with av.open(raw) as c:
+        assert all(p.pts is None for p in c.demux(video=0) if p.size)  # what the test is about
+    full = sequential(raw)
+    stream = open_video(raw, max_num_frames=6, sample_fps=None)
+    frames = np.concatenate(list(stream.batches(4)))
+    assert stream.stats["video_decoder"] == "pyav-sequential"
+    np.testing.assert_array_equal(frames, expected(full, stream.kept))
+    assert stream.kept == sample_frame_indices(len(full), stream.video_fps, 6, None)

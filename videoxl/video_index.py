@@ -127,7 +127,6 @@ def probe(container, path: str) -> Probe:
             disposable.append(length_size > 0 and not p.is_keyframe and nal_disposable(memoryview(p), length_size))
     except av.FFmpegError:
         pass  # a damaged tail: the packets before it are indexed, the decoders report what is missing
-    container.seek(0)
     if not pts:
         raise VideoXLError(f"video has no frames: {path}")
     index = PacketIndex.build(pts, dts, key, disposable) if usable and key[0] else None
