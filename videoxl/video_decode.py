@@ -11,7 +11,6 @@ damaged middle: an error, unless `on_damage="skip"`, which drops them and report
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -262,13 +261,3 @@ def cpu_convert(rotation_ok: Callable[[int], None]):
         return resize_frame(np.rot90(rgb, turns) if turns else rgb)
 
     return convert
-
-
-def timed(fn: Callable, box: list) -> Callable:
-    def run(*a, **k):
-        t = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            box[0] += time.perf_counter() - t
-    return run
