@@ -3,8 +3,8 @@
     model, tokenizer = videoxl.load("/path/to/Video-XL-2")
     print(model.chat("video.mp4", tokenizer, "What happens?", max_num_frames=150, sample_fps=1))
 """
-from .errors import VideoXLError
+from .errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
 from .loader import load
 
-__all__ = ["load", "VideoXLError"]
+__all__ = ["load", "VideoXLError", "VideoXLMemoryError", "VideoXLWarning"]
 __version__ = "0.1.0"

@@ -62,8 +62,9 @@ class Probe:
     total: int  # frame count from the header (what the reference samples from), else the packet count
     time_base: Fraction
     start_pts: int
-    index: PacketIndex | None  # None: packets without usable pts, decode by counting frames instead
+    index: PacketIndex | None  # None: packets without usable pts (decode by counting frames), or not scanned
     scan_s: float = 0.0
+    scanned: bool = True
 
     def seconds(self, k: int) -> float:
         """Real presentation time of frame k (variable-rate files), from the first frame."""
@@ -97,8 +98,9 @@ def nal_disposable(data: memoryview, length_size: int) -> bool:
     return slices > 0
 
 
-def probe(container, path: str) -> Probe:
-    """Read the packet index of the first video stream (raises VideoXLError on unreadable input)."""
+def probe(container, path: str, header_only: bool = False) -> Probe:
+    """Read the packet index of the first video stream (raises VideoXLError on unreadable input). With
+    `header_only`, stop at the header when it records a frame count (the index is then None, `scanned` False)."""
     import time
 
     import av
@@ -114,6 +116,9 @@ def probe(container, path: str) -> Probe:
     extradata = stream.codec_context.extradata or b""
     length_size = (extradata[4] & 3) + 1 if stream.codec_context.name == "h264" and extradata[:1] == b"\x01" \
         else 0  # 0: Annex B or another codec, decode every frame
+    if header_only and stream.frames > 0:
+        return Probe(path, stream.codec_context.name, stream.codec_context.width, stream.codec_context.height, fps,
+                     stream.frames, stream.time_base, 0, None, 0.0, scanned=False)
     pts, dts, key, disposable, usable = [], [], [], [], True
     try:
         for p in container.demux(stream):

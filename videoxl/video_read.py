@@ -60,47 +60,57 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise VideoXLError(f"not a readable video: {path} ({_short(e)})") from None
     with container:
-        info = probe(container, path)
-    if info.index is None:  # no timestamps to find frames by (raw streams): count them in one decode
-        return _sequential(path, info, sampler(info.total, info.fps), mode, FrameStream)
-    wanted = [k for k in sampler(info.total, info.fps) if k < len(info.index)]
-    if not wanted:
-        raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
-    stats = {"video_decoder": "pyav", "video_frames_total": len(info.index), "video_scan_s": round(info.scan_s, 3),
-             "video_vfr": info.index.is_vfr()}
-    frames_after = [k for k in sampler(info.total, info.fps) if k >= len(info.index)]
-    if mode == "keyframes":
-        jobs, sub, worst = keyframe_jobs(info, wanted)
-        wanted = sorted(set(sub.values()))
-        stats["video_approx_max_error_s"] = round(worst, 3)
-    else:
-        jobs = plan(info.index, wanted)
-
-    accel, convert, stack = None, None, np.stack
+        header = probe(container, path, header_only=True)  # the packets are indexed when decoding starts
+    sampled = sampler(header.total, header.fps)
+    if mode != "exact" and header.scanned and header.index is None:
+        raise VideoXLError(f"mode {mode!r} needs packet timestamps, which this video lacks: {path}")
+    stats = {"video_decoder": "pyav", "video_mode": mode}
+    accel, convert, stack = None, cpu_convert(rotation_turns), np.stack
     if decoder in ("auto", "nvdec"):
-        accel, why = _nvdec(info, device)
+        accel, why = _nvdec(header, device)
         if accel is None and decoder == "nvdec":
             raise VideoXLError(f"decoder 'nvdec' is not available: {why}")
         if accel is not None:
             import torch
 
             from .video_gpu import nvdec_convert
-            convert, stack, stats["video_decoder"] = nvdec_convert(rotation_turns, torch.device(device)), torch.stack, "nvdec"
+            convert, stack = nvdec_convert(rotation_turns, torch.device(device)), torch.stack
+            stats["video_decoder"] = "nvdec"
         elif why:
             stats["video_nvdec_unavailable"] = why
     cores = os.cpu_count() or 1
     if workers is None:
         workers = min(cores, 16) if accel is None else 8  # NVDEC: 8 sessions measured best on an H100
-    parts = split(jobs, workers, info.index)
-    threads = 1 if accel is not None else max(1, cores // len(parts))
-    if convert is None:
-        convert = cpu_convert(rotation_turns)
     opener = (lambda: av.open(path, hwaccel=accel)) if accel is not None else (lambda: av.open(path))
-    reader = JobReader(info, parts, convert, opener, threads, stack, on_damage)
-    stats.update(video_workers=len(parts), video_threads_per_decoder=threads, video_mode=mode)
 
     def read(size):
         t0, given = time.perf_counter(), 0
+        if header.scanned:
+            info = header
+        else:
+            with av.open(path) as c:
+                info = probe(c, path)
+        if info.index is None:  # no timestamps to find frames by (raw streams): count them in one decode
+            if mode != "exact":
+                raise VideoXLError(f"mode {mode!r} needs packet timestamps, which this video lacks: {path}")
+            yield from _sequential(path, sampled, size, stats)
+            return
+        wanted = [k for k in sampled if k < len(info.index)]
+        if not wanted:
+            raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
+        vfr = info.index.is_vfr()
+        stats.update(video_frames_total=len(info.index), video_scan_s=round(info.scan_s, 3), video_vfr=vfr)
+        if vfr:
+            stream.seconds = info.seconds
+        if mode == "keyframes":
+            jobs, sub, worst = keyframe_jobs(info, wanted)
+            stats["video_approx_max_error_s"] = round(worst, 3)
+        else:
+            jobs = plan(info.index, wanted)
+        parts = split(jobs, workers, info.index)
+        threads = 1 if accel is not None else max(1, cores // len(parts))
+        reader = JobReader(info, parts, convert, opener, threads, stack, on_damage)
+        stats.update(video_workers=len(parts), video_threads_per_decoder=threads)
         try:
             for numbers, frames in reader.batches(size):
                 given += len(numbers)
@@ -109,13 +119,13 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
                 raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
         finally:
             fed = sum(r.packets_fed for r in reader.reports)
-            stats.update(video_decode_s=round(time.perf_counter() - t0 + info.scan_s, 3), video_frames_read=fed,
+            stats.update(video_decode_s=round(time.perf_counter() - t0, 3), video_frames_read=fed,
                          video_seeks=sum(r.seeks for r in reader.reports),
-                         video_frames_missing=len(reader.missing) + len(frames_after),
+                         video_frames_missing=len(reader.missing) + len(sampled) - len(wanted),
                          video_frames_skipped=len(reader.skipped))
 
-    seconds = info.seconds if stats["video_vfr"] else None
-    return FrameStream(path, wanted, info.fps, info.total, read, stats=stats, seconds=seconds)
+    stream = FrameStream(path, sampled, header.fps, header.total, read, stats=stats)
+    return stream
 
 
 def _nvdec(info, device):
@@ -171,36 +181,30 @@ def _open_decord(path, sampler) -> FrameStream:
     return FrameStream(path, indices, fps, len(vr), read, stats={"video_decoder": "decord"})
 
 
-def _sequential(path, info, wanted, mode, stream_type):
+def _sequential(path, wanted, size, stats):
     """Decode every frame in order and keep the n-th ones: frame numbers by definition, for files whose
     packets carry no timestamps (raw H.264 and the like), where nothing can be skipped."""
     import av
 
-    if mode != "exact":
-        raise VideoXLError(f"mode {mode!r} needs packet timestamps, which this video lacks: {path}")
-    stats = {"video_decoder": "pyav-sequential", "video_frames_total": info.total, "video_vfr": False}
+    stats.update(video_decoder="pyav-sequential", video_vfr=False)
     convert = cpu_convert(rotation_turns)
-
-    def read(size):
-        t0, keep, last, numbers, frames, n = time.perf_counter(), set(wanted), wanted[-1], [], [], -1
-        try:
-            with av.open(path) as c:
-                c.streams.video[0].thread_type = "AUTO"
-                for n, frame in enumerate(c.decode(video=0)):
-                    if n in keep:
-                        numbers.append(n)
-                        frames.append(convert(frame))
-                        if len(frames) == size:
-                            yield numbers, np.stack(frames)
-                            numbers, frames = [], []
-                    if n >= last:
-                        break
-        except av.FFmpegError as e:  # the frames before the damage were returned; the rest are missing
-            stats["video_error"] = _short(e)
-        if frames:
-            yield numbers, np.stack(frames)
-        stats.update(video_decode_s=round(time.perf_counter() - t0, 3), video_frames_read=n + 1)
-        if n < 0:
-            raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
-
-    return stream_type(path, list(wanted), info.fps, info.total, read, stats=stats)
+    t0, keep, last, numbers, frames, n = time.perf_counter(), set(wanted), wanted[-1], [], [], -1
+    try:
+        with av.open(path) as c:
+            c.streams.video[0].thread_type = "AUTO"
+            for n, frame in enumerate(c.decode(video=0)):
+                if n in keep:
+                    numbers.append(n)
+                    frames.append(convert(frame))
+                    if len(frames) == size:
+                        yield numbers, np.stack(frames)
+                        numbers, frames = [], []
+                if n >= last:
+                    break
+    except av.FFmpegError as e:  # the frames before the damage were returned; the rest are missing
+        stats["video_error"] = _short(e)
+    if frames:
+        yield numbers, np.stack(frames)
+    stats.update(video_decode_s=round(time.perf_counter() - t0, 3), video_frames_read=n + 1)
+    if n < 0:
+        raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
