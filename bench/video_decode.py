@@ -301,7 +301,8 @@ def ttft(path, device="cuda", tiny=False, workers=None, cpu_too=True):
         out[sampling] = dict(frames=len(frames), predecoded_s=pre, file_auto_s=nv, file_cpu_s=cpu,
                              ratio_auto=round(nv / pre, 2), ratio_cpu=round(cpu / pre, 2) if cpu else None,
                              auto_stats=nv_stats, cpu_stats=cpu_stats, predecoded_stats=pre_stats)
-        log(f"TTFT {sampling}: pre-decoded {pre}s, file (auto: {nv_stats.get('video_decoder')}) {nv}s, file (cpu) {cpu}s")
+        log(f"TTFT {sampling}: pre-decoded {pre}s, file (auto: {nv_stats.get('video_decoder')}) {nv}s, "
+            f"file (cpu) {cpu}s")
     RESULTS["ttft"] = out
 
 
