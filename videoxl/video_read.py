@@ -1,19 +1,22 @@
-"""Opening a video file for sampling: probe it, choose the decoder, return a FrameStream that decodes on read.
+"""Opening a video file for sampling: read its header, choose the decoder, return a FrameStream that indexes the
+packets and decodes when it is read.
 
 Decoders (`decoder=`):
   "auto"    NVDEC when the model's device is a CUDA GPU and PyAV's CUDA decoding works on this file, else "pyav".
   "pyav"    FFmpeg on the CPU: one decoder per worker thread over keyframe-aligned stretches (`workers`, default
-            one per core), only the packets sampling needs. Pixels equal a full sequential decode's.
-  "nvdec"   FFmpeg's NVDEC hardware decoding through PyAV; frames stay in GPU memory and reach the model as CUDA
+            one per core up to 16), only the packets sampling needs. Pixels equal a full sequential decode's.
+  "nvdec"   FFmpeg's NVDEC hardware decoding through PyAV (`workers` sessions, default 8, the best measured on an
+            H100); frames stay in GPU memory and reach the model as CUDA
             tensors. Decoded YUV equals the CPU decoder's; the RGB conversion may differ by a few levels (see
             video_gpu). Refused with a clear line when unavailable.
   "decord"  the reference's reader, if installed.
 Modes (`mode=`): "exact" (default) returns the sampled frames themselves; "keyframes" returns, for each sampled
 frame, the keyframe nearest in time (each distinct one once, at its own timestamp), decoding keyframes only; the
-largest distance in seconds is reported as `approx_max_error_s`.
+largest distance in seconds is reported as `video_approx_max_error_s`.
 Variable frame rate: frames are sampled by number as the reference does; their timestamps are their real times
 (the reference would print number / average rate). A rotation tag that is a multiple of 90 degrees is applied
-(frames turned upright, as players show them); any other angle is refused.
+(frames turned upright, as players show them); any other angle is refused. Packets without timestamps (raw
+H.264 streams): every frame is decoded in order and the n-th ones kept.
 """
 from __future__ import annotations
 
