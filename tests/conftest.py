@@ -29,7 +29,8 @@ def clip_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cut_video(tmp_path_factory):
-    """An mp4 whose header (written first: faststart) promises 40 frames at 10 fps, cut after 13 of them."""
+    """An mp4 whose header (written first: faststart) promises 40 frames at 10 fps, cut after 12 of them and 19
+    of the 210 bytes of the 13th: that frame decodes flagged corrupt (up to 255 levels off) and is not read."""
     from fractions import Fraction
 
     import av

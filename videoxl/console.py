@@ -86,6 +86,9 @@ def report(s: dict, device_type: str = "cuda") -> str:
             offloaded = s.get("offload") and device_type == "cuda"  # on a CPU there is nowhere to offload to
             parts.append(f"{s['blocks']} blocks, {100 * s['attended_share']:.1f}% of attention pairs computed"
                          + (", KVs offloaded to CPU memory" if offloaded else ""))
+        if "video_decode_s" in s:
+            parts.append(f"video: {s['video_decoder']} read {s['video_frames_read']} source frames in "
+                         f"{s['video_decode_s']:.2f}s")
         for key, name in (("vision_s", "frame decoding + vision"), ("prefill_s", "prefill")):
             if key in s:
                 parts.append(f"{name} {s[key]:.2f}s")

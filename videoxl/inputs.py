@@ -205,7 +205,7 @@ def answer_stats(prefix_stats: dict, cache_hit: bool, prompt_tokens: int) -> dic
     memory of the question that built them."""
     stats = dict(prefix_stats, prompt_tokens=prompt_tokens, cache_hit=cache_hit)
     if cache_hit:
-        for key in ("vision_s", "prefill_s", "peak_gpu_gb"):
+        for key in ("vision_s", "prefill_s", "peak_gpu_gb", "video_decode_s", "video_frames_read"):
             stats.pop(key, None)
     return stats
 

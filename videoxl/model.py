@@ -29,7 +29,7 @@ from .inputs import answer_stats, check_history, check_request, history_messages
 from .kv_store import KVStore
 from .prefill import dense_prefill, mask_prefill, streaming_prefill
 from .prompt import VideoPrompt, build_prompt
-from .video import Clip, FrameStream
+from .video import Clip, FrameStream, SideStream
 from .video_kv import DEFAULT_FRAMES_PER_SLICE, VideoKVCache, video_prefix
 from .vision import VisionEncoder
 
@@ -182,18 +182,18 @@ class VideoXL(nn.Module):
         worker = threading.Thread(target=decode, name="videoxl-decode", daemon=True)
         worker.start()
         bar = progress(None, -(-len(stream.planned) // frames_per_slice), "vision", show_progress)
-        parts = []
+        parts, side = [], SideStream(self.device)
         try:
             while (item := batches.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                parts.extend(self.vision.encode(item, frames_per_slice))
+                parts.extend(side.run(lambda f: self.vision.encode(f, frames_per_slice), item))
                 if bar is not None:
                     bar.update(1)
         finally:
             stop.set()
             close(bar)
-        worker.join()
+        worker.join(), side.join()
         return torch.cat(parts, dim=0)
 
     def embed_prompt(self, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:

@@ -137,7 +137,7 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
                  key) -> VideoKV:
     """Vision and prefill: frames -> visual tokens -> prompt -> the KVs of everything up to the question."""
     timer = StageTimer(model.device)
-    stream = open_video(video, *sampling)
+    stream = open_video(video, *sampling, device=model.device)  # a CUDA model lets "auto" pick NVDEC
     groups = -(-len(stream.planned) // FRAMES_PER_GROUP)
     model.kv_cache.make_room(model.kv_cache.bytes_for(model, groups * (model.config.tokens_per_group + 16)))
     per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
@@ -152,7 +152,7 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
     del visual
     store = model.decoder.new_cache(capacity=len(prompt) + DECODE_ROOM, offload=bool(chunking and chunking.offload))
     stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
-             "video_tokens": prompt.video_end}
+             "video_tokens": prompt.video_end, **stream.stats}
     stats.update(model.prefill(embeds, store, prompt, chunking, show_progress))
     timer.lap("prefill_s")
     stats.update(timer.report())
