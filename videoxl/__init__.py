@@ -4,7 +4,8 @@
     print(model.chat("video.mp4", tokenizer, "What happens?", max_num_frames=150, sample_fps=1))
 """
 from .errors import VideoXLError
+from .demo import demo_model_path
 from .loader import load
 
-__all__ = ["load", "VideoXLError"]
+__all__ = ["load", "VideoXLError", "demo_model_path"]
 __version__ = "0.1.0"

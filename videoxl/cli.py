@@ -12,7 +12,6 @@ from .chunking import PrefillConfig
 from .errors import VideoXLError
 
 DEFAULT_QUESTION = "Describe this video."
-DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "videoxl", "tiny-demo")
 
 
 def optional_float(text: str):
@@ -52,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
     chat.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer)")
     chat.add_argument("--demo", action="store_true",
-                      help="use a tiny random-weight model (and a synthetic video if none is given)")
+                      help="use the tiny model trained on the synthetic 'shapes' task (no VIDEO: it draws a "
+                           "task video and asks its four questions)")
     chat.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     chat.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU)")
     chat.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -88,17 +88,21 @@ def progress_stages(args) -> set[str]:
 def cmd_chat(args) -> int:
     import videoxl
 
-    if args.demo:
-        from .tiny import make_demo_video, make_tiny
+    if args.demo:  # the shipped tiny model trained on the "shapes" task (videoxl/demo.py)
+        from .demo import NOTICE, demo_model_path
 
-        model_dir = args.model or DEMO_DIR
-        if args.video and not os.path.exists(args.video) and args.question == DEFAULT_QUESTION:
-            args.video, args.question = None, args.video  # `videoxl chat --demo "question"`
-        if not os.path.exists(os.path.join(model_dir, "config.json")):
-            make_tiny(model_dir)
-        video = args.video or make_demo_video(os.path.join(os.path.dirname(model_dir), "demo.mp4"))
-        print("[demo] tiny model with RANDOM weights: the pipeline runs for real, the answer is noise.",
-              file=sys.stderr)
+        model_dir, video = args.model or demo_model_path(), args.video
+        print(NOTICE, file=sys.stderr)
+        if args.question == DEFAULT_QUESTION:
+            from .shapes import QUESTIONS
+
+            args.question = QUESTIONS["needle"]  # the model knows nothing else
+        if video is None:
+            from .demo import quiz
+
+            model, tokenizer = videoxl.load(model_dir, device=args.device, dtype=args.dtype)
+            quiz(model, tokenizer, seed=args.seed)
+            return 0
     else:
         if not args.model:
             raise VideoXLError("give --model DIR (a Video-XL-2 checkpoint folder), or --demo")
