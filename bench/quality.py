@@ -81,28 +81,30 @@ def run(args) -> dict:
     keyer = FrameKey(model)
     modes = {m: MODES[m] for m in args.modes}
     results, t_start = [], time.time()
-    pool = ThreadPoolExecutor(2)
+    pool = ThreadPoolExecutor(6)
     render_device = "cuda" if torch.cuda.is_available() else "cpu"
+    limits = dict(zip(args.lengths, args.time_limit * len(args.lengths) if len(args.time_limit) == 1
+                      else args.time_limit))
     for seconds in args.lengths:
         seeds = [HELDOUT_SEED + i for i in range(args.videos)]
 
         def prepare(seed, seconds=seconds):
             video = shapes.make_video(seed, seconds)
             return seed, video, shapes.model_frames(video, render_device)
-        futures = [pool.submit(prepare, s) for s in seeds[:2]]  # the next videos are drawn while this one runs
+        futures = [pool.submit(prepare, s) for s in seeds[:6]]  # the next videos are drawn while this one runs
         hits = {m: {k: 0 for k in shapes.KINDS} for m in modes}
         t0, done = time.time(), 0
         for i in range(len(seeds)):
             seed, video, frames = futures[i].result()
-            if i + 2 < len(seeds):
-                futures.append(pool.submit(prepare, seeds[i + 2]))
+            if i + 6 < len(seeds):
+                futures.append(pool.submit(prepare, seeds[i + 6]))
             keyer.name = (seconds, seed)
             for name, apply in modes.items():
                 apply(model)
                 for kind, ok in ask(model, tok, video, frames, seconds).items():
                     hits[name][kind] += ok
             done += 1
-            if time.time() - t0 > args.time_limit:
+            if time.time() - t0 > limits[seconds]:
                 break
         for name in modes:
             acc = {k: round(100 * hits[name][k] / done, 1) for k in shapes.KINDS}
@@ -148,7 +150,8 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--time-limit", type=float, default=1e9, help="seconds per length; stop adding videos after this")
+    ap.add_argument("--time-limit", type=float, nargs="+", default=[1e9],
+                    help="seconds per length (one value, or one per length): stop adding videos after this")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.model = args.model or videoxl.demo_model_path()

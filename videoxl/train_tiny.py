@@ -33,6 +33,7 @@ from .prompt import SYSTEM, USER, ASSISTANT, END, build_prompt
 from .vision import normalise
 
 VOCAB = 512
+KIND_WEIGHT = {"after": 3.0}  # the two-hop question learns last: its answer tokens weigh more in the loss
 
 
 def demo_config() -> VideoXLConfig:
@@ -157,27 +158,67 @@ class Task:
         return ids, lab
 
 
-def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=None):
+class Probes(torch.nn.Module):
+    """Training-only linear read-outs (never shipped) that give the two hard skills a dense signal: the visual
+    tokens of a group name its shape (the star is a small spatial difference the answer loss alone found
+    slowly), and after `PROBE_LAYER` decoder layers they name the shape of the scene before (the first hop of
+    'after'). Labels are those of each group's third frame."""
+
+    PROBE_LAYER = 2
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.shape = torch.nn.Linear(hidden, len(shapes.SHAPES))
+        self.previous = torch.nn.Linear(hidden, len(shapes.SHAPES))
+
+    @staticmethod
+    def labels(videos, seconds: int, device):
+        own, prev = [], []
+        for v in videos:
+            starts = [s.start for s in v.scenes]
+            for g in range(seconds // 4):
+                i = int(np.searchsorted(starts, 4 * g + 2, side="right")) - 1
+                own.append(shapes.SHAPES.index(v.scenes[i].shape))
+                prev.append(shapes.SHAPES.index(v.scenes[i - 1].shape) if i > 0 else -100)
+        return torch.tensor(own, device=device), torch.tensor(prev, device=device)
+
+
+def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=None, probes: Probes | None = None):
     """Loss and first-answer-token logits for B videos of `seconds` s; frames uint8 [B*seconds, 384, 384, 3]."""
     dev = frames.device
     cuda = dev.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        feats = model.vision.patch_features(normalise(frames, dev, torch.float32))
-        tokens = model.vision.groups_to_tokens(feats)  # [B*G, 144, h]
-        p = task.prompts(seconds)["needle"]
-        b = len(videos)
-        ids = torch.tensor(p.input_ids[:p.video_end], device=dev)
-        embeds = model.decoder.embed_tokens(ids)[None].repeat(b, 1, 1)
-        pos = torch.tensor(p.visual_positions, device=dev)
-        embeds[:, pos] = tokens.reshape(b, -1, tokens.shape[-1]).to(embeds.dtype)
-        if cuda:
-            embeds = embeds.to(torch.bfloat16)  # bf16 residual stream and RoPE tables, as bf16 inference runs
-        cache = TrainCache(len(model.decoder.layers))
-        model.decoder(embeds, cache, mask=mask, logits_for="none")
-        ids, labels = task.tails(seconds, videos, dev)
-        tail = model.decoder.embed_tokens(ids)
-        logits = model.decoder(tail.to(embeds.dtype), cache.repeat(len(shapes.KINDS)), logits_for="all")
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    seen = []
+    hook = (model.decoder.layers[Probes.PROBE_LAYER - 1].register_forward_hook(lambda m, i, o: seen.append(o))
+            if probes is not None else None)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            feats = model.vision.patch_features(normalise(frames, dev, torch.float32))
+            tokens = model.vision.groups_to_tokens(feats)  # [B*G, 144, h]
+            p = task.prompts(seconds)["needle"]
+            b = len(videos)
+            ids = torch.tensor(p.input_ids[:p.video_end], device=dev)
+            embeds = model.decoder.embed_tokens(ids)[None].repeat(b, 1, 1)
+            pos = torch.tensor(p.visual_positions, device=dev)
+            embeds[:, pos] = tokens.reshape(b, -1, tokens.shape[-1]).to(embeds.dtype)
+            if cuda:
+                embeds = embeds.to(torch.bfloat16)  # bf16 residual stream and RoPE tables, as bf16 inference runs
+            cache = TrainCache(len(model.decoder.layers))
+            model.decoder(embeds, cache, mask=mask, logits_for="none")
+            ids, labels = task.tails(seconds, videos, dev)
+            tail = model.decoder.embed_tokens(ids)
+            logits = model.decoder(tail.to(embeds.dtype), cache.repeat(len(shapes.KINDS)), logits_for="all")
+    finally:
+        if hook is not None:
+            hook.remove()
+    per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    weight = torch.tensor([KIND_WEIGHT.get(k, 1.0) for k in shapes.KINDS], device=dev).repeat(b)
+    weight = (weight[:, None] * (labels != -100)).flatten()
+    loss = (per_token * weight).sum() / weight.sum()
+    if probes is not None:
+        own, prev = Probes.labels(videos, seconds, dev)
+        hidden = seen[0][:, pos].float().reshape(-1, tokens.shape[1], tokens.shape[-1]).mean(1)  # [B*G, h]
+        loss = loss + 0.3 * F.cross_entropy(probes.shape(tokens.float().mean(1)), own)
+        loss = loss + 1.0 * F.cross_entropy(probes.previous(hidden), prev, ignore_index=-100)
     first = (labels != -100).int().argmax(1)  # first answer label position
     rows = torch.arange(len(ids), device=dev)
     return loss, logits[rows, first].argmax(-1), labels[rows, first]
@@ -248,7 +289,7 @@ def load_blob(path: str):
     if not parts:
         return None
     data = b"".join(open(os.path.join(d, p), "rb").read() for p in parts)
-    return torch.load(io.BytesIO(data), weights_only=False)
+    return torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
 
 
 def export(model, cfg: VideoXLConfig, tokenizer, out_dir: str) -> None:
@@ -271,7 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-scale", type=float, default=1.0, help="scale the held-out set sizes (48/24/8)")
-    ap.add_argument("--probe", type=int, nargs="*", default=[], help="lengths to try once before training")
+    ap.add_argument("--probes", type=int, default=1, help="1: train with the read-out losses (see Probes)")
+    ap.add_argument("--try-lengths", type=int, nargs="*", default=[], help="lengths to try once before training")
     ap.add_argument("--export", action="store_true", help="also write DIR/model in the released format")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -290,17 +332,25 @@ def main(argv=None) -> int:
         if name.endswith(("embed_tokens.weight", "position_embedding.weight")):
             torch.nn.init.normal_(p, std=0.02)
     model.to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    probes = Probes(cfg.text.hidden_size).to(dev)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(probes.parameters()), lr=args.lr, weight_decay=0.01,
+                            betas=(0.9, 0.98))
     step, total, log = 0, args.total_steps, []
     if state:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, total, log = state["step"], state["total"], state["log"]
+        if "probes" in state:
+            probes.load_state_dict(state["probes"])
+            opt.load_state_dict(state["opt"])
+        else:  # a checkpoint from before the probes: model moments kept, the probes' start at zero
+            old = state["opt"]
+            old["param_groups"][0]["params"] = list(range(len(opt.param_groups[0]["params"])))
+            opt.load_state_dict(old)
+        step, total, log = state["step"], args.total_steps or state["total"], state["log"]
         print(f"resumed at step {step} of {total}", flush=True)
     task = Task(tokenizer, cfg)
     print(f"parameters {sum(p.numel() for p in model.parameters()):,}; device {dev}"
           f" ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'})", flush=True)
-    for seconds in args.probe:  # one untimed forward + backward at a length: does it fit, how long does it take
+    for seconds in args.try_lengths:  # one untimed forward + backward at a length: does it fit, how long does it take
         t = time.time()
         rng = np.random.default_rng([2, seconds])
         videos = [train_video(rng, seconds) for _ in range(max(1, args.frames // seconds))]
@@ -309,7 +359,7 @@ def main(argv=None) -> int:
         loss.backward()
         opt.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
-        print(f"probe {seconds}s x{len(videos)}: {time.time() - t:.2f}s, peak {peak:.1f} GiB", flush=True)
+        print(f"try {seconds}s x{len(videos)}: {time.time() - t:.2f}s, peak {peak:.1f} GiB", flush=True)
     losses, t_run, first_step = [], time.time(), step
     while (total == 0 or step < total) and time.time() - t0 < args.minutes * 60:
         if total == 0 and step - first_step == 30:  # size the schedule to the budget from the measured pace
@@ -322,7 +372,8 @@ def main(argv=None) -> int:
         lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(total, 1)))) if total else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, _, _ = forward(model, task, seconds, videos, frames, chunk_mask(task, seconds, rng, dev))
+        loss, _, _ = forward(model, task, seconds, videos, frames, chunk_mask(task, seconds, rng, dev),
+                             probes if args.probes else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -340,7 +391,8 @@ def main(argv=None) -> int:
                     acc = evaluate(model, task, sec, max(1, int(n * args.eval_scale)), args.frames, dev)
                     log.append({"step": step, "seconds": sec, "acc": acc, "t": round(time.time() - t0)})
                     print(f"eval step {step} len {sec}: {acc}", flush=True)
-    save_blob({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "total": total, "log": log,
+    save_blob({"model": model.state_dict(), "probes": probes.state_dict(), "opt": opt.state_dict(), "step": step,
+               "total": total, "log": log,
                "tokenizer": tokenizer.backend_tokenizer.to_str()},
               ckpt_path)
     if args.export:
