@@ -28,8 +28,9 @@ def cache_dir() -> str:
     return os.path.join(root, "demo")
 
 
-def quiz(model, tokenizer, seconds: int = 64, seed: int | None = None, out=sys.stdout) -> int:
+def quiz(model, tokenizer, seconds: int = 64, seed: int | None = None, out=None) -> int:
     """Draw a task video, ask its four questions; returns how many answers were right."""
+    out = out or sys.stdout
     seed = random.randrange(10**6) if seed is None else seed
     video = shapes.make_video(seed, seconds)
     path = os.path.join(cache_dir(), f"shapes-{seconds}s-seed{seed}.mp4")
