@@ -6,7 +6,7 @@ Videos: `shapes.make_video(seed, length)` for seeds 100000.. (the held-out seed 
 another), 320x240, noise 4, asked as the task says (`sample_fps=1`, `max_num_frames` = length). They go in as
 1-fps frame lists resized to 384x384 the way the file path resizes (a 2-fps file sampled at 1 fps gives the same
 frames and timestamps 0.0, 1.0, ...), which skips encoding and decoding; `--files N` also writes N real files
-per length (mpeg4 and h264 alternately) and asks through the file path. Each video's prefix KV cache is reused
+per length (mpeg4 and h264 alternately; sizes 160x120..640x480, noise sigma 8) and asks through the file path. Each video's prefix KV cache is reused
 across its 4 questions (same video, same settings), as `chat` does for a file.
 
 MODES is the hook: name -> function that sets the model's runtime switches. The bi-level decoding issue adds its
@@ -32,6 +32,7 @@ from videoxl import shapes  # noqa: E402
 
 HELDOUT_SEED = 100_000
 GEN = {"do_sample": False, "max_new_tokens": 8}
+FILE_SIZES = [(320, 240), (160, 120), (640, 480), (400, 300)]  # files: other sizes, noise sigma 8
 
 
 def chunked(mode: str, chunk: int, step: int, offload: bool = False):
@@ -94,7 +95,7 @@ def run(args) -> dict:
         futures = [pool.submit(prepare, s) for s in seeds[:6]]  # the next videos are drawn while this one runs
         hits = {m: {k: 0 for k in shapes.KINDS} for m in modes}
         t0, done = time.time(), 0
-        for i in range(len(seeds)):
+        for i in range(len(seeds)):  # noqa: B007
             seed, video, frames = futures[i].result()
             if i + 6 < len(seeds):
                 futures.append(pool.submit(prepare, seeds[i + 6]))
@@ -106,7 +107,7 @@ def run(args) -> dict:
             done += 1
             if time.time() - t0 > limits[seconds]:
                 break
-        for name in modes:
+        for name in modes if done else ():
             acc = {k: round(100 * hits[name][k] / done, 1) for k in shapes.KINDS}
             results.append({"seconds": seconds, "mode": name, "videos": done, "source": "frames", "acc": acc})
             print(f"{seconds:5d}s {name:24s} n={done:3d} " + " ".join(f"{k} {v:5.1f}" for k, v in acc.items()),
@@ -121,12 +122,14 @@ def run(args) -> dict:
 
 
 def files(model, tok, seconds: int, count: int, modes) -> list[dict]:
-    """Real files: alternately mpeg4 and h264, asked through the file path (decode + resize + sampling)."""
+    """Real files: alternately mpeg4 and h264, sizes from FILE_SIZES, noise sigma 8, asked through the file path
+    (decode + resize + sampling)."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         hits = {m: {k: 0 for k in shapes.KINDS} for m in modes}
         for i in range(count):
-            video = shapes.make_video(HELDOUT_SEED + 50_000 + i, seconds)
+            width, height = FILE_SIZES[i % len(FILE_SIZES)]
+            video = shapes.make_video(HELDOUT_SEED + 50_000 + i, seconds, width, height, noise=8.0)
             codec = ("mpeg4", "libx264")[i % 2]
             path = shapes.write_video(video, os.path.join(tmp, f"{i}.mp4"), codec)
             for name, apply in modes.items():

@@ -33,7 +33,6 @@ from .prompt import SYSTEM, USER, ASSISTANT, END, build_prompt
 from .vision import normalise
 
 VOCAB = 512
-KIND_WEIGHT = {"after": 3.0}  # the two-hop question learns last: its answer tokens weigh more in the loss
 
 
 def demo_config() -> VideoXLConfig:
@@ -183,7 +182,8 @@ class Probes(torch.nn.Module):
         return torch.tensor(own, device=device), torch.tensor(prev, device=device)
 
 
-def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=None, probes: Probes | None = None):
+def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=None, probes: Probes | None = None,
+            kind_weight: dict[str, float] | None = None):
     """Loss and first-answer-token logits for B videos of `seconds` s; frames uint8 [B*seconds, 384, 384, 3]."""
     dev = frames.device
     cuda = dev.type == "cuda"
@@ -211,7 +211,7 @@ def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=
         if hook is not None:
             hook.remove()
     per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    weight = torch.tensor([KIND_WEIGHT.get(k, 1.0) for k in shapes.KINDS], device=dev).repeat(b)
+    weight = torch.tensor([(kind_weight or {}).get(k, 1.0) for k in shapes.KINDS], device=dev).repeat(b)
     weight = (weight[:, None] * (labels != -100)).flatten()
     loss = (per_token * weight).sum() / weight.sum()
     if probes is not None:
@@ -313,6 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-scale", type=float, default=1.0, help="scale the held-out set sizes (48/24/8)")
     ap.add_argument("--probes", type=int, default=1, help="1: train with the read-out losses (see Probes)")
+    ap.add_argument("--after-weight", type=float, default=3.0,
+                    help="weight of the 'after' answers in the loss (the two-hop question learns last)")
     ap.add_argument("--try-lengths", type=int, nargs="*", default=[], help="lengths to try once before training")
     ap.add_argument("--export", action="store_true", help="also write DIR/model in the released format")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -373,7 +375,7 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         loss, _, _ = forward(model, task, seconds, videos, frames, chunk_mask(task, seconds, rng, dev),
-                             probes if args.probes else None)
+                             probes if args.probes else None, {"after": args.after_weight})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
