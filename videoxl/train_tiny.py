@@ -1,18 +1,21 @@
 """Train the tiny demo model on the "shapes" task, end to end, through the inference modules.
 
-    python -m videoxl.train_tiny --out DIR [--minutes 8] [--budget-minutes 17] [--seed 0]
+    python -m videoxl.train_tiny --out DIR [--minutes 9] [--budget-minutes 17] [--seed 0] [--export]
 
-Frames -> `VisionEncoder` (SigLIP, 2 of 3 layers -> 24x24 -> DTS raw view -> projector -> pool: 144 tokens per
-4 frames) -> `build_prompt` (`Time {t}s:` before every group) -> `Qwen2Decoder`. The only training-specific
-piece is `TrainCache`, a KV "store" that keeps autograd (`cat` instead of in-place buffers): the video prefix is
-run once per video and its keys/values are shared by the four questions (loss on the answer tokens only).
+The model is `VideoXL(demo_config())`: the released architecture at tiny sizes (SigLIP 3 layers of which 2 run,
+384-px input, DTS on the raw-view layout, 144 tokens per 4 frames, Qwen2 decoder 4 layers) with its own
+byte-level BPE tokenizer carrying the Qwen special tokens. `train_step.forward` runs it (see there).
 
-Curriculum (say what we did): every step holds about `--frames` frames (B = frames // length videos of one
-length); the longest length grows log-linearly from 24 s to 1024 s over the first 60% of the steps and lengths
-are drawn log-uniformly from [16, longest]. Prefixes of videos up to 256 s use a chunked-prefill block mask
-(4/1 or 16/4) a third of the time, so the model does not lean on what chunked prefill hides. Frames get
-codec-like damage (gain/offset, chroma subsampling, blur, noise, random source size, bicubic resize to 384).
-Resumes from DIR/ckpt (shards of <= 12 MB); writes the released folder format to DIR/model.
+Curriculum: every step holds about `--frames` frames (B = frames // length videos of one length, so many
+short videos or one long one); the longest length grows log-linearly from 24 s to 1024 s over the first 60% of
+the steps, lengths are drawn log-uniformly from [16, longest], and once 1024 s is in range it gets 15% of the
+steps of its own. Prefixes of videos up to 256 s use a chunked-prefill block mask (4/1 or 16/4) a third of the
+time, so the model does not lean on what chunked prefill hides. Frames get codec-like damage (gain/offset,
+chroma subsampling, blur, noise sigma 0-10, random source size 160x120..640x480, bicubic resize to 384).
+Training-only read-outs (`Probes`, never shipped) and a 3x weight on the 'after' answers speed up the two
+skills the answer loss alone learned slowly (the star's shape; the scene after it).
+Resumes from DIR/ckpt (parts of <= 12 MB, tokenizer included); `--export` writes DIR/model, the released
+folder format. The shipped weights' exact recipe is in bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ import torch.nn.functional as F
 from . import shapes
 from .chunking import BlockPlan, PrefillConfig
 from .config import TextConfig, VideoXLConfig, VisionConfig
-from .prompt import SYSTEM, USER, ASSISTANT, END, build_prompt
-from .vision import normalise
+from .prompt import ASSISTANT, END, SYSTEM, USER
+from .train_step import Probes, Task, forward
 
 VOCAB = 512
 
@@ -70,29 +73,6 @@ def make_task_tokenizer(out_dir: str, saved: str | None = None):
     return fast
 
 
-class TrainCache:
-    """The decoder's cache interface (`length`, `append`) without in-place buffers, so gradients flow."""
-
-    def __init__(self, layers: int):
-        self.k, self.v = [None] * layers, [None] * layers
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k[-1] is None else self.k[-1].shape[2]
-
-    def append(self, layer, k, v):
-        if self.k[layer] is not None:
-            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-    def repeat(self, n: int) -> "TrainCache":
-        out = TrainCache(len(self.k))
-        out.k = [k.repeat_interleave(n, 0) for k in self.k]
-        out.v = [v.repeat_interleave(n, 0) for v in self.v]
-        return out
-
-
 def augment(frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """uint8 [n, H, W, 3] -> uint8 [n, 384, 384, 3] with codec-like damage, resized as the video path does."""
     x = frames.permute(0, 3, 1, 2).float()
@@ -120,108 +100,6 @@ def train_video(rng: np.random.Generator, seconds: int) -> shapes.ShapesVideo:
     h = int(rng.integers(120, 481))
     w = int(np.clip(round(h * rng.uniform(1.0, 1.8)), 160, 640))
     return shapes.sample_video(rng, seconds, w, h, noise=float(rng.uniform(0, 10)), seed=int(rng.integers(2**31)))
-
-
-class Task:
-    """Prompt pieces per video length (same for every video of that length) and answer ids."""
-
-    def __init__(self, tokenizer, cfg: VideoXLConfig):
-        self.tok, self.cfg, self._cache = tokenizer, cfg, {}
-        self.pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.placeholder = tokenizer.convert_tokens_to_ids("<|vision_pad|>")
-        self.answer_ids = {w: tokenizer(w, add_special_tokens=False)["input_ids"] for w in shapes.ANSWER_WORDS}
-
-    def prompts(self, seconds: int):
-        if seconds not in self._cache:
-            ts = [float(t) for t in range(seconds)]
-            built = {k: build_prompt(self.tok, q, ts, self.cfg.tokens_per_group, self.placeholder)
-                     for k, q in shapes.QUESTIONS.items()}
-            self._cache[seconds] = built
-        return self._cache[seconds]
-
-    def tails(self, seconds: int, videos, device):
-        """ids [4B, T], labels [4B, T] (-100 off the answer): question tail + answer + <|im_end|>."""
-        built = self.prompts(seconds)
-        rows, labels = [], []
-        for v in videos:
-            for k in shapes.KINDS:
-                p = built[k]
-                q = p.input_ids[p.video_end:]
-                a = self.answer_ids[v.answers[k]] + [self.end]
-                rows.append(q + a)
-                labels.append([-100] * (len(q) - 1) + a + [-100])  # position i predicts token i+1
-        n = max(map(len, rows))
-        ids = torch.tensor([r + [self.pad] * (n - len(r)) for r in rows], device=device)
-        lab = torch.tensor([(l + [-100] * n)[:n] for l in labels], device=device)
-        return ids, lab
-
-
-class Probes(torch.nn.Module):
-    """Training-only linear read-outs (never shipped) that give the two hard skills a dense signal: the visual
-    tokens of a group name its shape (the star is a small spatial difference the answer loss alone found
-    slowly), and after `PROBE_LAYER` decoder layers they name the shape of the scene before (the first hop of
-    'after'). Labels are those of each group's third frame."""
-
-    PROBE_LAYER = 2
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.shape = torch.nn.Linear(hidden, len(shapes.SHAPES))
-        self.previous = torch.nn.Linear(hidden, len(shapes.SHAPES))
-
-    @staticmethod
-    def labels(videos, seconds: int, device):
-        own, prev = [], []
-        for v in videos:
-            starts = [s.start for s in v.scenes]
-            for g in range(seconds // 4):
-                i = int(np.searchsorted(starts, 4 * g + 2, side="right")) - 1
-                own.append(shapes.SHAPES.index(v.scenes[i].shape))
-                prev.append(shapes.SHAPES.index(v.scenes[i - 1].shape) if i > 0 else -100)
-        return torch.tensor(own, device=device), torch.tensor(prev, device=device)
-
-
-def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=None, probes: Probes | None = None,
-            kind_weight: dict[str, float] | None = None):
-    """Loss and first-answer-token logits for B videos of `seconds` s; frames uint8 [B*seconds, 384, 384, 3]."""
-    dev = frames.device
-    cuda = dev.type == "cuda"
-    seen = []
-    hook = (model.decoder.layers[Probes.PROBE_LAYER - 1].register_forward_hook(lambda m, i, o: seen.append(o))
-            if probes is not None else None)
-    try:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            feats = model.vision.patch_features(normalise(frames, dev, torch.float32))
-            tokens = model.vision.groups_to_tokens(feats)  # [B*G, 144, h]
-            p = task.prompts(seconds)["needle"]
-            b = len(videos)
-            ids = torch.tensor(p.input_ids[:p.video_end], device=dev)
-            embeds = model.decoder.embed_tokens(ids)[None].repeat(b, 1, 1)
-            pos = torch.tensor(p.visual_positions, device=dev)
-            embeds[:, pos] = tokens.reshape(b, -1, tokens.shape[-1]).to(embeds.dtype)
-            if cuda:
-                embeds = embeds.to(torch.bfloat16)  # bf16 residual stream and RoPE tables, as bf16 inference runs
-            cache = TrainCache(len(model.decoder.layers))
-            model.decoder(embeds, cache, mask=mask, logits_for="none")
-            ids, labels = task.tails(seconds, videos, dev)
-            tail = model.decoder.embed_tokens(ids)
-            logits = model.decoder(tail.to(embeds.dtype), cache.repeat(len(shapes.KINDS)), logits_for="all")
-    finally:
-        if hook is not None:
-            hook.remove()
-    per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    weight = torch.tensor([(kind_weight or {}).get(k, 1.0) for k in shapes.KINDS], device=dev).repeat(b)
-    weight = (weight[:, None] * (labels != -100)).flatten()
-    loss = (per_token * weight).sum() / weight.sum()
-    if probes is not None:
-        own, prev = Probes.labels(videos, seconds, dev)
-        hidden = seen[0][:, pos].float().reshape(-1, tokens.shape[1], tokens.shape[-1]).mean(1)  # [B*G, h]
-        loss = loss + 0.3 * F.cross_entropy(probes.shape(tokens.float().mean(1)), own)
-        loss = loss + 1.0 * F.cross_entropy(probes.previous(hidden), prev, ignore_index=-100)
-    first = (labels != -100).int().argmax(1)  # first answer label position
-    rows = torch.arange(len(ids), device=dev)
-    return loss, logits[rows, first].argmax(-1), labels[rows, first]
 
 
 def schedule(step: int, total: int, rng: np.random.Generator, frames: int) -> tuple[int, int]:
@@ -313,6 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-scale", type=float, default=1.0, help="scale the held-out set sizes (48/24/8)")
     ap.add_argument("--probes", type=int, default=1, help="1: train with the read-out losses (see Probes)")
+    ap.add_argument("--previous-weight", type=float, default=1.0, help="weight of the previous-scene read-out")
     ap.add_argument("--after-weight", type=float, default=3.0,
                     help="weight of the 'after' answers in the loss (the two-hop question learns last)")
     ap.add_argument("--try-lengths", type=int, nargs="*", default=[], help="lengths to try once before training")
@@ -334,7 +213,7 @@ def main(argv=None) -> int:
         if name.endswith(("embed_tokens.weight", "position_embedding.weight")):
             torch.nn.init.normal_(p, std=0.02)
     model.to(dev).train()
-    probes = Probes(cfg.text.hidden_size).to(dev)
+    probes = Probes(cfg.text.hidden_size, args.previous_weight).to(dev)
     opt = torch.optim.AdamW(list(model.parameters()) + list(probes.parameters()), lr=args.lr, weight_decay=0.01,
                             betas=(0.9, 0.98))
     step, total, log = 0, args.total_steps, []
