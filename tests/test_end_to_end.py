@@ -94,11 +94,11 @@ def test_bad_generation_config(tiny, clip_path, cfg, message):
         model.chat(clip_path, tokenizer, "q", generation_config=cfg)
 
 
-def test_sparse_not_available_yet(tiny, clip_path):
+def test_sparse_needs_chunk_prefill(tiny, clip_path):
     model, tokenizer = tiny
     model.config.enable_sparse = True
     try:
-        with pytest.raises(videoxl.VideoXLError, match="enable_sparse .* not available yet"):
+        with pytest.raises(videoxl.VideoXLError, match="enable_sparse .* needs chunk prefill"):
             model.chat(clip_path, tokenizer, "q")
     finally:
         model.config.enable_sparse = False

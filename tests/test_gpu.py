@@ -86,3 +86,95 @@ def test_chat_offload_decoding_matches(gpu_model, long_video):
         model.config.prefill_config = None
     assert answers[0] == answers[1]
     assert "peak_gpu_gb" in model.last_stats
+
+
+def _decode(model, store, mode, gen, n=64):
+    """Token ids from `mode`'s step after the store's contents, with no stop token, from a fixed first token."""
+    from videoxl.decoding import decode_step, generate_tokens
+    from videoxl.generate import GenerationConfig
+
+    start = store.length
+    with torch.inference_mode():
+        logits = model.decoder(model.decoder.embed_tokens(torch.tensor([[5]], device="cuda")), store)
+        step = decode_step(model.decoder, store, n, mode)
+        stats = {}
+        ids = list(generate_tokens(step, logits, GenerationConfig.from_dict(dict(gen, max_new_tokens=n)), [5],
+                                   set(), model.config.text.vocab_size, stats))
+    store.truncate(start)
+    return ids, stats
+
+
+@pytest.mark.parametrize("gen", [{}, {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "seed": 3,
+                                      "repetition_penalty": 1.1}])
+def test_captured_decode_equals_eager(gpu_model, gen):
+    """The CUDA graph (Triton kernels, split-KV attention) against the eager step: the same 64 tokens, greedy
+    and sampled with a seed, on two stores of different lengths (each gets its own capture; none goes stale)."""
+    model, _ = gpu_model
+    for length in (300, 1700):
+        store = model.decoder.new_cache(capacity=length + 128)
+        with torch.inference_mode():
+            ids = torch.randint(0, model.config.text.vocab_size, (1, length), device="cuda")
+            model.decoder(model.decoder.embed_tokens(ids), store)
+        eager, _ = _decode(model, store, "eager", gen)
+        captured, stats = _decode(model, store, "captured", gen)
+        again, _ = _decode(model, store, "captured", gen)  # the store's graph replayed, not captured again
+        assert eager == captured == again, length
+        assert stats["generated_tokens"] == 64
+
+
+def test_chat_captured_follow_up_matches_eager(gpu_model, long_video):
+    """chat() picks the captured step on CUDA; first question and a follow-up on the reused KVs answer as the
+    eager step does."""
+    model, tokenizer = gpu_model
+    answers = {}
+    for mode in ("eager", "captured"):
+        model.decode_mode = mode
+        model._prefix = None
+        a, hist = model.chat(long_video, tokenizer, "What moves?", max_num_frames=32, return_history=True,
+                             generation_config={"max_new_tokens": 24})
+        assert model.last_stats["decode_path"] == mode
+        b = model.chat(long_video, tokenizer, "And then?", chat_history=hist, max_num_frames=32,
+                       generation_config={"max_new_tokens": 24})
+        answers[mode] = (a, b, model.last_stats["ttft_s"] > 0)
+    model.decode_mode = "auto"
+    assert answers["eager"] == answers["captured"]
+
+
+def test_captured_steps_do_not_keep_stores_alive(gpu_model):
+    import gc
+
+    import videoxl.decoding as decoding
+
+    model, _ = gpu_model
+    store = model.decoder.new_cache(capacity=256)
+    with torch.inference_mode():
+        model.decoder(model.decoder.embed_tokens(torch.randint(0, 100, (1, 50), device="cuda")), store)
+    _decode(model, store, "captured", {}, n=4)
+    assert store in decoding._captured
+    before = len(decoding._captured)
+    del store
+    gc.collect()
+    assert len(decoding._captured) == before - 1
+
+
+def test_bilevel_on_gpu(gpu_model, long_video):
+    """Full budget = chunked decoding (same greedy text); half budget runs through the captured step and keeps
+    less of the cache; a second question reuses the mixed store's captured graph."""
+    model, tokenizer = gpu_model
+    gen = {"max_new_tokens": 16}
+    model.config.enable_chunk_prefill = True
+    model.config.prefill_config = {"chunk_prefill_mode": "streaming", "chunk_size": 4, "step_size": 2,
+                                   "offload": True}
+    try:
+        chunked = model.chat(long_video, tokenizer, "What moves?", max_num_frames=64, generation_config=gen)
+        model.config.enable_sparse, model.config.sparse_config = True, {"budget": 1.0}
+        full = model.chat(long_video, tokenizer, "What moves?", max_num_frames=64, generation_config=gen)
+        model.config.sparse_config = {"budget": 0.5}
+        model.chat(long_video, tokenizer, "What moves?", max_num_frames=64, generation_config=gen)
+        assert model.last_stats["decode_path"] == "captured" and model.last_stats["kept_share"] < 0.9
+        model.chat(long_video, tokenizer, "And then?", max_num_frames=64, generation_config=gen)
+        assert model.last_stats["capture_s"] == 0.0
+    finally:
+        model.config.enable_chunk_prefill = model.config.enable_sparse = False
+        model.config.prefill_config = model.config.sparse_config = None
+    assert full == chunked

@@ -16,12 +16,12 @@ question, the answer) see everything. All of it is causal.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .config import FRAMES_PER_GROUP
+from .config import FRAMES_PER_GROUP, settings_from_dict
 from .errors import VideoXLError
 from .prompt import VideoPrompt
 
@@ -38,17 +38,7 @@ class PrefillConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PrefillConfig":
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise VideoXLError(f"prefill_config must be a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise VideoXLError(f"unknown prefill_config key(s) {unknown}; allowed: {sorted(known)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+        return settings_from_dict(cls, d, "prefill_config")
 
     def validate(self) -> None:
         def positive_int(key):

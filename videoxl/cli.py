@@ -9,6 +9,7 @@ import os
 import sys
 
 from .chunking import PrefillConfig
+from .decoding.sparse_config import SparseConfig
 from .errors import VideoXLError
 
 DEFAULT_QUESTION = "Describe this video."
@@ -16,6 +17,21 @@ DEFAULT_QUESTION = "Describe this video."
 
 def optional_float(text: str):
     return None if text.lower() in ("none", "uniform") else float(text)
+
+
+def budget_value(text: str):
+    """'0.25' -> a share, '8' -> a number of blocks (validated by SparseConfig)."""
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a share or a number of blocks: {text!r}") from None
+
+
+def time_spans(text: str) -> list[list[float]]:
+    try:
+        return [[float(x) for x in part.split("-", 1)] for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START-END seconds, comma-separated: {text!r}") from None
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -69,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     chunk.add_argument("--vision-chunk", type=int, default=24,
                        help="frames per vision-tower batch, a multiple of 4 (default 24)")
 
+    sparse = chat.add_argument_group("bi-level KV decoding (the model card's enable_sparse; needs --chunk-prefill)")
+    sparse.add_argument("--sparse", action="store_true",
+                        help="keep only the blocks the question needs dense, the rest pooled (default: off)")
+    sparse.add_argument("--sparse-budget", type=budget_value, default=0.25,
+                        help="share of blocks kept dense (0.25) or a whole number of blocks (8) (default 0.25)")
+    sparse.add_argument("--sparse-compression", type=int, default=4,
+                        help="visual KVs of a pooled block averaged over this many tokens (default 4)")
+    sparse.add_argument("--dense-times", type=time_spans, default=None,
+                        help="seconds that must stay dense, e.g. '10-25,300-320' (default: none)")
+
     inspect = sub.add_parser("inspect", help="show what a checkpoint folder holds and whether it loads")
     inspect.add_argument("model")
 
@@ -117,10 +143,20 @@ def cmd_chat(args) -> int:
                           "step_size": args.step_size, "offload": args.offload,
                           "chunk_size_for_vision_tower": args.vision_chunk}
         PrefillConfig.from_dict(prefill_config)  # settings errors before the (slow) model load
+    sparse_config = None
+    if args.sparse:
+        if not args.chunk_prefill:
+            raise VideoXLError("--sparse (bi-level decoding) needs --chunk-prefill streaming|mask: its blocks are "
+                               "what is kept dense")
+        sparse_config = {"budget": args.sparse_budget, "compression": args.sparse_compression,
+                         "dense_times": args.dense_times}
+        SparseConfig.from_dict(dict(sparse_config))
     model, tokenizer = videoxl.load(model_dir, device=args.device, dtype=args.dtype)
     if prefill_config:
         model.config.enable_chunk_prefill = True
         model.config.prefill_config = prefill_config
+    if sparse_config:
+        model.config.enable_sparse, model.config.sparse_config = True, sparse_config
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
@@ -146,6 +182,15 @@ def report(s: dict) -> str:
             parts.append(f"{name} {s[key]:.2f}s")
     if "peak_gpu_gb" in s:
         parts.append(f"peak GPU {s['peak_gpu_gb']:.1f} GiB")
+    if "dense_blocks" in s:
+        spans = ", ".join(f"{a:g}-{b:g}s" for a, b in s["dense_blocks"])
+        parts.append(f"bi-level: {len(s['dense_blocks'])} of {s['blocks']} blocks dense ({spans}), "
+                     f"{100 * s['kept_share']:.0f}% of the video's KVs kept")
+    if s.get("ttft_s") is not None:
+        parts.append(f"first token {s['ttft_s']:.2f}s")
+    if s.get("decode_tokens_per_s"):
+        parts.append(f"{s['generated_tokens']} tokens at {s['decode_tokens_per_s']:.1f} tokens/s "
+                     f"({s['decode_path']} decode)")
     return "[" + ", ".join(parts) + "]"
 
 

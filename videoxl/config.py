@@ -16,6 +16,23 @@ FRAMES_PER_GROUP = 4  # DTS fuses 4 consecutive frames into one set of tokens; t
 DTS_GRID = 24  # the 27x27 SigLIP patch grid is resized to 24x24 before DTS
 
 
+def settings_from_dict(cls, d: dict | None, name: str):
+    """A settings dataclass from a user's dict (`prefill_config`, `sparse_config`): not a dict, or a key the class
+    does not have, is one clear error; the class's `validate()` checks the values."""
+    if d is None:
+        cfg = cls()
+    elif not isinstance(d, dict):
+        raise VideoXLError(f"{name} must be a dict, got {type(d).__name__}")
+    else:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise VideoXLError(f"unknown {name} key(s) {unknown}; allowed: {sorted(known)}")
+        cfg = cls(**d)
+    cfg.validate()
+    return cfg
+
+
 @dataclass
 class TextConfig:
     """Qwen2 decoder shape (the checkpoint's top-level keys)."""
@@ -70,6 +87,7 @@ class VideoXLConfig:
     enable_chunk_prefill: bool = False
     prefill_config: dict | None = None
     enable_sparse: bool = False
+    sparse_config: dict | None = None  # bi-level decoding settings (decoding/sparse_config.py)
 
     @property
     def tokens_per_group(self) -> int:

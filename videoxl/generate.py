@@ -1,4 +1,4 @@
-"""Token generation: settings, the next-token choice (greedy or sampled), and incremental detokenisation.
+"""Token generation settings and incremental detokenisation (the next-token choice: `decoding/sampling.py`).
 
 Semantics follow `transformers`' generation keys so the model card's `generation_config` dicts work unchanged.
 """
@@ -63,35 +63,6 @@ class GenerationConfig:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style, as `transformers` does: seen tokens' positive logits divided, negative ones multiplied."""
-    picked = logits.gather(-1, seen)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(-1, seen, picked)
-
-
-def next_token(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> int:
-    """logits [vocab] (fp32) -> the next token id."""
-    logits = logits.view(1, -1)
-    if cfg.repetition_penalty != 1.0 and seen is not None and seen.numel():
-        logits = apply_repetition_penalty(logits, seen.view(1, -1), cfg.repetition_penalty)
-    if cfg.greedy:
-        return int(logits.argmax(-1))
-    logits = logits / cfg.temperature
-    if cfg.top_k > 0:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token once the mass *before* it already reaches top_p (the first token always stays)
-        drop = (cumulative - sorted_logits.softmax(-1)) >= cfg.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Detokenizer:

@@ -75,6 +75,14 @@ class KVStore:
         self._scratch.clear()
         self._fetched.clear()
 
+    def set_length(self, length: int) -> None:
+        """Every layer holds `length` tokens: after a captured decode step wrote positions on the device (see
+        `decode_buffers`), or to drop them. Growing past what was written exposes whatever the buffer holds."""
+        if length < 0 or length > self.capacity:
+            raise ValueError(f"cannot set a store of capacity {self.capacity} to {length} tokens")
+        self._len = [length] * self.num_layers
+        self._fetched.clear()
+
     def truncate(self, length: int) -> None:
         """Forget everything after the first `length` tokens (in every layer)."""
         if length < 0 or length > self.length:
@@ -136,6 +144,36 @@ class KVStore:
     def _fetch(self, layer: int, n: int):
         slot, staging = self._staging(layer)
         return slot, self._copy_behind_compute(staging, self._home(layer), n)
+
+    def gather(self, layer: int, spans: list[tuple[int, int]], device: torch.device | None = None):
+        """K, V [kv_heads, n, head_dim] of `layer`'s positions in `spans` ([start, end) pairs, in order), on
+        `device` (default: the compute device). From an offloaded store only these positions travel, as
+        asynchronous per-head copies from pinned memory (what bi-level decoding reads: chosen blocks)."""
+        device = self.device if device is None else torch.device(device)
+        self.synchronize()
+        home_k, home_v = self._home(layer)
+        n = sum(e - s for s, e in spans)
+        out = []
+        for home in (home_k, home_v):
+            if home.device == device:
+                out.append(torch.cat([home[0, :, s:e] for s, e in spans], dim=1))
+                continue
+            dst = torch.empty((self.num_kv_heads, n, self.head_dim), dtype=self.dtype, device=device)
+            offset = 0
+            for s, e in spans:
+                for h in range(self.num_kv_heads):  # a head's span is contiguous: a plain async copy
+                    dst[h, offset:offset + e - s].copy_(home[0, h, s:e], non_blocking=True)
+                offset += e - s
+            out.append(dst)
+        return out[0], out[1]
+
+    def decode_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's whole-capacity K, V buffers [kv_heads, capacity, head_dim] on the compute device, for a
+        decode step that writes its token's K/V at a position held in a device tensor (a captured graph holds
+        these addresses: they stay valid until `reserve` grows the store). Resident stores only."""
+        if self.offload:
+            raise ValueError("an offloaded store has no resident decode buffers")
+        return [(self._home(i)[0][0], self._home(i)[1][0]) for i in range(self.num_layers)]
 
     # ---- layer-at-a-time access (chunked prefill) ------------------------------------------------------------
     def layer_slot(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,6 @@ the same video with the same settings only prefills its own text.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import threading
@@ -22,7 +21,10 @@ from .chunking import BlockPlan, PrefillConfig
 from .config import FRAMES_PER_GROUP, VideoXLConfig
 from .decoder import Qwen2Decoder
 from .errors import VideoXLError
-from .generate import Detokenizer, GenerationConfig, next_token
+from .decoding import decode_step, generate_tokens
+from .decoding.bilevel import bilevel_question
+from .decoding.sparse_config import SparseConfig
+from .generate import Detokenizer, GenerationConfig
 from .kv_store import KVStore
 from .prefill import dense_prefill, mask_prefill, streaming_prefill
 from .prompt import VideoPrompt, build_prompt, normalise_history
@@ -92,6 +94,8 @@ class VideoXL(nn.Module):
         self.decoder = Qwen2Decoder(config.text)
         self._prefix: PrefixState | None = None
         self.last_stats: dict = {}
+        self.decode_mode = "auto"  # 'captured' (CUDA graph), 'eager', or 'auto': captured where it can run
+        self._t_question = 0.0
 
     @property
     def device(self) -> torch.device:
@@ -134,8 +138,9 @@ class VideoXL(nn.Module):
         """`chat`, yielding the answer's text as it is generated."""
         if not isinstance(question, str) or not question.strip():
             raise VideoXLError("question must be a non-empty string")
+        self._t_question = time.perf_counter()
         gen = GenerationConfig.from_dict(generation_config)
-        chunking = self._check_runtime_settings()
+        chunking, sparse = self._check_runtime_settings()
         history = normalise_history(chat_history)
         with torch.inference_mode():
             prefix = self._video_prefix(video_path, tokenizer, question, history, max_num_frames, sample_fps,
@@ -145,19 +150,28 @@ class VideoXL(nn.Module):
             cache = prefix.cache
             cache.truncate(prompt.video_end)
             tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=self.device)
-            logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
             self.last_stats = dict(prefix.stats, prompt_tokens=len(prompt))
+            if sparse is None:
+                logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
+            else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
+                cache, logits, info = bilevel_question(self.decoder, cache, tail, sparse, prompt.timestamps,
+                                                       chunking.groups_per_block, gen.max_new_tokens)
+                self.last_stats.update(info)
             yield from self._generate(logits, cache, tokenizer, gen, prompt.input_ids, show_progress)
 
     # ---- steps ------------------------------------------------------------------------------------------------
-    def _check_runtime_settings(self) -> PrefillConfig | None:
-        """The card's runtime switches, validated: the chunk-prefill settings, or None for dense prefill."""
-        if self.config.enable_sparse:
-            raise VideoXLError("enable_sparse (bi-level KV decoding) is not available yet; set "
-                               "model.config.enable_sparse = False")
+    def _check_runtime_settings(self) -> tuple[PrefillConfig | None, SparseConfig | None]:
+        """The card's runtime switches, validated: chunk-prefill settings (None: dense prefill) and bi-level
+        decoding settings (None: dense decoding)."""
+        if not isinstance(self.config.enable_sparse, bool) or not isinstance(self.config.enable_chunk_prefill, bool):
+            raise VideoXLError("enable_sparse and enable_chunk_prefill must be True or False")
+        sparse = SparseConfig.from_dict(self.config.sparse_config) if self.config.enable_sparse else None
         if not self.config.enable_chunk_prefill:
-            return None
-        return PrefillConfig.from_dict(self.config.prefill_config)
+            if sparse is not None:
+                raise VideoXLError("enable_sparse (bi-level KV decoding) needs chunk prefill: set "
+                                   "model.config.enable_chunk_prefill = True (its blocks are what is kept dense)")
+            return None, None
+        return PrefillConfig.from_dict(self.config.prefill_config), sparse
 
     def _placeholder_id(self, tokenizer) -> int:
         pad = tokenizer.convert_tokens_to_ids(VISION_PAD)
@@ -280,25 +294,25 @@ class VideoXL(nn.Module):
                   prompt_ids: list[int], show_progress: bool) -> Iterator[str]:
         stop = {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
                 if isinstance(i, int)}
-        generator = None
-        if not gen.greedy:
-            generator = torch.Generator(device=logits.device)
-            generator.manual_seed(gen.seed if gen.seed is not None else torch.seed())
-        seen = torch.tensor(prompt_ids, device=logits.device) if gen.repetition_penalty != 1.0 else None
+        step = decode_step(self.decoder, cache, gen.max_new_tokens, self.decode_mode)
+        self.last_stats.update(decode_path=type(step).__name__.replace("Step", "").lower(),
+                               capture_s=None if step.capture_s is None else round(step.capture_s, 3))
         detok = Detokenizer(tokenizer)
-        steps = progress(range(gen.max_new_tokens), gen.max_new_tokens, "decode", show_progress)
-        with contextlib.closing(steps) if hasattr(steps, "close") else contextlib.nullcontext():
-            for _ in steps:
-                token = next_token(logits[0, -1], gen, seen, generator)
-                if token in stop:
-                    break
+        bar = progress(None, gen.max_new_tokens, "decode", show_progress)
+        first = True
+        try:
+            for token in generate_tokens(step, logits, gen, prompt_ids, stop, self.config.text.vocab_size,
+                                         self.last_stats):
+                if first:
+                    self.last_stats["ttft_s"] = round(time.perf_counter() - self._t_question, 3)
+                    first = False
+                if bar is not None:
+                    bar.update(1)
                 piece = detok.add(token)
                 if piece:
                     yield piece
-                if seen is not None:
-                    seen = torch.cat([seen, torch.tensor([token], device=seen.device)])
-                logits = self.decoder(self.decoder.embed_tokens(torch.tensor([[token]], device=self.device)),
-                                      cache)
+        finally:
+            close(bar)
         rest = detok.flush()
         if rest:
             yield rest

@@ -1,0 +1,131 @@
+"""The fast decode step: static shapes, every input in a device tensor, captured once as a CUDA graph.
+
+One token's step is ~30 matrix-vector products that read the 15 GB of weights, and a few hundred small kernels
+in between; run eagerly, launching those kernels costs more than the products (issue 9: 24 ms of a 60 ms
+step). Here the step reads its token, position and cache length from device tensors and writes its K/V into
+the store's buffers at that position, so one graph, captured per KV store (a video's cache; kept for its
+follow-up questions), replays every step. The small kernels are fused (`kernels.py`), q/k/v and gate/up are
+each one product over weights laid side by side, and attention splits the keys across the whole GPU.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ..decoder import Qwen2Decoder, rope_cos_sin
+from ..kv_store import KVStore
+from . import kernels
+
+
+def fuse_projections(decoder: Qwen2Decoder) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """Per layer: (qkv weight, qkv bias, gate_up weight), each one tensor whose row blocks ARE the separate
+    projections' parameters (they become views into it), so nothing is stored twice and the eager path reads
+    the same memory. Done once; later calls find the views already side by side."""
+    fused = []
+    with torch.inference_mode(False), torch.no_grad():
+        for layer in decoder.layers:
+            a, m = layer.self_attn, layer.mlp
+            fused.append((_side_by_side([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                          _side_by_side([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                          _side_by_side([m.gate_proj.weight, m.up_proj.weight])))
+    return fused
+
+
+def _side_by_side(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    first = params[0]
+    size = sum(p.numel() for p in params)
+    storage = first.untyped_storage().data_ptr()
+    adjacent = all(p.is_contiguous() and p.untyped_storage().data_ptr() == storage for p in params) and all(
+        b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(params, params[1:]))
+    if adjacent:
+        row = first[0].numel() if first.ndim > 1 else 1
+        return first.data.as_strided((size // row,) + tuple(first.shape[1:]), first.stride())
+    whole = torch.cat([p.data for p in params])
+    offset = 0
+    for p in params:
+        p.data = whole[offset:offset + p.shape[0]]
+        offset += p.shape[0]
+    return whole
+
+
+class CapturedStep:
+    """`step(token) -> logits [1, vocab]` (fp32) for a resident KV store, replaying one CUDA graph. The store's
+    host-side length is left as it was; `finish(n)` records the n tokens the steps wrote."""
+
+    def __init__(self, decoder: Qwen2Decoder, cache: KVStore):
+        cfg = decoder.cfg
+        # a weak reference: the step is kept per store (decoding._captured) and must not keep the store alive
+        self.decoder, self.cache_ref, self.cfg = decoder, weakref.ref(cache), cfg
+        self.buffers = [(k, v) for k, v in cache.decode_buffers()]
+        self.weights = fuse_projections(decoder)
+        dev = decoder.embed_tokens.weight.device
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.q = torch.empty(self.n_heads, self.head_dim, dtype=decoder.embed_tokens.weight.dtype, device=dev)
+        self.graph = None
+        self.logits = None
+        self.capture_s = None
+
+    def valid_for(self, cache: KVStore) -> bool:
+        return cache is self.cache_ref() and all(
+            k.data_ptr() == k2.data_ptr() for (k, _), (k2, _) in zip(self.buffers, cache.decode_buffers()))
+
+    def _body(self) -> torch.Tensor:
+        d, cfg = self.decoder, self.cfg
+        eps = cfg.rms_norm_eps
+        length = (self.pos + 1).to(torch.int32)
+        cos, sin = rope_cos_sin(self.pos, self.head_dim, cfg.rope_theta, self.q.dtype)
+        h = F.embedding(self.token, d.embed_tokens.weight)  # [1, hidden]
+        delta = None
+        for i, layer in enumerate(d.layers):
+            qkv_w, qkv_b, gate_up_w = self.weights[i]
+            k_cache, v_cache = self.buffers[i]
+            if delta is None:
+                x = kernels.rms_norm(h, layer.input_layernorm.weight, eps)
+            else:
+                x, h = kernels.rms_norm(delta, layer.input_layernorm.weight, eps, residual=h)
+            qkv = F.linear(x, qkv_w, qkv_b)
+            kernels.rope_store(qkv.view(-1, self.head_dim), cos[0], sin[0], self.pos, self.q, k_cache, v_cache,
+                               self.n_heads, self.n_kv, self.head_dim)
+            attn = kernels.decode_attention(self.q, k_cache, v_cache, length)
+            o = layer.self_attn.o_proj(attn.view(1, -1))
+            x, h = kernels.rms_norm(o, layer.post_attention_layernorm.weight, eps, residual=h)
+            gate, up = F.linear(x, gate_up_w).chunk(2, dim=-1)
+            delta = layer.mlp.down_proj(F.silu(gate) * up)
+        x, _ = kernels.rms_norm(delta, d.norm.weight, eps, residual=h)
+        return d.lm_head(x).float()
+
+    def capture(self) -> None:
+        """Warm up (Triton compiles, cuBLAS picks its kernels) on a side stream, then capture. The warm-up
+        writes a K/V at the current position, which the first real step overwrites."""
+        t0 = time.perf_counter()
+        self.pos.fill_(self.cache_ref().length)
+        stream = torch.cuda.Stream(self.pos.device)
+        stream.wait_stream(torch.cuda.current_stream(self.pos.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body()
+        torch.cuda.current_stream(self.pos.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._body()
+        torch.cuda.synchronize(self.pos.device)
+        self.capture_s = time.perf_counter() - t0
+
+    def start(self) -> None:
+        """The next step writes at the store's current length."""
+        self.pos.fill_(self.cache_ref().length)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token.view(1))
+        self.graph.replay()
+        self.pos.add_(1)
+        return self.logits
+
+    def finish(self, written: int) -> None:
+        cache = self.cache_ref()
+        cache.set_length(cache.length + written)

@@ -1,0 +1,178 @@
+"""Triton kernels for one decode step: the few places where a token's step is not a matrix-vector product.
+
+* `rms_norm`: optional residual add + RMSNorm in one pass (eager: ~8 kernels);
+* `rope_store`: rotate q and k at the step's position and write k, v into the cache at that position, the
+  position read from a device tensor (eager: ~12 kernels and a host-side index);
+* `decode_attention`: one query token's attention over a long cache, split along the keys so that every SM has
+  work (flash-decoding), grouped-query heads read their shared K/V once, the valid length read from a device
+  tensor so a captured graph serves every step.
+
+Each kernel rounds where the eager path rounds (in the model's dtype), so the captured step follows the eager
+step bit for bit except for the attention's summation order. Triton is imported lazily: CPU-only installs
+never need it (the eager step serves them).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ---- RMSNorm (with the residual add that precedes it) ------------------------------------------------------------
+@triton.jit
+def _rms_norm_kernel(X, R, W, OUT, SUM, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(X + offs, mask=m, other=0.0)
+    if HAS_RES:  # x + residual, rounded to the model dtype as the eager add is
+        x = (x.to(tl.float32) + tl.load(R + offs, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(SUM + offs, x, mask=m)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    normed = (xf * (1.0 / tl.sqrt(var + eps))).to(X.dtype.element_ty)
+    w = tl.load(W + offs, mask=m, other=0.0)
+    tl.store(OUT + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(OUT.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None, summed: torch.Tensor | None = None):
+    """norm(x [+ residual]) for one token's hidden vector; with a residual also returns x + residual."""
+    n = x.numel()
+    out = torch.empty_like(x) if out is None else out
+    if residual is not None and summed is None:
+        summed = torch.empty_like(x)
+    _rms_norm_kernel[(1,)](x, residual if residual is not None else x, weight, out,
+                           summed if summed is not None else out, eps, N=n, BLOCK=triton.next_power_of_2(n),
+                           HAS_RES=residual is not None, num_warps=8)
+    return (out, summed) if residual is not None else out
+
+
+# ---- RoPE + cache write ------------------------------------------------------------------------------------------
+@triton.jit
+def _rope_store_kernel(QKV, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, stride_kh, stride_kn, stride_vh, stride_vn,
+                       N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr):
+    head = tl.program_id(0)  # 0..N_HEADS-1: queries; then N_KV keys; then N_KV values
+    half = D // 2
+    offs = tl.arange(0, D)
+    partner = tl.where(offs < half, offs + half, offs - half)
+    sign = tl.where(offs < half, -1.0, 1.0)
+    x = tl.load(QKV + head * D + offs)
+    pos = tl.load(POS)
+    dt = x.dtype
+    if head < N_HEADS + N_KV:
+        # x*cos + rotate_half(x)*sin, each product rounded to the model dtype as the eager expression is
+        xp = tl.load(QKV + head * D + partner).to(tl.float32) * sign
+        a = (x.to(tl.float32) * tl.load(COS + offs).to(tl.float32)).to(dt)
+        b = (xp.to(dt).to(tl.float32) * tl.load(SIN + offs).to(tl.float32)).to(dt)
+        y = (a.to(tl.float32) + b.to(tl.float32)).to(dt)
+        if head < N_HEADS:
+            tl.store(Q_OUT + head * D + offs, y)
+        else:
+            tl.store(K_CACHE + (head - N_HEADS) * stride_kh + pos * stride_kn + offs, y)
+    else:
+        tl.store(V_CACHE + (head - N_HEADS - N_KV) * stride_vh + pos * stride_vn + offs, x)
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, q_out: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, head_dim: int) -> None:
+    """qkv [n_heads + 2 n_kv, head_dim] (one token) -> q_out rotated; k rotated and v written into
+    k_cache/v_cache [n_kv, capacity, head_dim] at position `pos` (a one-element device tensor)."""
+    _rope_store_kernel[(n_heads + 2 * n_kv,)](qkv, cos, sin, pos, q_out, k_cache, v_cache, k_cache.stride(0),
+                                             k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+                                             N_HEADS=n_heads, N_KV=n_kv, D=head_dim, num_warps=1)
+
+
+# ---- split-KV attention for one query token ----------------------------------------------------------------------
+@triton.jit
+def _attn_split_kernel(Q, K, V, LEN, O_PART, M_PART, L_PART, stride_kh, stride_kn, stride_vh, stride_vn, scale,
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SPLITS: tl.constexpr, IEEE: tl.constexpr):
+    kv = tl.program_id(0)
+    split = tl.program_id(1)
+    length = tl.load(LEN)
+    # the valid keys are shared evenly among the splits in whole tiles, whatever the buffer's capacity
+    per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, length)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (kv * G + offs_g)[:, None] * D + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    k_base = K + kv * stride_kh
+    v_base = V + kv * stride_vh
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    row = (kv * SPLITS + split) * G_PAD + offs_g
+    tl.store(O_PART + row[:, None] * D + offs_d[None, :], acc)
+    tl.store(M_PART + row, m_i)
+    tl.store(L_PART + row, l_i)
+
+
+@triton.jit
+def _attn_combine_kernel(O_PART, M_PART, L_PART, OUT, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                         SPLITS: tl.constexpr):
+    head = tl.program_id(0)
+    kv = head // G
+    g = head % G
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, D)
+    rows = (kv * SPLITS + offs_s) * G_PAD + g
+    m = tl.load(M_PART + rows)
+    l_part = tl.load(L_PART + rows)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)  # empty splits weigh nothing
+    acc = tl.load(O_PART + rows[:, None] * D + offs_d[None, :])
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_part * w, axis=0)
+    tl.store(OUT + head * D + offs_d, out.to(OUT.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _splits(device_index: int, n_kv: int) -> int:
+    """Enough (kv head, split) programs to fill the GPU about twice over; a power of two for the combine."""
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return min(256, triton.next_power_of_2(max(1, 2 * sms // n_kv)))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                     out: torch.Tensor | None = None, splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+    """q [n_heads, head_dim] (one token, RoPE applied) over k_cache/v_cache [n_kv, capacity, head_dim], of which
+    the first `length` (a one-element int device tensor) positions are valid -> [n_heads, head_dim]."""
+    n_heads, d = q.shape
+    n_kv = k_cache.shape[0]
+    g = n_heads // n_kv
+    g_pad = max(16, triton.next_power_of_2(g))  # tl.dot needs 16 rows
+    if splits is None:
+        splits = _splits(q.device.index or 0, n_kv) if q.device.type == "cuda" else 4
+    o_part = torch.empty((n_kv * splits * g_pad, d), dtype=torch.float32, device=q.device)
+    m_part = torch.empty((n_kv * splits * g_pad,), dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    _attn_split_kernel[(n_kv, splits)](q, k_cache, v_cache, length, o_part, m_part, l_part, k_cache.stride(0),
+                                      k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), d ** -0.5, G=g,
+                                      G_PAD=g_pad, D=d, BLOCK_N=block_n, SPLITS=splits,
+                                      IEEE=q.dtype == torch.float32, num_warps=4, num_stages=3)
+    out = torch.empty_like(q) if out is None else out
+    _attn_combine_kernel[(n_heads,)](o_part, m_part, l_part, out, G=g, G_PAD=g_pad, D=d, SPLITS=splits,
+                                     num_warps=4)
+    return out
