@@ -5,9 +5,9 @@
 Videos: `shapes.make_video(seed, length)` for seeds 100000.. (the held-out seed domain; training draws from
 another), 320x240, noise 4, asked as the task says (`sample_fps=1`, `max_num_frames` = length). They go in as
 1-fps frame lists resized to 384x384 the way the file path resizes (a 2-fps file sampled at 1 fps gives the same
-frames and timestamps 0.0, 1.0, ...), which skips encoding and decoding; `--files N` also writes N real files
-per length (mpeg4 and h264 alternately; sizes 160x120..640x480, noise sigma 8) and asks through the file path. Each video's prefix KV cache is reused
-across its 4 questions (same video, same settings), as `chat` does for a file.
+frames and timestamps 0.0, 1.0, ...), which skips encoding and decoding. `--files N` also writes N real files
+per length (mpeg4 and h264 alternately; 160x120 to 640x480; noise sigma 8) and asks through the file path.
+Each video's prefix KV cache is reused across its 4 questions (same video, same settings), as `chat` does.
 
 MODES is the hook: name -> function that sets the model's runtime switches. The bi-level decoding issue adds its
 sparse modes with `MODES["sparse ..."] = lambda model: ...`.
