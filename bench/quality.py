@@ -9,8 +9,8 @@ frames and timestamps 0.0, 1.0, ...), which skips encoding and decoding. `--file
 per length (mpeg4 and h264 alternately; 160x120 to 640x480; noise sigma 8) and asks through the file path.
 Each video's prefix KV cache is reused across its 4 questions (same video, same settings), as `chat` does.
 
-MODES is the hook: name -> function that sets the model's runtime switches. The bi-level decoding issue adds its
-sparse modes with `MODES["sparse ..."] = lambda model: ...`.
+MODES is the hook: name -> function that sets the model's runtime switches. Two bi-level decoding modes are in
+it (run them with `--modes`); more are one line each: `MODES["name"] = sparse("mask", 16, 4, budget)`.
 """
 from __future__ import annotations
 
@@ -37,15 +37,28 @@ FILE_SIZES = [(320, 240), (160, 120), (640, 480), (400, 300)]  # files: other si
 
 def chunked(mode: str, chunk: int, step: int, offload: bool = False):
     def apply(model):
+        model.config.enable_sparse = False
         model.config.enable_chunk_prefill = True
         model.config.prefill_config = {"chunk_prefill_mode": mode, "chunk_size": chunk, "step_size": step,
                                        "offload": offload, "chunk_size_for_vision_tower": 96}
     return apply
 
 
+def sparse(mode: str, chunk: int, step: int, budget: float, compression: int = 4):
+    """Bi-level KV decoding over a chunked prefill (the model card's enable_sparse)."""
+    prefill = chunked(mode, chunk, step)
+
+    def apply(model):
+        prefill(model)
+        model.config.enable_sparse = True
+        model.config.sparse_config = {"budget": budget, "compression": compression}
+    return apply
+
+
 def dense(model):
     model.config.enable_chunk_prefill = False
     model.config.prefill_config = None
+    model.config.enable_sparse = False
 
 
 MODES = {"dense": dense,
@@ -53,6 +66,9 @@ MODES = {"dense": dense,
          "streaming 4/1": chunked("streaming", 4, 1), "streaming 16/4": chunked("streaming", 16, 4),
          "streaming+offload 4/1": chunked("streaming", 4, 1, True),
          "streaming+offload 16/4": chunked("streaming", 16, 4, True)}
+PREFILL_MODES = list(MODES)  # the default set
+MODES.update({"sparse 16/4 budget 0.25": sparse("mask", 16, 4, 0.25),
+              "sparse 4/1 budget 0.25": sparse("mask", 4, 1, 0.25)})  # bi-level decoding: --modes to run
 
 
 class FrameKey:
@@ -150,7 +166,7 @@ def main() -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--videos", type=int, default=100)
     ap.add_argument("--files", type=int, default=0, help="real mpeg4/h264 files per length, besides frame lists")
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=PREFILL_MODES, choices=list(MODES))
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--time-limit", type=float, nargs="+", default=[1e9],
