@@ -112,7 +112,11 @@ def test_cli_demo_and_chat(tiny_dir, clip_path, capsys):
     assert main(["chat", clip_path, "What happens?", "--model", tiny_dir, "--max-new-tokens", "5",
                  "--no-progress", "--chunk-prefill", "streaming", "--chunk-size", "2", "--offload"]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() and "prefill streaming, 2 blocks" in err and "KVs offloaded" in err
+    assert out.strip() and "prefill streaming, 2 blocks" in err
+    if torch.cuda.is_available():
+        assert "KVs offloaded" in err
+    else:  # on a CPU there is nowhere to offload to: say so, claim nothing
+        assert "KVs offloaded" not in err and "note: --offload has no effect on a CPU" in err
     assert main(["inspect", tiny_dir]) == 0
     assert "status: OK" in capsys.readouterr().out
 

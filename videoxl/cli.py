@@ -1,6 +1,7 @@
 """Command line: `videoxl chat`, `videoxl inspect`, `videoxl make-tiny`.
 
-Every user error ends in one line on stderr and exit code 2; the answer streams to stdout as it is generated.
+Every user error ends in one line on stderr and exit code 2 (3 for memory); the answer streams to stdout as it
+is generated. Every setting and the video's header are checked before the (slow) model load.
 """
 from __future__ import annotations
 
@@ -9,14 +10,33 @@ import os
 import sys
 
 from .chunking import PrefillConfig
+from .console import AnswerTimer, Loading, err, json_line, questions, report, show_warnings_as_lines
 from .decoding.sparse_config import SparseConfig
-from .errors import VideoXLError
+from .errors import VideoXLError, VideoXLMemoryError
 
 DEFAULT_QUESTION = "Describe this video."
+CHUNK_DEFAULTS = PrefillConfig()  # what --chunk-size etc. are with --chunk-prefill when not given
+SPARSE_DEFAULTS = SparseConfig()  # what --sparse-budget etc. are with --sparse when not given
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless the text already names it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        default = action.default
+        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
+        return f"{text} (default: {shown})"
 
 
 def optional_float(text: str):
     return None if text.lower() in ("none", "uniform") else float(text)
+
+
+def optional_int(text: str):
+    return None if text.lower() == "none" else int(text)
 
 
 def budget_value(text: str):
@@ -35,21 +55,21 @@ def time_spans(text: str) -> list[list[float]]:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-num-frames", type=int, default=150, help="most frames to sample (default 150)")
+    p.add_argument("--max-num-frames", type=int, default=150, help="most frames to sample")
     p.add_argument("--sample-fps", type=optional_float, default=1.0,
-                   help="frames per second to sample; 'none' = uniform over the video (default 1)")
+                   help="frames per second to sample; 'none' = uniform over the video")
     p.add_argument("--max-sample-fps", type=optional_float, default=None,
-                   help="raise the rate up to this when the video is short (default: off)")
+                   help="raise the rate up to this when the video is short; 'none' = off")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty; 1 = off")
+    p.add_argument("--seed", type=optional_int, default=None, help="sampling seed; 'none' = random")
 
 
 def generation_config(args) -> dict:
@@ -59,53 +79,71 @@ def generation_config(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="videoxl", description="Ask questions about videos with Video-XL-2.")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="videoxl", description="Ask questions about videos with Video-XL-2.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"videoxl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    chat = sub.add_parser("chat", help="answer a question about a video")
+    chat = sub.add_parser("chat", help="answer a question about a video", formatter_class=HelpFormatter)
     chat.add_argument("video", nargs="?", help="video file, image, or folder of images")
-    chat.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
-    chat.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer)")
+    chat.add_argument("question", nargs="?", default=None,
+                      help="the question; without one, questions are read one per line (as with -i)")
+    chat.add_argument("-i", "--interactive", action="store_true",
+                      help="after the question (if any), read more questions on the same video, one per line, "
+                           "until end of input or 'exit'; the video is decoded and prefilled once")
+    chat.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer); needed unless "
+                                      "--demo (default: none)")
     chat.add_argument("--demo", action="store_true",
-                      help="use the tiny model trained on the synthetic 'shapes' task (no VIDEO: it draws a "
-                           "task video and asks its four questions)")
-    chat.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    chat.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU)")
+                      help="use the tiny model trained on the synthetic 'shapes' task, shipped in the package "
+                           "(no VIDEO: it draws a task video and asks its four questions)")
+    chat.add_argument("--device", default="auto", help="cuda, cuda:1, cpu; auto = cuda if available, else cpu")
+    chat.add_argument("--dtype", default="auto",
+                      help="bfloat16, float16, float32; auto = bfloat16 on a GPU, float32 on a CPU")
+    chat.add_argument("--json", action="store_true",
+                      help="print one JSON object per answer ({question, answer, stats}) instead of the text")
     chat.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_sampling_args(chat)
     add_generation_args(chat)
     chunk = chat.add_argument_group("chunk-based prefill (the model card's prefill_config)")
     chunk.add_argument("--chunk-prefill", choices=["streaming", "mask"], default=None,
-                       help="enable chunk-based prefill in this mode (default: dense prefill)")
-    chunk.add_argument("--chunk-size", type=int, default=4,
-                       help="attention window, in groups of 4 frames (default 4)")
-    chunk.add_argument("--step-size", type=int, default=1,
-                       help="groups of 4 frames per block; must divide --chunk-size (default 1)")
-    chunk.add_argument("--offload", action="store_true", help="keep the KVs in CPU memory")
-    chunk.add_argument("--vision-chunk", type=int, default=24,
-                       help="frames per vision-tower batch, a multiple of 4 (default 24)")
+                       help="enable chunk-based prefill in this mode; none = dense prefill")
+    chunk.add_argument("--chunk-size", type=int, default=None,
+                       help=f"attention window, in groups of 4 frames (default: {CHUNK_DEFAULTS.chunk_size})")
+    chunk.add_argument("--step-size", type=int, default=None,
+                       help=f"groups of 4 frames per block; must divide --chunk-size "
+                            f"(default: {CHUNK_DEFAULTS.step_size})")
+    chunk.add_argument("--offload", action="store_true", help="keep the KVs in CPU memory (helps on a GPU only)")
+    chunk.add_argument("--vision-chunk", type=int, default=None,
+                       help=f"frames per vision-tower batch, a multiple of 4 "
+                            f"(default: {CHUNK_DEFAULTS.chunk_size_for_vision_tower})")
 
     sparse = chat.add_argument_group("bi-level KV decoding (the model card's enable_sparse; needs --chunk-prefill)")
     sparse.add_argument("--sparse", action="store_true",
                         help="keep only the blocks the question needs dense, the rest pooled (default: off)")
-    sparse.add_argument("--sparse-budget", type=budget_value, default=0.25,
-                        help="share of blocks kept dense (0.25) or a whole number of blocks (8) (default 0.25)")
-    sparse.add_argument("--sparse-compression", type=int, default=4,
-                        help="visual KVs of a pooled block averaged over this many tokens (default 4)")
+    sparse.add_argument("--sparse-budget", type=budget_value, default=None,
+                        help=f"share of blocks kept dense (0.25) or a whole number of blocks (8) "
+                             f"(default: {SPARSE_DEFAULTS.budget})")
+    sparse.add_argument("--sparse-compression", type=int, default=None,
+                        help=f"visual KVs of a pooled block averaged over this many tokens "
+                             f"(default: {SPARSE_DEFAULTS.compression})")
     sparse.add_argument("--dense-times", type=time_spans, default=None,
                         help="seconds that must stay dense, e.g. '10-25,300-320' (default: none)")
 
     inspect = sub.add_parser("inspect", help="show what a checkpoint folder holds and whether it loads")
     inspect.add_argument("model")
 
-    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the released format")
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the released format",
+                          formatter_class=HelpFormatter)
     tiny.add_argument("out")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     return parser
 
 
 def progress_stages(args) -> set[str]:
-    if args.no_progress:
+    if args.no_progress or args.json:
         return set()
     # On a terminal the streamed answer is the decoding progress; a bar would write over it.
     return {"vision", "prefill"} if sys.stdout.isatty() else {"vision", "prefill", "decode"}
@@ -116,19 +154,22 @@ def cmd_chat(args) -> int:
 
     if args.demo:  # the shipped tiny model trained on the "shapes" task (videoxl/demo.py)
         from .demo import NOTICE, demo_model_path
+        from .shapes import QUESTIONS
 
         model_dir, video = args.model or demo_model_path(), args.video
+        if video and not os.path.exists(video) and args.question is None:
+            video, args.question = None, video  # `videoxl chat --demo "question"`
         print(NOTICE, file=sys.stderr)
-        if args.question == DEFAULT_QUESTION:
-            from .shapes import QUESTIONS
-
-            args.question = QUESTIONS["needle"]  # the model knows nothing else
-        if video is None:
+        if video is None:  # draw a task video into the cache folder and ask about it
             from .demo import quiz
 
-            model, tokenizer = videoxl.load(model_dir, device=args.device, dtype=args.dtype)
-            quiz(model, tokenizer, seed=args.seed)
+            with Loading(model_dir):
+                model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
+                                                dtype=None if args.dtype == "auto" else args.dtype)
+            quiz(model, tokenizer, seed=args.seed, questions=[args.question] if args.question else None)
             return 0
+        if args.question is None:
+            args.question = QUESTIONS["needle"]  # the model knows nothing else
     else:
         if not args.model:
             raise VideoXLError("give --model DIR (a Video-XL-2 checkpoint folder), or --demo")
@@ -137,61 +178,83 @@ def cmd_chat(args) -> int:
         model_dir, video = args.model, args.video
     if isinstance(video, str) and not os.path.exists(video):
         raise VideoXLError(f"video not found: {video}")  # before the (slow) model load
-    prefill_config = None
-    if args.chunk_prefill:
-        prefill_config = {"chunk_prefill_mode": args.chunk_prefill, "chunk_size": args.chunk_size,
-                          "step_size": args.step_size, "offload": args.offload,
-                          "chunk_size_for_vision_tower": args.vision_chunk}
-        PrefillConfig.from_dict(prefill_config)  # settings errors before the (slow) model load
-    sparse_config = None
-    if args.sparse:
-        if not args.chunk_prefill:
-            raise VideoXLError("--sparse (bi-level decoding) needs --chunk-prefill streaming|mask: its blocks are "
-                               "what is kept dense")
-        sparse_config = {"budget": args.sparse_budget, "compression": args.sparse_compression,
-                         "dense_times": args.dense_times}
-        SparseConfig.from_dict(dict(sparse_config))
-    model, tokenizer = videoxl.load(model_dir, device=args.device, dtype=args.dtype)
+    prefill_config, sparse_config = check_before_load(args, video)
+    with Loading(model_dir):
+        model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
+                                        dtype=None if args.dtype == "auto" else args.dtype)
+    if model.config.random_weights and not args.demo:
+        err(f"note: {model_dir} holds RANDOM weights (made by `videoxl make-tiny`): the answers are noise")
     if prefill_config:
+        if args.offload and model.device.type != "cuda":
+            err("note: --offload has no effect on a CPU (the KVs are in CPU memory already)")
         model.config.enable_chunk_prefill = True
         model.config.prefill_config = prefill_config
     if sparse_config:
         model.config.enable_sparse, model.config.sparse_config = True, sparse_config
-
-    def write(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    model.chat(video, tokenizer, args.question, max_num_frames=args.max_num_frames, sample_fps=args.sample_fps,
-               max_sample_fps=args.max_sample_fps, generation_config=generation_config(args),
-               show_progress=progress_stages(args), on_text=write)
-    sys.stdout.write("\n")
-    print(report(model.last_stats), file=sys.stderr)
+    interactive = args.interactive or (args.question is None and not args.demo)
+    history = []
+    for question in questions(args.question) if interactive else [args.question]:
+        timer = AnswerTimer(None if args.json else write)
+        answer, history = model.chat(video, tokenizer, question, chat_history=history, return_history=True,
+                                     max_num_frames=args.max_num_frames, sample_fps=args.sample_fps,
+                                     max_sample_fps=args.max_sample_fps, generation_config=generation_config(args),
+                                     show_progress=progress_stages(args), on_text=timer)
+        stats = timer.finish(model.last_stats)
+        write(json_line(question, answer, stats) + "\n" if args.json else "\n")
+        err(report(stats, model.device.type))
     return 0
 
 
-def report(s: dict) -> str:
-    """One line on what the last question cost: frames, blocks, attention share, times, peak GPU memory."""
-    parts = [f"{s['frames']} frames", f"{s['groups']} groups of 4", f"{s['prompt_tokens']} prompt tokens",
-             f"prefill {s['prefill']}"]
-    if "blocks" in s:
-        parts.append(f"{s['blocks']} blocks, {100 * s['attended_share']:.1f}% of attention pairs computed"
-                     + (", KVs offloaded" if s.get("offload") else ""))
-    for key, name in (("vision_s", "decode + vision"), ("prefill_s", "prefill")):
-        if key in s:
-            parts.append(f"{name} {s[key]:.2f}s")
-    if "peak_gpu_gb" in s:
-        parts.append(f"peak GPU {s['peak_gpu_gb']:.1f} GiB")
-    if "dense_blocks" in s:
-        spans = ", ".join(f"{a:g}-{b:g}s" for a, b in s["dense_blocks"])
-        parts.append(f"bi-level: {len(s['dense_blocks'])} of {s['blocks']} blocks dense ({spans}), "
-                     f"{100 * s['kept_share']:.0f}% of the video's KVs kept")
-    if s.get("ttft_s") is not None:
-        parts.append(f"first token {s['ttft_s']:.2f}s")
-    if s.get("decode_tokens_per_s"):
-        parts.append(f"{s['generated_tokens']} tokens at {s['decode_tokens_per_s']:.1f} tokens/s "
-                     f"({s['decode_path']} decode)")
-    return "[" + ", ".join(parts) + "]"
+def write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def check_before_load(args, video) -> tuple[dict | None, dict | None]:
+    """Every setting, and the video file's header, checked before the (slow) model load; returns the
+    prefill_config (None: dense prefill) and the sparse_config (None: dense decoding)."""
+    from .generate import GenerationConfig
+    from .video import IMAGE_EXTENSIONS, check_sampling, open_video
+
+    check_sampling(args.max_num_frames, args.sample_fps, args.max_sample_fps)
+    GenerationConfig.from_dict(generation_config(args))
+    only_with("--chunk-prefill streaming|mask", args.chunk_prefill,
+              {"--chunk-size": args.chunk_size, "--step-size": args.step_size, "--vision-chunk": args.vision_chunk,
+               "--offload": args.offload or None})
+    if args.sparse and not args.chunk_prefill:
+        raise VideoXLError("--sparse (bi-level decoding) needs --chunk-prefill streaming|mask: its blocks are what is "
+                           "kept dense")
+    only_with("--sparse", args.sparse, {"--sparse-budget": args.sparse_budget,
+                                        "--sparse-compression": args.sparse_compression,
+                                        "--dense-times": args.dense_times})
+    if isinstance(video, str) and os.path.isfile(video) and \
+            os.path.splitext(video)[1].lower() not in IMAGE_EXTENSIONS:
+        open_video(video, args.max_num_frames, args.sample_fps, args.max_sample_fps)  # reads the header only
+    if not args.chunk_prefill:
+        return None, None
+    d = CHUNK_DEFAULTS
+    prefill = {"chunk_prefill_mode": args.chunk_prefill,
+               "chunk_size": d.chunk_size if args.chunk_size is None else args.chunk_size,
+               "step_size": d.step_size if args.step_size is None else args.step_size, "offload": args.offload,
+               "chunk_size_for_vision_tower": d.chunk_size_for_vision_tower if args.vision_chunk is None
+               else args.vision_chunk}
+    PrefillConfig.from_dict(prefill)
+    if not args.sparse:
+        return prefill, None
+    sparse = {"budget": SPARSE_DEFAULTS.budget if args.sparse_budget is None else args.sparse_budget,
+              "compression": SPARSE_DEFAULTS.compression if args.sparse_compression is None
+              else args.sparse_compression, "dense_times": args.dense_times}
+    SparseConfig.from_dict(dict(sparse))
+    return prefill, sparse
+
+
+def only_with(needed: str, present, options: dict) -> None:
+    """Options that only mean something with another one are an error without it, not silently ignored."""
+    given = [flag for flag, value in options.items() if value is not None]
+    if given and not present:
+        many = len(given) > 1
+        raise VideoXLError(f"{', '.join(given)} only appl{'y' if many else 'ies'} with {needed}: add it, or drop "
+                           f"{'them' if many else 'it'}")
 
 
 def cmd_inspect(args) -> int:
@@ -205,6 +268,11 @@ def cmd_inspect(args) -> int:
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise VideoXLError(f"{args.out} exists and is not a folder")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
+        raise VideoXLError(f"{args.out} is not empty ({len(os.listdir(args.out))} entries), its files would be "
+                           "overwritten: pick a new or empty folder, or add --force")
     make_tiny(args.out, seed=args.seed)
     print(f"wrote a tiny random-weight Video-XL-2 checkpoint to {args.out}")
     return 0
@@ -213,8 +281,12 @@ def cmd_make_tiny(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"chat": cmd_chat, "inspect": cmd_inspect, "make-tiny": cmd_make_tiny}[args.command]
+    show_warnings_as_lines()
     try:
         return handler(args)
+    except VideoXLMemoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except VideoXLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

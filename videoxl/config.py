@@ -46,6 +46,7 @@ class TextConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
     tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768  # the context Qwen2.5-7B was trained for (caps the question's length)
 
     @property
     def head_dim(self) -> int:
@@ -88,6 +89,7 @@ class VideoXLConfig:
     prefill_config: dict | None = None
     enable_sparse: bool = False
     sparse_config: dict | None = None  # bi-level decoding settings (decoding/sparse_config.py)
+    random_weights: bool = False  # written by `videoxl make-tiny` (key `videoxl_random_weights`): say so to users
 
     @property
     def tokens_per_group(self) -> int:
@@ -109,6 +111,7 @@ class VideoXLConfig:
             mm_spatial_pool_stride=d.get("mm_spatial_pool_stride", 2) or 2,
             mm_spatial_pool_mode=d.get("mm_spatial_pool_mode", "average") or "average",
             mm_vision_tower=d.get("mm_vision_tower", "google/siglip-so400m-patch14-384"),
+            random_weights=d.get("videoxl_random_weights") is True,
         )
         cfg.validate()
         return cfg
@@ -144,6 +147,8 @@ class VideoXLConfig:
             image_aspect_ratio="pad",
             vision_config={f.name: getattr(self.vision, f.name) for f in fields(VisionConfig)},
         )
+        if self.random_weights:
+            d["videoxl_random_weights"] = True
         return d
 
     def validate(self) -> None:
@@ -151,7 +156,8 @@ class VideoXLConfig:
         positive = {
             "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
             "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads, "vision_config.hidden_size": v.hidden_size,
+            "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": t.max_position_embeddings,
+            "vision_config.hidden_size": v.hidden_size,
             "vision_config.num_hidden_layers": v.num_hidden_layers, "mm_hidden_size": self.mm_hidden_size,
         }
         for key, value in positive.items():

@@ -182,6 +182,8 @@ def load_tokenizer(model_dir: str):
 
 def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
     """`videoxl.load(path)` -> (model, tokenizer). Defaults: CUDA + bfloat16 when there is a GPU, else CPU + fp32."""
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise VideoXLError(f"model path must be a folder path (str), got {type(model_dir).__name__}")
     model_dir = os.fspath(model_dir)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
@@ -211,12 +213,13 @@ def parse_device(device) -> torch.device:
 def parse_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise VideoXLError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+    if isinstance(dtype, torch.dtype) and dtype in names.values():
+        return dtype
+    if not isinstance(dtype, str) or dtype not in names:
+        raise VideoXLError(f"dtype must be one of {sorted(names)} (or torch.float32 / bfloat16 / float16), "
+                           f"got {dtype!r}")
     return names[dtype]
 
 
@@ -240,6 +243,8 @@ def inspect_checkpoint(model_dir: str) -> tuple[bool, str]:
         + f" (total {sum(report.groups.values()) / 1e6:.2f}M)",
         f"tensors: {len(report.found)} used, {len(report.ignored)} present but unused at inference",
         "status: OK, loads" if report.ok else "status: " + report.problem(),
+        *(["weights: RANDOM (made by `videoxl make-tiny`): it runs, its answers are noise"]
+          if cfg.random_weights else []),
     ]
     tok = any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.json"))
     lines.append("tokenizer: found" if tok else "tokenizer: MISSING (tokenizer.json or vocab.json)")

@@ -25,9 +25,11 @@ from .decoding import decode_step, generate_tokens
 from .decoding.bilevel import bilevel_question
 from .decoding.sparse_config import SparseConfig
 from .generate import Detokenizer, GenerationConfig
+from .inputs import answer_stats, check_history, check_request, frame_stats, history_messages, memory_errors
 from .kv_store import KVStore
+from .memory import check_fits
 from .prefill import dense_prefill, mask_prefill, streaming_prefill
-from .prompt import VideoPrompt, build_prompt, normalise_history
+from .prompt import VideoPrompt, build_prompt
 from .video import Clip, FrameStream, open_video
 from .vision import VisionEncoder
 
@@ -125,39 +127,31 @@ class VideoXL(nn.Module):
         answer = "".join(pieces)
         if not return_history:
             return answer
-        history = list(chat_history or [])
-        if history and not isinstance(history[0], dict):
-            history = [m for q, a in history for m in ({"role": "user", "content": q},
-                                                      {"role": "assistant", "content": a})]
-        history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        return answer, history
+        return answer, history_messages(check_history(chat_history) + [(question, answer)])
 
     def stream_chat(self, video_path, tokenizer, question: str, chat_history=None, max_num_frames: int = 150,
                     sample_fps: float | None = 1, max_sample_fps: float | None = None,
                     generation_config: dict | None = None, show_progress: bool = False) -> Iterator[str]:
         """`chat`, yielding the answer's text as it is generated."""
-        if not isinstance(question, str) or not question.strip():
-            raise VideoXLError("question must be a non-empty string")
-        self._t_question = time.perf_counter()
-        gen = GenerationConfig.from_dict(generation_config)
-        chunking, sparse = self._check_runtime_settings()
-        history = normalise_history(chat_history)
-        with torch.inference_mode():
-            prefix = self._video_prefix(video_path, tokenizer, question, history, max_num_frames, sample_fps,
-                                        max_sample_fps, chunking, show_progress)
+        r = check_request(self.config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
+                          max_sample_fps, generation_config)
+        (chunking, sparse), before, self._t_question = self._check_runtime_settings(), self._prefix, time.perf_counter()
+        with torch.inference_mode(), memory_errors(self.device, r.max_num_frames, chunking is not None):
+            prefix = self._video_prefix(r.video, tokenizer, question, r.history, r.max_num_frames, r.sample_fps,
+                                        r.max_sample_fps, chunking, show_progress)
             prompt = build_prompt(tokenizer, question, prefix.prompt.timestamps, self.config.tokens_per_group,
-                                  self._placeholder_id(tokenizer), history)
+                                  self._placeholder_id(tokenizer), r.history)
             cache = prefix.cache
             cache.truncate(prompt.video_end)
             tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=self.device)
-            self.last_stats = dict(prefix.stats, prompt_tokens=len(prompt))
+            self.last_stats = answer_stats(prefix.stats, prefix is before, len(prompt))
             if sparse is None:
                 logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
             else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
                 cache, logits, info = bilevel_question(self.decoder, cache, tail, sparse, prompt.timestamps,
-                                                       chunking.groups_per_block, gen.max_new_tokens)
+                                                       chunking.groups_per_block, r.gen.max_new_tokens)
                 self.last_stats.update(info)
-            yield from self._generate(logits, cache, tokenizer, gen, prompt.input_ids, show_progress)
+            yield from self._generate(logits, cache, tokenizer, r.gen, prompt.input_ids, show_progress)
 
     # ---- steps ------------------------------------------------------------------------------------------------
     def _check_runtime_settings(self) -> tuple[PrefillConfig | None, SparseConfig | None]:
@@ -240,6 +234,7 @@ class VideoXL(nn.Module):
         timer = StageTimer(self.device)
         stream = open_video(video_path, max_num_frames, sample_fps, max_sample_fps)
         per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
+        check_fits(self, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice)
         visual = self.encode_stream(stream, per_slice, show_progress)
         timer.lap("vision_s")  # video decoding included: it runs alongside
         frames = len(stream.kept)
@@ -249,7 +244,8 @@ class VideoXL(nn.Module):
         embeds = self.embed_prompt(prompt, visual, prompt.video_end)
         del visual
         store = self.decoder.new_cache(capacity=len(prompt) + 512, offload=bool(chunking and chunking.offload))
-        stats = {"frames": frames, "groups": len(prompt.group_starts), "video_tokens": prompt.video_end}
+        stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
+                 "video_tokens": prompt.video_end}
         stats.update(self.prefill(embeds, store, prompt, chunking, show_progress))
         timer.lap("prefill_s")
         stats.update(timer.report())

@@ -91,6 +91,7 @@ def save_checkpoint(out_dir: str, cfg: VideoXLConfig, state: dict[str, torch.Ten
 def make_tiny(out_dir: str, seed: int = 0, vocab_size: int = 512) -> str:
     """Write a tiny random-weight Video-XL-2 checkpoint folder; returns its path."""
     cfg = tiny_config(vocab_size)
+    cfg.random_weights = True  # `inspect` and `chat` tell users
     make_tokenizer(out_dir, vocab_size)
     save_checkpoint(out_dir, cfg, random_state(cfg, seed))
     return out_dir

@@ -1,0 +1,94 @@
+"""The memory estimate (`videoxl/memory.py`) against the measured peaks of `bench/prefill.py`, and the frames
+that fit on 24 / 40 / 80 GB cards per mode. CPU only: it reads `bench/results/*.json`, measures nothing.
+
+    python bench/memory.py [--out bench/results/memory_estimate.json]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from videoxl.memory import GiB, estimate, max_frames  # noqa: E402
+from videoxl.model import VideoXL  # noqa: E402
+from videoxl.tiny import full_size_config  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+WAY_TO_MODE = {"dense": "dense", "mask": "mask", "streaming": "streaming+offload"}  # bench's streaming offloads
+CARDS_GB = (24, 40, 80)
+CONTEXT_GIB = 1.0  # the CUDA context and what else the card holds: not free to us
+VISION_SLICE = {"dense": 96, "mask": 24, "streaming": 24, "streaming+offload": 24}  # chat's / the CLI's defaults
+
+
+def full_size_weights(dtype_bytes: int = 2) -> int:
+    with torch.device("meta"):
+        model = VideoXL(full_size_config())
+    return sum(p.numel() for p in model.parameters()) * dtype_bytes
+
+
+def measured_runs() -> list[dict]:
+    """Every (frames, way) measured on the GPU once (the newest file wins), transformers' way left out."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "prefill_*.json")), key=os.path.getmtime):
+        data = json.load(open(path))
+        for r in data["runs"]:
+            if r.get("way") in WAY_TO_MODE and isinstance(r.get("peak_gb"), (int, float)):
+                runs[(r["frames"], r["way"])] = dict(r, device=data["device"],
+                                                     slice=data["chunking"]["chunk_size_for_vision_tower"])
+    return [runs[k] for k in sorted(runs)]
+
+
+def comparison(weights: int) -> list[dict]:
+    cfg = full_size_config()
+    rows = []
+    for r in measured_runs():
+        mode = WAY_TO_MODE[r["way"]]
+        e = estimate(cfg, r["frames"], mode, weights, r["tokens"], r["slice"], 2)
+        rows.append({"frames": r["frames"], "mode": mode, "tokens": r["tokens"], "measured_gib": r["peak_gb"],
+                     "estimate_gib": round(e.total / GiB, 2),
+                     "error": round(e.total / GiB / r["peak_gb"] - 1, 4), "device": r["device"]})
+    return rows
+
+
+def card_table(weights: int) -> list[dict]:
+    cfg = full_size_config()
+    rows = []
+    for mode in ("dense", "mask", "streaming", "streaming+offload"):
+        row = {"mode": mode, "vision_slice": VISION_SLICE[mode]}
+        for gb in CARDS_GB:
+            budget = int((gb - CONTEXT_GIB) * GiB)
+            row[f"{gb}GB"] = max_frames(cfg, budget, mode, weights, VISION_SLICE[mode], 2)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(RESULTS, "memory_estimate.json"))
+    args = ap.parse_args()
+    weights = full_size_weights()
+    comp, cards = comparison(weights), card_table(weights)
+    print(f"weights (bf16): {weights / GiB:.2f} GiB\n")
+    print("| frames | mode | prompt tokens | measured peak (GiB) | estimate (GiB) | error |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for r in comp:
+        print(f"| {r['frames']} | {r['mode']} | {r['tokens']} | {r['measured_gib']} | {r['estimate_gib']} | "
+              f"{100 * r['error']:+.1f}% |")
+    print("\n| mode (vision batch) | " + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |")
+    print("|---|" + "---:|" * len(CARDS_GB))
+    for r in cards:
+        print(f"| {r['mode']} ({r['vision_slice']}) | " + " | ".join(f"{r[f'{gb}GB']:,}" for gb in CARDS_GB)
+              + " |")
+    with open(args.out, "w") as f:
+        json.dump({"weights_gib": round(weights / GiB, 3), "comparison": comp, "cards": cards,
+                   "context_gib": CONTEXT_GIB}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

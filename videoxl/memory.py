@@ -1,0 +1,167 @@
+"""Peak GPU memory of a question, estimated before any frame is decoded, and the check that stops a run that
+would not fit (with a setting that would).
+
+The estimate adds up the tensors the code holds at its two peaks, per token or per frame, from the config:
+
+* vision: frames are encoded `frames_per_slice` at a time; a slice holds, per SigLIP patch token, the residual
+  stream, the layernorm output, q, k, v and the attention output (6 x vision width) and the MLP's fc1 output and
+  GELU (2 x vision MLP width); the visual tokens made so far are held twice while they are concatenated.
+* prefill, per token of the prompt up to the end of the video (the input embeddings are held throughout):
+  - dense (layer at a time): the KVs of all layers + embeddings, hidden states and one layer's queries twice
+    while they are concatenated (4 x hidden); then the MLP of one 16,384-token slice (3 x MLP width);
+  - 'streaming' (layer at a time, block-sparse): embeddings, hidden states, queries, queries gathered into the
+    attention order and the attention output (5 x hidden) + the gathered K/V; the KVs of all layers, or with
+    offload only two staging slots of one layer's K/V;
+  - 'mask' (one forward pass over the whole sequence): embeddings, the residual stream and its layernorm output
+    (3 x hidden) + the MLP's SiLU output, up projection and their product for every token (3 x MLP width) +
+    the KVs of all layers.
+Weights are counted exactly. `bench/RESULTS.md` compares the estimate with the measured peaks (H200, bf16):
+within 10% from 256 to 10,000 frames in all three modes (`tests/test_memory.py` holds it to 15%).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import FRAMES_PER_GROUP, VideoXLConfig
+from .errors import VideoXLMemoryError
+
+GiB = 2**30
+SLICE_TOKENS = 16384  # prefill.STREAM_TOKENS_PER_SLICE (not imported: prefill pulls in the attention kernels)
+TIME_TOKENS = 9  # tokens of one `Time 123.5s:` string (Qwen2 splits digits)
+HEADROOM = 1.20  # on the working memory: allocator fragmentation, and the estimate runs up to 10% low in total
+MODES = ("dense", "mask", "streaming", "streaming+offload")
+CLI_FLAGS = {"dense": "no --chunk-prefill", "mask": "--chunk-prefill mask",
+             "streaming": "--chunk-prefill streaming", "streaming+offload": "--chunk-prefill streaming --offload",
+             "mask+offload": "--chunk-prefill mask --offload"}
+
+
+@dataclass
+class Estimate:
+    mode: str
+    frames: int
+    tokens: int
+    weights: int  # bytes
+    vision: int  # bytes above the weights at the vision peak
+    prefill: int  # bytes above the weights at the prefill peak
+
+    @property
+    def total(self) -> int:
+        return self.weights + max(self.vision, self.prefill)
+
+    @property
+    def working(self) -> int:
+        return self.total - self.weights
+
+
+def video_tokens(config: VideoXLConfig, frames: int, text_tokens: int = 40) -> int:
+    """Prompt tokens up to the end of the video (system prompt + per group `Time …s:` and visual tokens)."""
+    groups = math.ceil(frames / FRAMES_PER_GROUP)
+    return text_tokens + groups * (config.tokens_per_group + TIME_TOKENS)
+
+
+def estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, tokens: int | None = None,
+             frames_per_slice: int = 96, dtype_bytes: int = 2) -> Estimate:
+    """Peak memory of vision + prefill for `frames` frames with `weights` bytes of parameters; `tokens` =
+    prompt tokens through the video when known, else from the frame count."""
+    t, v, b = config.text, config.vision, dtype_bytes
+    n = tokens if tokens is not None else video_tokens(config, frames)
+    hidden, mlp = t.hidden_size, t.intermediate_size
+    kv_token = t.num_key_value_heads * t.head_dim  # one layer's K (or V) per token, elements
+    all_kv = 2 * t.num_hidden_layers * kv_token * b
+    rope = 2 * t.head_dim * b
+    groups = math.ceil(frames / FRAMES_PER_GROUP)
+    visual = groups * config.tokens_per_group * hidden * b
+    per_frame = (v.image_size // v.patch_size) ** 2 * (6 * v.hidden_size + 2 * v.intermediate_size) * b
+    vision = min(frames_per_slice, frames) * per_frame + 2 * visual
+    base, offload = mode.split("+")[0], mode.endswith("+offload")
+    kv = 4 * kv_token * b if offload else all_kv  # offload: two GPU staging slots of one layer
+    if base == "dense":
+        attention = n * (all_kv + 4 * hidden * b + rope)
+        mlp_phase = n * (all_kv + 3 * hidden * b + rope) + min(n, SLICE_TOKENS) * 3 * mlp * b
+        prefill = max(attention, mlp_phase)
+    elif base == "streaming":
+        attention = n * (kv + (5 * hidden + 2 * kv_token) * b + rope)
+        mlp_phase = n * (kv + 3 * hidden * b + rope) + min(n, SLICE_TOKENS) * 3 * mlp * b
+        prefill = max(attention, mlp_phase)
+    elif base == "mask":
+        prefill = n * (kv + (3 * hidden + 3 * mlp) * b + rope)
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return Estimate(mode, frames, n, weights, vision, prefill)
+
+
+def max_frames(config: VideoXLConfig, budget: int, mode: str, weights: int, frames_per_slice: int = 96,
+               dtype_bytes: int = 2, limit: int = 1 << 20) -> int:
+    """The most frames (a multiple of 4) whose estimate, with headroom, fits in `budget` bytes; 0 if none."""
+    def fits(frames):
+        e = estimate(config, frames, mode, weights, None, frames_per_slice, dtype_bytes)
+        return e.weights + e.working * HEADROOM <= budget
+
+    if not fits(FRAMES_PER_GROUP):
+        return 0
+    lo, hi = 1, limit // FRAMES_PER_GROUP  # in groups of 4 frames
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * FRAMES_PER_GROUP) else (lo, mid - 1)
+    return lo * FRAMES_PER_GROUP
+
+
+def mode_of(chunking) -> str:
+    if chunking is None:
+        return "dense"
+    return chunking.chunk_prefill_mode + ("+offload" if chunking.offload else "")
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory the next allocations can use on `device`: free on the card + what torch holds but does not use.
+    None on a CPU (host memory is shared and overcommitted: no estimate there would be trustworthy)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames_per_slice: int) -> Estimate | None:
+    """Stop before any frame is decoded when the estimate does not fit what the device has free; the message
+    gives the estimate and a setting that would fit. `texts`: the question and the history's turns."""
+    available = free_bytes(model.device)
+    if available is None:
+        return None
+    text_tokens = 40 + sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    b = model.dtype.itemsize
+    w = sum(p.numel() * p.element_size() for p in model.parameters())  # already resident
+    mode = mode_of(chunking)
+    tokens = video_tokens(model.config, frames, text_tokens)
+    est = estimate(model.config, frames, mode, w, tokens, frames_per_slice, b)
+    if est.working * HEADROOM <= available:
+        return est
+    head = (f"{frames} frames need ~{gib(est.total)} in {mode} mode ({gib(est.weights)} weights + "
+            f"{gib(est.working)} working memory); {gib(available)} free on {model.device} besides the weights")
+    raise VideoXLMemoryError(head + "; " + suggestion(model.config, frames, text_tokens, w + available, b, w,
+                                                      mode, frames_per_slice))
+
+
+def gib(x: int) -> str:
+    return f"{x / GiB:.1f} GiB"
+
+
+def suggestion(config, frames, text_tokens, budget, b, w, mode, frames_per_slice) -> str:
+    def fits(m, per_slice):
+        e = estimate(config, frames, m, w, video_tokens(config, frames, text_tokens), per_slice, b)
+        return e.weights + e.working * HEADROOM <= budget
+
+    for m in ("mask", "dense", "streaming", "streaming+offload"):
+        if m != mode and fits(m, frames_per_slice if m == "dense" else 24):
+            vision = "" if m == "dense" else " --vision-chunk 24"
+            return f"use {CLI_FLAGS[m]}{vision} (prefill_config chunk_prefill_mode/offload)"
+    for per_slice in (24, 8, 4):
+        if fits("streaming+offload", per_slice):
+            return (f"use --chunk-prefill streaming --offload --vision-chunk {per_slice} "
+                    "(prefill_config chunk_size_for_vision_tower)")
+    most = max_frames(config, budget, "streaming+offload", w, 8, b)
+    if most == 0:
+        return "the weights alone leave no room: use a card with more memory"
+    return f"use --max-num-frames {most} with --chunk-prefill streaming --offload --vision-chunk 8"
