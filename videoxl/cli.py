@@ -15,7 +15,6 @@ from .decoding.sparse_config import SparseConfig
 from .errors import VideoXLError, VideoXLMemoryError
 
 DEFAULT_QUESTION = "Describe this video."
-DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "videoxl", "tiny-demo")
 CHUNK_DEFAULTS = PrefillConfig()  # what --chunk-size etc. are with --chunk-prefill when not given
 SPARSE_DEFAULTS = SparseConfig()  # what --sparse-budget etc. are with --sparse when not given
 
@@ -97,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer); needed unless "
                                       "--demo (default: none)")
     chat.add_argument("--demo", action="store_true",
-                      help="use a tiny random-weight model (and a synthetic video if none is given)")
+                      help="use the tiny model trained on the synthetic 'shapes' task, shipped in the package "
+                           "(no VIDEO: it draws a task video and asks its four questions)")
     chat.add_argument("--device", default="auto", help="cuda, cuda:1, cpu; auto = cuda if available, else cpu")
     chat.add_argument("--dtype", default="auto",
                       help="bfloat16, float16, float32; auto = bfloat16 on a GPU, float32 on a CPU")
@@ -155,19 +155,24 @@ def progress_stages(args) -> set[str]:
 def cmd_chat(args) -> int:
     import videoxl
 
-    if args.demo and args.question is None:
-        args.question = DEFAULT_QUESTION
-    if args.demo:
-        from .tiny import make_demo_video, make_tiny
+    if args.demo:  # the shipped tiny model trained on the "shapes" task (videoxl/demo.py)
+        from .demo import NOTICE, demo_model_path
+        from .shapes import QUESTIONS
 
-        model_dir = args.model or DEMO_DIR
-        if args.video and not os.path.exists(args.video) and args.question == DEFAULT_QUESTION:
-            args.video, args.question = None, args.video  # `videoxl chat --demo "question"`
-        if not os.path.exists(os.path.join(model_dir, "config.json")):
-            make_tiny(model_dir)
-        video = args.video or make_demo_video(os.path.join(os.path.dirname(model_dir), "demo.mp4"))
-        print("[demo] tiny model with RANDOM weights: the pipeline runs for real, the answer is noise.",
-              file=sys.stderr)
+        model_dir, video = args.model or demo_model_path(), args.video
+        if video and not os.path.exists(video) and args.question is None:
+            video, args.question = None, video  # `videoxl chat --demo "question"`
+        print(NOTICE, file=sys.stderr)
+        if video is None:  # draw a task video into the cache folder and ask about it
+            from .demo import quiz
+
+            with Loading(model_dir):
+                model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
+                                                dtype=None if args.dtype == "auto" else args.dtype)
+            quiz(model, tokenizer, seed=args.seed, questions=[args.question] if args.question else None)
+            return 0
+        if args.question is None:
+            args.question = QUESTIONS["needle"]  # the model knows nothing else
     else:
         if not args.model:
             raise VideoXLError("give --model DIR (a Video-XL-2 checkpoint folder), or --demo")

@@ -1,0 +1,132 @@
+"""The "shapes" task generator (to the letter of synthetic-task.md), the shipped demo model, and tiny training."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import videoxl
+from videoxl import shapes
+
+
+@pytest.mark.parametrize("seconds", [12, 64, 256, 1024])
+def test_scenes_follow_the_spec(seconds):
+    for seed in range(20):
+        v = shapes.make_video(seed, seconds)
+        lengths = [s.end - s.start for s in v.scenes]
+        assert sum(lengths) == seconds and v.scenes[0].start == 0
+        assert all(4 <= n <= 12 for n in lengths)
+        assert all(a.end == b.start for a, b in zip(v.scenes, v.scenes[1:]))
+        stars = [i for i, s in enumerate(v.scenes) if s.shape == "star"]
+        assert len(stars) == 1 and 0 < stars[0] < len(v.scenes) - 1
+        assert all(a.colour != b.colour for a, b in zip(v.scenes, v.scenes[1:]))
+        for s in v.scenes:
+            assert 0.3 * v.height <= s.size <= 0.5 * v.height
+            assert abs(s.vx) <= shapes.MAX_DRIFT and abs(s.vy) <= shapes.MAX_DRIFT
+        a = v.answers
+        assert a["needle"] == v.scenes[stars[0]].colour and a["after"] == v.scenes[stars[0] + 1].shape
+        assert a["first"] == v.scenes[0].colour and a["last"] == v.scenes[-1].colour
+
+
+@pytest.mark.parametrize("size", [(160, 120), (320, 240), (640, 480)])
+def test_rendered_shapes_stay_inside_and_have_the_right_colour_and_height(size):
+    v = shapes.make_video(7, 40, *size, noise=0.0)
+    frames = shapes.render(v, torch.arange(0, 80)).numpy()
+    assert frames.shape == (80, size[1], size[0], 3)
+    bg = np.array(shapes.BACKGROUND)
+    for f, idx in zip(frames, range(80)):
+        scene = next(s for s in v.scenes if s.start * 2 <= idx < s.end * 2)
+        fg = np.any(f != bg, axis=-1)
+        assert not fg[0].any() and not fg[-1].any() and not fg[:, 0].any() and not fg[:, -1].any()
+        assert (f[fg] == np.array(shapes.COLOURS[scene.colour])).all()
+        rows = np.nonzero(fg.any(1))[0]
+        height = rows[-1] - rows[0] + 1
+        assert abs(height - scene.size) <= 3.0 and 0.3 * size[1] <= height <= 0.5 * size[1]
+
+
+def test_noise_is_mild_and_seeded():
+    v = shapes.make_video(3, 16, noise=8.0)
+    a, b = shapes.frames_1fps(v), shapes.frames_1fps(v)
+    assert torch.equal(a, b)
+    corner = a[:, :4, :4].float()  # background there in these seeds
+    assert abs(corner.mean().item() - 32) < 2 and corner.std().item() < 9
+
+
+def test_answer_rule():
+    assert shapes.is_correct("Red.", "red") and shapes.is_correct(" magenta, I think", "magenta")
+    assert not shapes.is_correct("dark red", "red") and not shapes.is_correct("", "red")
+
+
+def test_file_and_frame_list_give_the_same_timestamps(tmp_path):
+    from videoxl.video import load_video, open_video
+
+    v = shapes.make_video(5, 16)
+    clip = load_video(shapes.write_video(v, str(tmp_path / "v.mp4")), max_num_frames=16, sample_fps=1)
+    frames = shapes.model_frames(v)
+    stream = open_video(frames, max_num_frames=16, sample_fps=1)
+    list(stream.batches(16))
+    assert clip.timestamps == stream.timestamps == [float(t) for t in range(16)]
+    # same picture up to the codec: mean absolute difference of a few 8-bit levels
+    assert np.abs(clip.frames.astype(int) - np.stack(frames).astype(int)).mean() < 6
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return videoxl.load(videoxl.demo_model_path(), device="cpu", dtype=torch.float32)
+
+
+def test_shipped_model_finds_the_needle(demo):
+    """Proof that the shipped weights load through `videoxl.load` and work: 9 of 10 fixed 64-s videos."""
+    model, tok = demo
+    right = 0
+    for seed in range(10):
+        v = shapes.make_video(900_000 + seed, 64)
+        answer = model.chat(shapes.model_frames(v), tok, shapes.QUESTIONS["needle"], max_num_frames=64,
+                            sample_fps=1, generation_config={"max_new_tokens": 4})
+        right += shapes.is_correct(answer, v.answers["needle"])
+    assert right >= 9, right
+
+
+def test_cli_demo_quiz_writes_only_to_the_cache(tmp_path, monkeypatch, capsys):
+    from videoxl.cli import main
+
+    monkeypatch.setenv("VIDEOXL_CACHE", str(tmp_path / "cache"))
+    assert main(["chat", "--demo", "--device", "cpu", "--seed", "11"]) == 0
+    out, err = capsys.readouterr()
+    assert "NOT Video-XL-2" in err
+    assert out.count("expected:") == 4 and "/4 right" in out
+    assert os.listdir(tmp_path / "cache" / "demo") == ["shapes-64s-seed11.mp4"]
+
+
+def test_training_forward_matches_the_inference_path(demo):
+    """The training forward (TrainCache, all four questions at once) gives chat's first-token logits."""
+    from videoxl.prompt import build_prompt
+    from videoxl.train_tiny import Task, forward
+
+    model, tok = demo
+    v = shapes.make_video(1, 16)
+    frames = np.stack(shapes.model_frames(v))
+    with torch.no_grad():
+        _, pred, _ = forward(model, Task(tok, model.config), 16, [v], torch.from_numpy(frames))
+    with torch.no_grad():
+        visual = model.vision(frames)
+    for i, (kind, q) in enumerate(shapes.QUESTIONS.items()):
+        ts = [float(t) for t in range(16)]
+        p = build_prompt(tok, q, ts, model.config.tokens_per_group, model._placeholder_id(tok))
+        with torch.no_grad():
+            cache = model.decoder.new_cache(len(p) + 8)
+            logits = model.decoder(model.embed_prompt(p, visual), cache)
+        assert logits[0, -1].argmax().item() == pred[i].item()
+
+
+def test_training_is_deterministic_on_the_cpu(tmp_path):
+    from videoxl.train_tiny import load_blob, main
+
+    for name in ("a", "b"):
+        assert main(["--out", str(tmp_path / name), "--total-steps", "1", "--frames", "16", "--device", "cpu",
+                     "--eval-scale", "0"]) == 0
+    a, b = (load_blob(str(tmp_path / n / "ckpt" / "state.pt")) for n in ("a", "b"))
+    assert a["step"] == b["step"] == 1 and a["opt"]["state"]  # a real optimizer step was taken
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
