@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import videoxl  # noqa: E402
 from videoxl import shapes  # noqa: E402
+from videoxl.identity import VideoRef  # noqa: E402
 
 HELDOUT_SEED = 100_000
 GEN = {"do_sample": False, "max_new_tokens": 8}
@@ -71,19 +72,6 @@ MODES.update({"sparse 16/4 budget 0.25": sparse("mask", 16, 4, 0.25),
               "sparse 4/1 budget 0.25": sparse("mask", 4, 1, 0.25)})  # bi-level decoding: --modes to run
 
 
-class FrameKey:
-    """Lets `chat` reuse a frame list's prefix KVs across its questions: in-memory frames have no identity of
-    their own, so the benchmark names each video (bench-only; files use their path, size and mtime)."""
-
-    def __init__(self, model):
-        self.name = None
-        original = model._prefix_key
-
-        def key(video_path, *rest):
-            return ("bench", self.name) + rest if isinstance(video_path, list) else original(video_path, *rest)
-        model._prefix_key = key
-
-
 def ask(model, tok, video, source, seconds: int) -> dict[str, bool]:
     out = {}
     for kind, question in shapes.QUESTIONS.items():
@@ -95,7 +83,6 @@ def ask(model, tok, video, source, seconds: int) -> dict[str, bool]:
 
 def run(args) -> dict:
     model, tok = videoxl.load(args.model, device=args.device, dtype=args.dtype)
-    keyer = FrameKey(model)
     modes = {m: MODES[m] for m in args.modes}
     results, t_start = [], time.time()
     pool = ThreadPoolExecutor(6)
@@ -115,10 +102,11 @@ def run(args) -> dict:
             seed, video, frames = futures[i].result()
             if i + 6 < len(seeds):
                 futures.append(pool.submit(prepare, seeds[i + 6]))
-            keyer.name = (seconds, seed)
+            # in-memory frames have no identity of their own: name them, so the 4 questions reuse the prefix
+            source = VideoRef(f"shapes-{seconds}s-{seed}", tuple(frames))
             for name, apply in modes.items():
                 apply(model)
-                for kind, ok in ask(model, tok, video, frames, seconds).items():
+                for kind, ok in ask(model, tok, video, source, seconds).items():
                     hits[name][kind] += ok
             done += 1
             if time.time() - t0 > limits[seconds]:

@@ -276,7 +276,7 @@ def ttft(path, device="cuda", tiny=False, workers=None, cpu_too=True):
     def one(video, m, fps):
         sync()
         t = time.perf_counter()
-        model._prefix = None
+        model.kv_cache.clear()
         model.chat(video, tok, "What happens?", max_num_frames=m, sample_fps=fps, generation_config=gen)
         sync()
         return round(time.perf_counter() - t, 3), dict(model.last_stats)
