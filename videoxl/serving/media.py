@@ -150,6 +150,11 @@ def data_url(url: str, limits: MediaLimits, tmp_dir: str) -> MediaFile:
     except BaseException:
         os.unlink(path)
         raise
+    return downloaded(path, h)
+
+
+def downloaded(path: str, h) -> "MediaFile":
+    """A temporary media file whose bytes were hashed into `h` as they were written: its content id is known."""
     digest = "sha256:" + h.hexdigest()
     remember_content_id(path, digest)
     return MediaFile(path, digest, temporary=True)
@@ -208,9 +213,7 @@ async def fetch(url: str, limits: MediaLimits, tmp_dir: str) -> MediaFile:
     except BaseException:
         os.unlink(path)
         raise
-    digest = "sha256:" + h.hexdigest()
-    remember_content_id(path, digest)
-    return MediaFile(path, digest, temporary=True)
+    return downloaded(path, h)
 
 
 def probe(path: str, kind: str, limits: MediaLimits) -> None:
