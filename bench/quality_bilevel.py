@@ -27,13 +27,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import videoxl  # noqa: E402
 from videoxl import shapes  # noqa: E402
-from videoxl.chunking import BlockPlan, PrefillConfig  # noqa: E402
+from videoxl.chunking import PrefillConfig  # noqa: E402
 from videoxl.decoding import decode_step, generate_tokens  # noqa: E402
 from videoxl.decoding.bilevel import bilevel_question, block_times  # noqa: E402
 from videoxl.decoding.sparse_config import SparseConfig  # noqa: E402
 from videoxl.generate import Detokenizer, GenerationConfig  # noqa: E402
 from videoxl.prompt import build_prompt  # noqa: E402
-from videoxl.video import open_video  # noqa: E402
+from videoxl.video_kv import build_prefix  # noqa: E402
 
 SEED = 200_000
 CHUNKING = PrefillConfig(chunk_prefill_mode="mask", chunk_size=16, step_size=4, chunk_size_for_vision_tower=96)
@@ -41,15 +41,9 @@ GEN = GenerationConfig(max_new_tokens=6)
 
 
 def prefill(model, tok, frames):
-    pad = tok.convert_tokens_to_ids("<|vision_pad|>")
-    stream = open_video(frames, len(frames), 1, None)
-    visual = model.encode_stream(stream, CHUNKING.chunk_size_for_vision_tower)
-    timestamps = stream.timestamps + [stream.timestamps[-1]] * (-len(stream.timestamps) % 4)
-    prompt = build_prompt(tok, "q", timestamps, model.config.tokens_per_group, pad)
-    store = model.decoder.new_cache(capacity=prompt.video_end + 64)
-    store.plan = BlockPlan.from_prompt(prompt, CHUNKING)
-    model.prefill(model.embed_prompt(prompt, visual, prompt.video_end), store, prompt, CHUNKING)
-    return store, timestamps
+    """The video's prefix KVs and its frames' timestamps, built as `chat` builds them (not kept in the cache)."""
+    entry = build_prefix(model, frames, tok, "q", [], (len(frames), 1, None), CHUNKING, False, None)
+    return entry.cache, entry.prompt.timestamps
 
 
 def answer(model, tok, store, timestamps, question, settings) -> tuple[str, dict]:

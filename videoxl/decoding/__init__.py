@@ -24,6 +24,11 @@ CAPACITY_BUCKET = 8192  # KV capacity grows in these steps, so a follow-up quest
 _captured: "weakref.WeakKeyDictionary[KVStore, object]" = weakref.WeakKeyDictionary()
 
 
+def bucketed(tokens: int) -> int:
+    """`tokens` rounded up to whole buckets: stores of similar size share a capacity (and a captured graph)."""
+    return -(-tokens // CAPACITY_BUCKET) * CAPACITY_BUCKET
+
+
 def fast_path_available(cache: KVStore) -> bool:
     if cache.device.type != "cuda" or cache.offload:
         return False
@@ -45,7 +50,7 @@ def decode_step(decoder: Qwen2Decoder, cache: KVStore, max_new_tokens: int, mode
 
     need = cache.length + max_new_tokens + 1
     if need > cache.capacity:
-        cache.reserve(-(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET)
+        cache.reserve(bucketed(need))
     step = _captured.get(cache)
     if step is None or not step.valid_for(cache):
         step = CapturedStep(decoder, cache)

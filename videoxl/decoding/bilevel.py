@@ -27,9 +27,9 @@ import torch
 from ..chunking import BlockPlan
 from ..decoder import Qwen2Decoder, apply_rope, rope_cos_sin
 from ..kv_store import KVStore
+from . import bucketed, decode_step
 from .sparse_config import SparseConfig
 
-CAPACITY_BUCKET = 8192  # mixed stores grow in these steps, so the next question can reuse one
 QUESTION_ROOM = 512  # tokens a prepared mixed store keeps for the question (a longer one reallocates it)
 
 
@@ -64,13 +64,8 @@ class SparseLevel:
             self.k.append((torch.zeros(shape, device=device).index_add_(1, slot_t, raw) / counts).to(k.dtype))
             self.v.append((torch.zeros(shape, device=device).index_add_(1, slot_t, v.float()) / counts).to(v.dtype))
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
 
 _levels: "weakref.WeakKeyDictionary[KVStore, dict]" = weakref.WeakKeyDictionary()
-
-
 _mixed: "weakref.WeakKeyDictionary[KVStore, KVStore]" = weakref.WeakKeyDictionary()
 
 
@@ -117,8 +112,8 @@ def mixed_store(decoder: Qwen2Decoder, store: KVStore, level: SparseLevel | None
         mixed = reuse
         mixed.set_length(0)
     else:
-        capacity = -(-(at + extra) // CAPACITY_BUCKET) * CAPACITY_BUCKET
-        mixed = KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, store.dtype, device, capacity)
+        mixed = KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, store.dtype, device,
+                        bucketed(at + extra))
     spans = []
     for s, e in [(0, vs)] + [plan.blocks[b] for b in sorted(dense)]:
         if spans and spans[-1][1] == s:  # neighbouring dense blocks travel as one copy
@@ -177,8 +172,6 @@ def prepare_bilevel(decoder: Qwen2Decoder, store: KVStore, cfg: SparseConfig, ma
     """What does not depend on the question, done once per video: the sparse level, a mixed store large enough
     for the budget's biggest blocks, and (on CUDA) its captured decode step, so that a question pays only for
     its relevance pass, its blocks' copies and its tokens. Returns the seconds it took (0: already done)."""
-    from . import decode_step
-
     plan = store.plan
     n_blocks = len(plan.blocks)
     want = cfg.dense_count(n_blocks)
@@ -194,9 +187,8 @@ def prepare_bilevel(decoder: Qwen2Decoder, store: KVStore, cfg: SparseConfig, ma
         size = _mixed_size(plan, level, set()) + sum(growth[:want])
     _mixed.pop(store, None)
     dc = decoder.cfg
-    capacity = -(-(size + QUESTION_ROOM + max_new_tokens + 1) // CAPACITY_BUCKET) * CAPACITY_BUCKET
     mixed = KVStore(dc.num_hidden_layers, dc.num_key_value_heads, dc.head_dim, store.dtype,
-                    decoder.embed_tokens.weight.device, capacity)
+                    decoder.embed_tokens.weight.device, bucketed(size + QUESTION_ROOM + max_new_tokens + 1))
     _mixed[store] = mixed
     decode_step(decoder, mixed, max_new_tokens)  # captures the graph now, on the store every question reuses
     return time.perf_counter() - t0

@@ -59,7 +59,7 @@ class CapturedStep:
         cfg = decoder.cfg
         # a weak reference: the step is kept per store (decoding._captured) and must not keep the store alive
         self.decoder, self.cache_ref, self.cfg = decoder, weakref.ref(cache), cfg
-        self.buffers = [(k, v) for k, v in cache.decode_buffers()]
+        self.buffers = cache.decode_buffers()
         self.weights = fuse_projections(decoder)
         dev = decoder.embed_tokens.weight.device
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

@@ -36,16 +36,13 @@ def _rms_norm_kernel(X, R, W, OUT, SUM, eps, N: tl.constexpr, BLOCK: tl.constexp
     tl.store(OUT + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(OUT.dtype.element_ty), mask=m)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             out: torch.Tensor | None = None, summed: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """norm(x [+ residual]) for one token's hidden vector; with a residual also returns x + residual."""
     n = x.numel()
-    out = torch.empty_like(x) if out is None else out
-    if residual is not None and summed is None:
-        summed = torch.empty_like(x)
-    _rms_norm_kernel[(1,)](x, residual if residual is not None else x, weight, out,
-                           summed if summed is not None else out, eps, N=n, BLOCK=triton.next_power_of_2(n),
-                           HAS_RES=residual is not None, num_warps=8)
+    out = torch.empty_like(x)
+    summed = torch.empty_like(x) if residual is not None else out
+    _rms_norm_kernel[(1,)](x, residual if residual is not None else x, weight, out, summed, eps, N=n,
+                           BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, num_warps=8)
     return (out, summed) if residual is not None else out
 
 
@@ -156,7 +153,7 @@ def _splits(device_index: int, n_kv: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
-                     out: torch.Tensor | None = None, splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+                     splits: int | None = None, block_n: int = 64) -> torch.Tensor:
     """q [n_heads, head_dim] (one token, RoPE applied) over k_cache/v_cache [n_kv, capacity, head_dim], of which
     the first `length` (a one-element int device tensor) positions are valid -> [n_heads, head_dim]."""
     n_heads, d = q.shape
@@ -172,7 +169,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                       k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), d ** -0.5, G=g,
                                       G_PAD=g_pad, D=d, BLOCK_N=block_n, SPLITS=splits,
                                       IEEE=q.dtype == torch.float32, num_warps=4, num_stages=3)
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty_like(q)
     _attn_combine_kernel[(n_heads,)](o_part, m_part, l_part, out, G=g, G_PAD=g_pad, D=d, SPLITS=splits,
                                      num_warps=4)
     return out
