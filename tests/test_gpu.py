@@ -178,3 +178,25 @@ def test_bilevel_on_gpu(gpu_model, long_video):
         model.config.enable_chunk_prefill = model.config.enable_sparse = False
         model.config.prefill_config = model.config.sparse_config = None
     assert full == chunked
+
+
+def test_disk_cache_fast_reader_on_gpu(tiny_dir, long_video, tmp_path):
+    """A restart reads the entry straight to the GPU through the pinned, threaded reader (not the safetensors
+    fallback), byte-equal to safetensors' own loader, and answers as the run that wrote it."""
+    from safetensors.torch import load_file
+
+    from videoxl.kv_disk import read_safetensors
+
+    cache_dir = str(tmp_path / "kv")
+    ask = dict(max_num_frames=64, generation_config={"max_new_tokens": 16})
+    model, tok = videoxl.load(tiny_dir, device="cuda", dtype="float32", kv_cache_dir=cache_dir)
+    first = model.chat(long_video, tok, "What moves?", **ask)
+    model.kv_cache.flush()
+    again, tok2 = videoxl.load(tiny_dir, device="cuda", dtype="float32", kv_cache_dir=cache_dir)
+    assert again.chat(long_video, tok2, "What moves?", **ask) == first
+    assert again.last_stats["kv_cache"] == "disk" and again.kv_cache.disk.slow_reads == 0
+
+    import glob
+    [data] = glob.glob(f"{cache_dir}/*/kv.safetensors")
+    fast, slow = read_safetensors(data, torch.device("cuda"), []), load_file(data, device="cuda")
+    assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in slow)
