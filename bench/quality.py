@@ -1,6 +1,6 @@
 """Answer quality of the shipped tiny model on held-out "shapes" videos, per question kind, length and prefill mode.
 
-    python bench/quality.py [--model DIR] [--lengths 64 256 1024] [--videos 100] [--files 4] [--json out.json]
+    python bench/quality.py [--model DIR] [--lengths 64 256 1024] [--videos 100] [--skip 0] [--files 4] [--json out.json]
 
 Videos: `shapes.make_video(seed, length)` for seeds 100000.. (the held-out seed domain; training draws from
 another), 320x240, noise 4, asked as the task says (`sample_fps=1`, `max_num_frames` = length). They go in as
@@ -90,7 +90,7 @@ def run(args) -> dict:
     limits = dict(zip(args.lengths, args.time_limit * len(args.lengths) if len(args.time_limit) == 1
                       else args.time_limit))
     for seconds in args.lengths:
-        seeds = [HELDOUT_SEED + i for i in range(args.videos)]
+        seeds = [HELDOUT_SEED + args.skip + i for i in range(args.videos)]
 
         def prepare(seed, seconds=seconds):
             video = shapes.make_video(seed, seconds)
@@ -153,6 +153,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped demo model)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--videos", type=int, default=100)
+    ap.add_argument("--skip", type=int, default=0, help="start at held-out video SKIP (to finish a sample in parts)")
     ap.add_argument("--files", type=int, default=0, help="real mpeg4/h264 files per length, besides frame lists")
     ap.add_argument("--modes", nargs="+", default=PREFILL_MODES, choices=list(MODES))
     ap.add_argument("--device", default=None)

@@ -74,10 +74,13 @@ def test_chat_offload_decoding_matches(gpu_model, long_video):
     try:
         model.config.enable_chunk_prefill = True
         for offload in (False, True):
+            model.kv_cache.clear()  # offload is not part of the cache key: build the store again, offloaded
             model.config.prefill_config = {"chunk_prefill_mode": "streaming", "chunk_size": 4, "step_size": 2,
                                            "offload": offload, "chunk_size_for_vision_tower": 8}
             a, hist = model.chat(long_video, tokenizer, "What moves?", max_num_frames=64, return_history=True,
                                  generation_config={"max_new_tokens": 16})
+            built = model.last_stats  # the follow-up reuses the KVs and reports no build stats
+            assert built["decode_path"] == ("eager" if offload else "captured")
             b = model.chat(long_video, tokenizer, "And then?", chat_history=hist, max_num_frames=64,
                            generation_config={"max_new_tokens": 16})
             answers.append((a, b))
@@ -85,7 +88,7 @@ def test_chat_offload_decoding_matches(gpu_model, long_video):
         model.config.enable_chunk_prefill = False
         model.config.prefill_config = None
     assert answers[0] == answers[1]
-    assert "peak_gpu_gb" in model.last_stats
+    assert "peak_gpu_gb" in built
 
 
 def _decode(model, store, mode, gen, n=64):
