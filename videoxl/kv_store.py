@@ -58,6 +58,11 @@ class KVStore:
     def capacity(self) -> int:
         return self._capacity
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V buffers at full capacity, wherever they live."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self._capacity * self.dtype.itemsize
+
     def reserve(self, total: int) -> None:
         """Room for `total` tokens in every layer, so a known-length prefill + decode never reallocates."""
         if total <= self.capacity:

@@ -119,6 +119,7 @@ class VideoXL(nn.Module):
                 cache, logits, info = bilevel_question(self.decoder, cache, tail, sparse, prompt.timestamps,
                                                        chunking.groups_per_block, r.gen.max_new_tokens)
                 self.last_stats.update(info)
+                self.kv_cache.trim()
             yield from self._generate(logits, cache, tokenizer, r.gen, prompt.input_ids, show_progress)
             self.kv_cache.persist_pending()  # to disk, after the answer
 

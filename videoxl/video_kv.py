@@ -4,7 +4,8 @@ A question about a video costs decoding + vision + prefill of tens of thousands 
 a few dozen. So the prefix is kept, keyed by everything its KVs depend on (`VideoKey`): the model's weights
 (a digest), the video's bytes (a content hash, or an id the caller vouches for), the frame sampling and the
 chunk-prefill pattern. Entries live in memory (where the model keeps its KVs: GPU, or CPU with offload) under a
-byte budget, least recently used first out; with a directory they are also written to disk (safetensors plus a
+byte budget (bi-level decoding's sparse level and mixed store counted with their video), least recently used
+first out; with a directory they are also written to disk (safetensors plus a
 manifest, into a temporary folder renamed into place, so a reader never sees half an entry) and verified when
 read back (key, shapes, checksums, and that today's tokenizer gives the same prefix tokens), so a restarted
 process answers a known video without running vision or prefill.
@@ -26,6 +27,7 @@ import torch
 
 from .chunking import BlockPlan, PrefillConfig
 from .config import FRAMES_PER_GROUP
+from .decoding.bilevel import held_bytes
 from .errors import VideoXLError
 from .identity import VideoRef, content_id, weights_digest
 from .kv_disk import KVDisk
@@ -69,8 +71,7 @@ class VideoKV:
 
     @property
     def nbytes(self) -> int:
-        s = self.cache
-        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * s.capacity * s.dtype.itemsize
+        return self.cache.nbytes + held_bytes(self.cache)  # bi-level decoding's extras grow with its questions
 
 
 class StageTimer:
@@ -224,6 +225,14 @@ class VideoKVCache:
     def make_room(self, incoming: int = 0) -> None:
         """Evict least recently used entries until `incoming` more bytes fit (with 0 budget: evict all)."""
         while self.entries and (self.max_bytes == 0 or self.nbytes + incoming > self.max_bytes):
+            _, old = self.entries.popitem(last=False)
+            self.counts["evictions"] += 1
+            self._persist(old)
+
+    def trim(self) -> None:
+        """Evict least recently used entries, never the latest, until the entries fit the budget again: an
+        entry grows after it was put when bi-level decoding prepares its sparse level and mixed store."""
+        while len(self.entries) > 1 and self.nbytes > self.max_bytes:
             _, old = self.entries.popitem(last=False)
             self.counts["evictions"] += 1
             self._persist(old)

@@ -69,6 +69,14 @@ _levels: "weakref.WeakKeyDictionary[KVStore, dict]" = weakref.WeakKeyDictionary(
 _mixed: "weakref.WeakKeyDictionary[KVStore, KVStore]" = weakref.WeakKeyDictionary()
 
 
+def held_bytes(store: KVStore) -> int:
+    """What bi-level decoding keeps for `store` between questions (its sparse level and its mixed store): the
+    video KV cache counts it against its byte budget."""
+    levels = _levels.get(store, {}).values()
+    mixed = _mixed.get(store)
+    return sum(t.nbytes for level in levels for t in level.k + level.v) + (mixed.nbytes if mixed else 0)
+
+
 def sparse_level(decoder, store: KVStore, compression: int) -> SparseLevel:
     per_store = _levels.setdefault(store, {})
     if compression not in per_store:
