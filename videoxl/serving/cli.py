@@ -7,11 +7,8 @@ import shutil
 import sys
 import tempfile
 
+from ..cli_args import optional_float
 from ..errors import VideoXLError
-
-
-def optional_float(text: str):
-    return None if text.lower() in ("none", "uniform") else float(text)
 
 
 def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
