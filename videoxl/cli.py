@@ -1,4 +1,4 @@
-"""Command line: `videoxl chat`, `videoxl inspect`, `videoxl make-tiny`.
+"""Command line: `videoxl chat`, `videoxl inspect`, `videoxl make-tiny` (and `serve`, `batch`, in their folders).
 
 Every user error ends in one line on stderr and exit code 2 (3 for memory); the answer streams to stdout as it
 is generated. Every setting and the video's header are checked before the (slow) model load.
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .serving.cli import add_serve_parser  # argparse only: the server stack is imported when it starts
     add_serve_parser(sub, HelpFormatter)
+    from .batch.cli import add_batch_parser
+    add_batch_parser(sub, HelpFormatter)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the released format",
                           formatter_class=HelpFormatter)
@@ -157,10 +159,16 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def cmd_batch(args) -> int:
+    from .batch.cli import cmd_batch as run_batch
+
+    return run_batch(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"chat": cmd_chat, "inspect": cmd_inspect, "make-tiny": cmd_make_tiny,
-               "serve": cmd_serve}[args.command]
+               "serve": cmd_serve, "batch": cmd_batch}[args.command]
     show_warnings_as_lines()
     try:
         return handler(args)

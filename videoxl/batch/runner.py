@@ -1,0 +1,144 @@
+"""Answering a batch: one model per device, each taking whole videos (all their questions) off a shared list.
+
+- One device: in this process.
+- Several devices on this machine (`cuda:0,cuda:1`): one spawned process per device, fed through a queue;
+  a process that dies takes only its current video with it (its rows are reported failed, the rest go on).
+- A Ray cluster (`ray_address`): one Ray actor per worker (a GPU each when the cluster has GPUs), fed video by
+  video through an ActorPool, so the batch scales past one machine on an engine that schedules, restarts and
+  places work for us.
+Every worker answers the same way (`Worker.answer`): the rows' order inside a video is kept, a failure is that
+row's `error`, and the video's KVs are reused by its later questions through the model's video KV cache.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_mod
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..errors import VideoXLError
+from .jobs import Job
+
+STAT_KEYS = ("ttft_s", "decode_tokens_per_s", "generated_tokens", "prompt_tokens", "cached_tokens", "kv_cache",
+             "frames", "vision_s", "prefill_s", "kept_share")
+
+
+@dataclass
+class Settings:
+    """What every worker needs to build its model and answer the same way; plain data, so it pickles."""
+    model_dir: str
+    dtype: str | None = None
+    generation: dict = field(default_factory=dict)
+    prefill_config: dict | None = None
+    sparse_config: dict | None = None
+    kv_cache_dir: str | None = None
+
+
+class Worker:
+    def __init__(self, settings: Settings, device: str | None):
+        import videoxl
+
+        self.model, self.tokenizer = videoxl.load(settings.model_dir, device=device, dtype=settings.dtype,
+                                                  kv_cache_dir=settings.kv_cache_dir)
+        cfg = self.model.config
+        if settings.prefill_config:
+            cfg.enable_chunk_prefill, cfg.prefill_config = True, settings.prefill_config
+        if settings.sparse_config:
+            cfg.enable_sparse, cfg.sparse_config = True, settings.sparse_config
+        self.generation = settings.generation
+        self.device = str(self.model.device)
+
+    def answer(self, jobs: list[Job]) -> list[dict]:
+        out = []
+        for job in jobs:
+            frames, fps, max_fps = job.sampling
+            try:
+                answer = self.model.chat(job.video, self.tokenizer, job.question, max_num_frames=frames,
+                                         sample_fps=fps, max_sample_fps=max_fps, generation_config=self.generation)
+            except VideoXLError as e:  # this row's problem (its video, its length): the batch goes on
+                out.append(job.record(error=str(e)))
+                continue
+            stats = {k: v for k, v in self.model.last_stats.items() if k in STAT_KEYS}
+            out.append(job.record(answer=answer, stats=dict(stats, device=self.device)))
+        return out
+
+
+def run(settings: Settings, groups: list[list[Job]], devices: list[str | None], ray_address: str | None = None,
+        ray_workers: int = 0) -> Iterator[list[dict]]:
+    """The records of each video's rows, a video at a time, in the order they finish. `ray_workers` 0: one
+    actor per GPU of the cluster (at least one)."""
+    if not groups:
+        return
+    if ray_address is not None:
+        yield from _on_ray(settings, groups, ray_address, ray_workers)
+    elif len(devices) == 1:
+        worker = Worker(settings, devices[0])
+        for group in groups:
+            yield worker.answer(group)
+    else:
+        yield from _in_processes(settings, groups, devices)
+
+
+# ---- several devices on this machine ------------------------------------------------------------------------
+def _serve(settings: Settings, device: str, tasks, results) -> None:
+    try:
+        worker = Worker(settings, device)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
+        results.put(("failed", device, f"{type(e).__name__}: {e}"))
+        return
+    results.put(("ready", device, None))
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        index, group = item
+        results.put(("done", index, worker.answer(group)))
+
+
+def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str]) -> Iterator[list[dict]]:
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for item in enumerate(groups):
+        tasks.put(item)
+    procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results), daemon=True) for d in devices]
+    for p in procs:
+        tasks.put(None)
+        p.start()
+    pending, failed = set(range(len(groups))), []
+    try:
+        while pending:
+            try:
+                kind, key, payload = results.get(timeout=5)
+            except queue_mod.Empty:
+                if not any(p.is_alive() for p in procs):  # every worker gone: what is left cannot be answered
+                    why = "; ".join(failed) or "the worker processes exited"
+                    for i in sorted(pending):
+                        yield [job.record(error=f"not answered: {why}") for job in groups[i]]
+                    return
+                continue
+            if kind == "failed":
+                failed.append(f"{key}: {payload}")
+            elif kind == "done":
+                pending.discard(key)
+                yield payload
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+
+
+# ---- a Ray cluster ----------------------------------------------------------------------------------------------
+def _on_ray(settings: Settings, groups: list[list[Job]], address: str, workers: int) -> Iterator[list[dict]]:
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError:
+        raise VideoXLError("--ray needs Ray: pip install 'ray>=2.40'") from None
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, log_to_driver=False, include_dashboard=False)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(Worker)
+    count = min(workers or int(gpus) or 1, len(groups))
+    pool = ActorPool([actor.remote(settings, None) for _ in range(count)])
+    yield from pool.map_unordered(lambda a, group: a.answer.remote(group), groups)
