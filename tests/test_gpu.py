@@ -203,3 +203,16 @@ def test_disk_cache_fast_reader_on_gpu(tiny_dir, long_video, tmp_path):
     [data] = glob.glob(f"{cache_dir}/*/kv.safetensors")
     fast, slow = read_safetensors(data, torch.device("cuda"), []), load_file(data, device="cuda")
     assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in slow)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_the_second_gpu_answers_as_on_the_first(tiny_dir, long_video):
+    """Kernels launched without a device (Triton's) go to the current GPU: chat must make it the model's."""
+    ask = dict(max_num_frames=64, generation_config={"max_new_tokens": 16})
+    answers = []
+    for index in (0, 1):
+        model, tok = videoxl.load(tiny_dir, device=f"cuda:{index}", dtype="float32")
+        assert torch.cuda.current_device() == 0
+        answers.append(model.chat(long_video, tok, "What moves?", **ask))
+        assert model.last_stats["decode_path"] == "captured"
+    assert answers[0] == answers[1]
