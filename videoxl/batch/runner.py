@@ -12,6 +12,7 @@ row's `error`, and the video's KVs are reused by its later questions through the
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -82,7 +83,10 @@ def run(settings: Settings, groups: list[list[Job]], devices: list[str | None], 
 # ---- several devices on this machine ------------------------------------------------------------------------
 def _serve(settings: Settings, device: str, tasks, results) -> None:
     try:
-        worker = Worker(settings, device)
+        if device.startswith("cuda:"):  # this process sees its GPU alone, as cuda:0 (as Ray does for actors)
+            os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        worker = Worker(settings, "cuda:0" if device.startswith("cuda:") else device)
+        worker.device = device
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
         results.put(("failed", device, f"{type(e).__name__}: {e}"))
         return
