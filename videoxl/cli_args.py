@@ -146,3 +146,20 @@ def only_with(needed: str, present, options: dict) -> None:
         many = len(given) > 1
         raise VideoXLError(f"{', '.join(given)} only appl{'y' if many else 'ies'} with {needed}: add it, or drop "
                            f"{'them' if many else 'it'}")
+
+
+def parse_devices(text: str) -> list[str]:
+    """`--devices`: 'auto' = every GPU, else the CPU; or a comma-separated list, each checked before any load."""
+    import torch
+
+    if text == "auto":
+        n = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise VideoXLError("--devices is empty: name one or more devices, e.g. cuda:0,cuda:1, or auto")
+    from .loader import parse_device
+
+    for d in devices:
+        parse_device(d)  # one line of error for an unknown or absent device, before anything loads
+    return devices

@@ -225,17 +225,18 @@ class VideoKVCache:
     def make_room(self, incoming: int = 0) -> None:
         """Evict least recently used entries until `incoming` more bytes fit (with 0 budget: evict all)."""
         while self.entries and (self.max_bytes == 0 or self.nbytes + incoming > self.max_bytes):
-            _, old = self.entries.popitem(last=False)
-            self.counts["evictions"] += 1
-            self._persist(old)
+            self._evict_oldest()
 
     def trim(self) -> None:
         """Evict least recently used entries, never the latest, until the entries fit the budget again: an
         entry grows after it was put when bi-level decoding prepares its sparse level and mixed store."""
         while len(self.entries) > 1 and self.nbytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.counts["evictions"] += 1
-            self._persist(old)
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        _, old = self.entries.popitem(last=False)
+        self.counts["evictions"] += 1
+        self._persist(old)  # still on disk, when there is one
 
     def clear(self) -> None:
         self.make_room(self.max_bytes + 1)

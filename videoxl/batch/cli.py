@@ -7,7 +7,7 @@ import os
 import time
 
 from ..cli_args import (add_chunk_args, add_generation_args, add_sampling_args, add_sparse_args, check_before_load,
-                        generation_config)
+                        generation_config, parse_devices)
 from ..console import err
 from ..errors import VideoXLError
 
@@ -36,22 +36,6 @@ def add_batch_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
     add_chunk_args(p)
     add_sparse_args(p)
     return p
-
-
-def parse_devices(text: str) -> list[str | None]:
-    import torch
-
-    if text == "auto":
-        n = torch.cuda.device_count()
-        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
-    devices = [d.strip() for d in text.split(",") if d.strip()]
-    if not devices:
-        raise VideoXLError("--devices is empty: name one or more devices, e.g. cuda:0,cuda:1, or auto")
-    from ..loader import parse_device
-
-    for d in devices:
-        parse_device(d)  # one line of error for an unknown or absent device, before anything loads
-    return devices
 
 
 def cmd_batch(args) -> int:

@@ -7,7 +7,7 @@ import shutil
 import sys
 import tempfile
 
-from ..cli_args import optional_float
+from ..cli_args import optional_float, parse_devices
 from ..errors import VideoXLError
 
 
@@ -51,8 +51,6 @@ def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
 
 def build(args):
     """Options -> (app, engine): models loaded, workers not started. Checks come before the slow loads."""
-    import torch
-
     import videoxl
     from ..chunking import PrefillConfig
     from .app import Settings, create_app
@@ -78,11 +76,9 @@ def build(args):
                    "step_size": args.step_size, "offload": args.offload,
                    "chunk_size_for_vision_tower": args.vision_chunk}
         PrefillConfig.from_dict(prefill)
-    devices = args.devices.split(",") if args.devices else (
-        [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"])
     replicas = []
-    for device in devices:
-        model, tok = videoxl.load(args.model, device=device.strip(), dtype=args.dtype,
+    for device in parse_devices(args.devices or "auto"):
+        model, tok = videoxl.load(args.model, device=device, dtype=args.dtype,
                                   kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
         if prefill:
             model.config.enable_chunk_prefill, model.config.prefill_config = True, dict(prefill)
