@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from videoxl import shapes  # noqa: E402
+from videoxl.demo import shapes  # noqa: E402
 
 
 def main() -> int:
@@ -46,7 +46,7 @@ def main() -> int:
     runs, first = [], None
     for devices in args.devices:
         out = os.path.join(work, f"out-{devices.replace(',', '_').replace(':', '')}.jsonl")
-        cmd = [sys.executable, "-m", "videoxl.cli", "batch", os.path.join(work, "in.jsonl"), "-o", out, "--demo",
+        cmd = [sys.executable, "-m", "videoxl.cli.main", "batch", os.path.join(work, "in.jsonl"), "-o", out, "--demo",
                "--devices", devices, "--max-num-frames", str(args.seconds), "--max-new-tokens", "8"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -29,13 +29,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from prefill import log, prompt_for, random_model  # noqa: E402
 
-from videoxl.chunking import PrefillConfig  # noqa: E402
+from videoxl.prefill.plan import PrefillConfig  # noqa: E402
 from videoxl.decoding import decode_step, generate_tokens  # noqa: E402
 from videoxl.decoding.bilevel import bilevel_question, prepare_bilevel  # noqa: E402
 from videoxl.decoding.sparse_config import SparseConfig  # noqa: E402
-from videoxl.generate import GenerationConfig  # noqa: E402
-from videoxl.prompt import build_prompt  # noqa: E402
-from videoxl.tiny import make_tokenizer  # noqa: E402
+from videoxl.decoding.generation import GenerationConfig  # noqa: E402
+from videoxl.language.prompt import build_prompt  # noqa: E402
+from videoxl.checkpoint.tiny import make_tokenizer  # noqa: E402
 
 CHUNKING = PrefillConfig(chunk_prefill_mode="streaming", chunk_size=16, step_size=4, offload=True,
                          chunk_size_for_vision_tower=96)

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from prefill import hf_qwen2, log, random_model  # noqa: E402
 
 from videoxl.decoding import decode_step, generate_tokens  # noqa: E402
-from videoxl.generate import GenerationConfig  # noqa: E402
+from videoxl.decoding.generation import GenerationConfig  # noqa: E402
 
 STEPS = {"captured": 128, "eager": 24, "offload": 12, "hf": 24}
 

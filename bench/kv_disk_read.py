@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from videoxl import kv_disk  # noqa: E402
-from videoxl.kv_disk import read_safetensors  # noqa: E402
+from videoxl.cache import disk as kv_disk  # noqa: E402
+from videoxl.cache.disk import read_safetensors  # noqa: E402
 
 CHUNK = 32 << 20
 

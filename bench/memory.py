@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from videoxl.memory import GiB, estimate, max_frames  # noqa: E402
 from videoxl.model import VideoXL  # noqa: E402
-from videoxl.tiny import full_size_config  # noqa: E402
+from videoxl.checkpoint.tiny import full_size_config  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 WAY_TO_MODE = {"dense": "dense", "mask": "mask", "streaming": "streaming+offload"}  # bench's streaming offloads

@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from videoxl.chunking import BlockPlan, PrefillConfig  # noqa: E402
+from videoxl.prefill.plan import BlockPlan, PrefillConfig  # noqa: E402
 from videoxl.model import VideoXL  # noqa: E402
-from videoxl.prompt import build_prompt  # noqa: E402
-from videoxl.tiny import full_size_config, make_tokenizer, tiny_config  # noqa: E402
+from videoxl.language.prompt import build_prompt  # noqa: E402
+from videoxl.checkpoint.tiny import full_size_config, make_tokenizer, tiny_config  # noqa: E402
 
 CHUNKING = dict(chunk_size=16, step_size=4, chunk_size_for_vision_tower=96)  # the reference's evaluation setting
 
@@ -136,7 +136,7 @@ def profile_vision(model, frames_u8) -> None:
 def check_paths(model, tokenizer, frames_u8) -> dict:
     """On the GPU, bf16: flex streaming vs flex mask vs the CPU-style per-block SDPA path, and our dense
     prefill vs transformers'. Relative error of layer-27 keys/values (bf16 rounding is ~1e-2 at most)."""
-    import videoxl.prefill as prefill
+    import videoxl.prefill.modes as prefill
 
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import videoxl  # noqa: E402
-from videoxl import shapes  # noqa: E402
-from videoxl.identity import VideoRef  # noqa: E402
+from videoxl.demo import shapes  # noqa: E402
+from videoxl.cache.identity import VideoRef  # noqa: E402
 
 HELDOUT_SEED = 100_000
 GEN = {"do_sample": False, "max_new_tokens": 8}

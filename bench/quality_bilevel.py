@@ -26,14 +26,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import videoxl  # noqa: E402
-from videoxl import shapes  # noqa: E402
-from videoxl.chunking import PrefillConfig  # noqa: E402
+from videoxl.demo import shapes  # noqa: E402
+from videoxl.prefill.plan import PrefillConfig  # noqa: E402
 from videoxl.decoding import decode_step, generate_tokens  # noqa: E402
 from videoxl.decoding.bilevel import bilevel_question, block_times  # noqa: E402
 from videoxl.decoding.sparse_config import SparseConfig  # noqa: E402
-from videoxl.generate import Detokenizer, GenerationConfig  # noqa: E402
-from videoxl.prompt import build_prompt  # noqa: E402
-from videoxl.video_kv import build_prefix  # noqa: E402
+from videoxl.decoding.generation import Detokenizer, GenerationConfig  # noqa: E402
+from videoxl.language.prompt import build_prompt  # noqa: E402
+from videoxl.cache.store import build_prefix  # noqa: E402
 
 SEED = 200_000
 CHUNKING = PrefillConfig(chunk_prefill_mode="mask", chunk_size=16, step_size=4, chunk_size_for_vision_tower=96)

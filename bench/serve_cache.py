@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from prefill import log, random_model  # noqa: E402
 
-from videoxl.tiny import make_demo_video, make_tokenizer  # noqa: E402
-from videoxl.video_kv import VideoKVCache  # noqa: E402
+from videoxl.checkpoint.tiny import make_demo_video, make_tokenizer  # noqa: E402
+from videoxl.cache.store import VideoKVCache  # noqa: E402
 
 
 def drop_page_cache(folder: str) -> bool:

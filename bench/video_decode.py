@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from videoxl.video import load_video, open_video, resize_frame, sample_frame_indices  # noqa: E402
+from videoxl.video.sources import load_video, open_video, resize_frame, sample_frame_indices  # noqa: E402
 
 T0 = time.perf_counter()
 RESULTS: dict = {"rows": []}
@@ -264,7 +264,7 @@ def ttft(path, device="cuda", tiny=False, workers=None, cpu_too=True):
 
     import videoxl.model as model_module
     from bench.prefill import random_model
-    from videoxl.tiny import make_tokenizer
+    from videoxl.checkpoint.tiny import make_tokenizer
     import tempfile
 
     model = random_model(torch.device(device), tiny=tiny)
@@ -282,7 +282,7 @@ def ttft(path, device="cuda", tiny=False, workers=None, cpu_too=True):
         return round(time.perf_counter() - t, 3), dict(model.last_stats)
 
     one(path, 64, None)  # warm-up: kernels, NVDEC, FlexAttention
-    from videoxl.video import FrameStream
+    from videoxl.video.sources import FrameStream
 
     original = model_module.open_video
     for sampling, (m, fps) in SAMPLINGS.items():

@@ -7,7 +7,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from videoxl.tiny import make_tiny
+    from videoxl.checkpoint.tiny import make_tiny
 
     return make_tiny(str(tmp_path_factory.mktemp("tiny") / "ckpt"))
 
@@ -21,7 +21,7 @@ def tiny(tiny_dir):
 
 @pytest.fixture(scope="session")
 def clip_path(tmp_path_factory):
-    from videoxl.tiny import make_demo_video
+    from videoxl.checkpoint.tiny import make_demo_video
 
     # 30 fps, 6 s -> 6 frames at 1 fps: pads to 8 (two groups of 4 frames)
     return make_demo_video(str(tmp_path_factory.mktemp("video") / "clip.mp4"), seconds=6.0)

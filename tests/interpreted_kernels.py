@@ -20,7 +20,7 @@ interpreter._patch_lang_tensor = _patched
 import torch  # noqa: E402
 
 import videoxl  # noqa: E402
-from videoxl.decoder import apply_rope, rope_cos_sin  # noqa: E402
+from videoxl.language.decoder import apply_rope, rope_cos_sin  # noqa: E402
 from videoxl.decoding import kernels  # noqa: E402
 from videoxl.decoding.captured import CapturedStep  # noqa: E402
 

@@ -21,7 +21,7 @@ class LiveServer:
     def __init__(self, model_dir: str, *options: str):
         import uvicorn
 
-        from videoxl.serving.cli import add_serve_parser, build
+        from videoxl.cli.serve import add_serve_parser, build
 
         parser = argparse.ArgumentParser()
         add_serve_parser(parser.add_subparsers())

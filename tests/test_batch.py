@@ -6,8 +6,8 @@ import os
 import pytest
 
 import videoxl
-from videoxl import shapes
-from videoxl.cli import main
+from videoxl.demo import shapes
+from videoxl.cli.main import main
 
 ARGS = ["--demo", "--max-num-frames", "64", "--max-new-tokens", "8"]
 

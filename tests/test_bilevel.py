@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import videoxl
-from videoxl.chunking import BlockPlan, PrefillConfig
-from videoxl.decoder import apply_rope, rope_cos_sin
+from videoxl.prefill.plan import BlockPlan, PrefillConfig
+from videoxl.language.decoder import apply_rope, rope_cos_sin
 from videoxl.decoding.bilevel import SparseLevel, bilevel_question, mixed_store
 from videoxl.decoding.sparse_config import SparseConfig
-from videoxl.prefill import streaming_prefill
-from videoxl.prompt import build_prompt
-from videoxl.video import load_video
+from videoxl.prefill.modes import streaming_prefill
+from videoxl.language.prompt import build_prompt
+from videoxl.video.sources import load_video
 
 CHUNKING = PrefillConfig(chunk_size=4, step_size=2)
 
@@ -19,7 +19,7 @@ CHUNKING = PrefillConfig(chunk_size=4, step_size=2)
 @pytest.fixture(scope="module")
 def video(tiny, tmp_path_factory):
     """A 40-frame clip prefilled in streaming mode (10 groups, 5 blocks) and a question's tail tokens."""
-    from videoxl.tiny import make_demo_video
+    from videoxl.checkpoint.tiny import make_demo_video
 
     model, tokenizer = tiny
     path = make_demo_video(str(tmp_path_factory.mktemp("bl") / "v.mp4"), seconds=40.0, fps=2, size=(48, 32))
@@ -195,7 +195,7 @@ def test_budget_counts():
 
 
 def test_cli_sparse(tiny_dir, video, capsys):
-    from videoxl.cli import main
+    from videoxl.cli.main import main
 
     path = video[0]
     args = ["chat", path, "What moves?", "--model", tiny_dir, "--max-new-tokens", "4", "--no-progress",

@@ -5,17 +5,17 @@ import pytest
 import torch
 
 import videoxl
-from videoxl.chunking import BlockPlan, PrefillConfig
-from videoxl.prefill import dense_prefill, mask_prefill, streaming_prefill
-from videoxl.prompt import build_prompt
-from videoxl.video import load_video
+from videoxl.prefill.plan import BlockPlan, PrefillConfig
+from videoxl.prefill.modes import dense_prefill, mask_prefill, streaming_prefill
+from videoxl.language.prompt import build_prompt
+from videoxl.video.sources import load_video
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def long_clip(tmp_path_factory):
-    from videoxl.tiny import make_demo_video
+    from videoxl.checkpoint.tiny import make_demo_video
 
     # 22 s at 1 fps -> 22 frames -> 6 groups (last padded): enough blocks for windows to matter
     return make_demo_video(str(tmp_path_factory.mktemp("v") / "long.mp4"), seconds=22.0, fps=10,
@@ -109,7 +109,7 @@ def test_streaming_equals_mask(prepared, chunk, step):
 
 def test_streaming_slices_cut_through_blocks(prepared, monkeypatch):
     """Token slices that end inside a block (as they do on long videos) change nothing."""
-    import videoxl.prefill as prefill
+    import videoxl.prefill.modes as prefill
 
     model, prompt, embeds = prepared
     plan = BlockPlan.from_prompt(prompt, PrefillConfig(chunk_size=4, step_size=2))
@@ -213,7 +213,7 @@ def test_tile_classes_bound_the_mask(prepared, tile, reorder):
 
 def test_block_sparse_attention_matches_dense_mask(prepared):
     """BlockSparseAttention through FlexAttention (eager, on the CPU) = SDPA with the dense boolean mask."""
-    from videoxl.prefill import BlockSparseAttention
+    from videoxl.prefill.modes import BlockSparseAttention
 
     _, prompt, _ = prepared
     plan = BlockPlan.from_prompt(prompt, PrefillConfig(chunk_size=4, step_size=1))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import videoxl
-from videoxl.cli import build_parser, main
-from videoxl.console import report
+from videoxl.cli.main import build_parser, main
+from videoxl.cli.console import report
 
 FAST = ["--max-new-tokens", "4", "--no-progress"]
 
@@ -147,7 +147,7 @@ def test_no_question_and_nothing_on_stdin_is_an_error(tiny_dir, clip_path, capsy
 
 
 def test_out_of_memory_exit_code(tiny_dir, clip_path, capsys, monkeypatch):
-    from videoxl.decoder import Qwen2Decoder
+    from videoxl.language.decoder import Qwen2Decoder
 
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")

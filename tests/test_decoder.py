@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from videoxl.config import TextConfig
-from videoxl.decoder import Qwen2Decoder
+from videoxl.language.decoder import Qwen2Decoder
 
 TOL = 1e-4
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 300, 64, 128, 3, 4, 2

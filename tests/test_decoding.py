@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from videoxl.decoding.sampling import Sampler
-from videoxl.generate import GenerationConfig
+from videoxl.decoding.generation import GenerationConfig
 
 VOCAB = 300
 

@@ -1,4 +1,4 @@
-"""DTS (videoxl.dts) and the projector + 2x2 pool (VisionEncoder.groups_to_tokens) against an independent
+"""DTS (videoxl.vision.dts) and the projector + 2x2 pool (VisionEncoder.groups_to_tokens) against an independent
 re-computation written from the spec with explicit loops / matmuls. Only parameter *tensors* are read from
 the modules; none of their sub-blocks' forward methods is called by the reference.
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from videoxl.config import TextConfig, VideoXLConfig, VisionConfig
-from videoxl.dts import DTS, frames_to_dts_input
-from videoxl.vision import VisionEncoder
+from videoxl.vision.dts import DTS, frames_to_dts_input
+from videoxl.vision.encoder import VisionEncoder
 
 C, T, MAXD = 64, 4, 64
 TOL64, TOL32 = 1e-5, 1e-4

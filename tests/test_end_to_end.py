@@ -3,15 +3,15 @@ import pytest
 import torch
 
 import videoxl
-from videoxl.cli import main
-from videoxl.prompt import build_prompt
+from videoxl.cli.main import main
+from videoxl.language.prompt import build_prompt
 
 GREEDY = {"do_sample": False, "max_new_tokens": 12}
 
 
 def reference_answer(model, tokenizer, video, question, history=None, max_new_tokens=12):
     """An independent greedy decode: one full causal forward per token over the whole prompt, no cache reuse."""
-    from videoxl.video import load_video
+    from videoxl.video.sources import load_video
 
     clip = load_video(video, 150, 1, None)
     visual = model.encode_clip(clip)
@@ -160,7 +160,7 @@ def test_decode_errors_surface_from_the_decoding_thread(tiny):
     """Frames are decoded on a worker thread while the vision tower encodes: its errors reach the caller."""
     import numpy as np
 
-    from videoxl.video import FrameStream
+    from videoxl.video.sources import FrameStream
 
     model, _ = tiny
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import videoxl
-from videoxl.chunking import BlockPlan, PrefillConfig
-from videoxl.prefill import dense_prefill, layerwise_prefill, block_attention, mask_prefill, streaming_prefill
-from videoxl.prompt import build_prompt
-from videoxl.video import load_video
+from videoxl.prefill.plan import BlockPlan, PrefillConfig
+from videoxl.prefill.modes import dense_prefill, layerwise_prefill, block_attention, mask_prefill, streaming_prefill
+from videoxl.language.prompt import build_prompt
+from videoxl.video.sources import load_video
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = 1e-4  # float32 on the GPU (TF32 off): different kernels, different summation orders
@@ -23,7 +23,7 @@ def gpu_model(tiny_dir):
 
 @pytest.fixture(scope="module")
 def long_video(tmp_path_factory):
-    from videoxl.tiny import make_demo_video
+    from videoxl.checkpoint.tiny import make_demo_video
 
     return make_demo_video(str(tmp_path_factory.mktemp("g") / "long.mp4"), seconds=40.0, fps=5, size=(48, 32))
 
@@ -94,7 +94,7 @@ def test_chat_offload_decoding_matches(gpu_model, long_video):
 def _decode(model, store, mode, gen, n=64):
     """Token ids from `mode`'s step after the store's contents, with no stop token, from a fixed first token."""
     from videoxl.decoding import decode_step, generate_tokens
-    from videoxl.generate import GenerationConfig
+    from videoxl.decoding.generation import GenerationConfig
 
     start = store.length
     with torch.inference_mode():
@@ -188,7 +188,7 @@ def test_disk_cache_fast_reader_on_gpu(tiny_dir, long_video, tmp_path):
     fallback), byte-equal to safetensors' own loader, and answers as the run that wrote it."""
     from safetensors.torch import load_file
 
-    from videoxl.kv_disk import read_safetensors
+    from videoxl.cache.disk import read_safetensors
 
     cache_dir = str(tmp_path / "kv")
     ask = dict(max_num_frames=64, generation_config={"max_new_tokens": 16})

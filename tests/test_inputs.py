@@ -179,7 +179,7 @@ def test_stats_timestamps_and_cache_hit(tiny, clip_path):
 def test_random_weight_checkpoint_is_marked(tiny_dir):
     import json
 
-    from videoxl.loader import inspect_checkpoint
+    from videoxl.checkpoint.loader import inspect_checkpoint
 
     assert json.load(open(os.path.join(tiny_dir, "config.json")))["videoxl_random_weights"] is True
     ok, text = inspect_checkpoint(tiny_dir)

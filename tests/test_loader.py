@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import videoxl
-import videoxl.tiny
-from videoxl.loader import inspect_checkpoint
+import videoxl.checkpoint.tiny
+from videoxl.checkpoint.loader import inspect_checkpoint
 
 
 def copy_ckpt(src, dst):
@@ -112,7 +112,7 @@ def test_unreadable_folders(tmp_path):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(videoxl.VideoXLError, match="config.json is not valid JSON"):
         videoxl.load(str(bad))
-    (bad / "config.json").write_text(json.dumps(videoxl.tiny.tiny_config().to_dict()))
+    (bad / "config.json").write_text(json.dumps(videoxl.checkpoint.tiny.tiny_config().to_dict()))
     (bad / "tokenizer.json").unlink()
     with pytest.raises(videoxl.VideoXLError, match="no tokenizer files"):
         videoxl.load(str(bad))

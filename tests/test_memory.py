@@ -8,7 +8,7 @@ import pytest
 
 import videoxl.memory as memory
 from videoxl.errors import VideoXLMemoryError
-from videoxl.tiny import full_size_config
+from videoxl.checkpoint.tiny import full_size_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 GiB = 2**30

@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from tests.serving_helpers import LiveServer, data_url, messages, request, video_part  # noqa: E402
-from videoxl.tiny import make_demo_video  # noqa: E402
+from videoxl.checkpoint.tiny import make_demo_video  # noqa: E402
 
 FRAMES = {"max_num_frames": 8}
 
@@ -273,7 +273,7 @@ def test_restart_answers_known_videos_from_disk_without_vision(server, tiny_dir,
     (["--chunk-prefill", "mask", "--chunk-size", "3", "--step-size", "2"], "step_size"),
 ])
 def test_serve_option_errors_are_one_line_exit_2(tiny_dir, capsys, argv, words):
-    from videoxl.cli import main
+    from videoxl.cli.main import main
 
     args = ["serve", "--model", tiny_dir, *argv] if argv[0] != "--model" else ["serve", *argv]
     assert main(args) == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import videoxl
-from videoxl import shapes
+from videoxl.demo import shapes
 
 
 @pytest.mark.parametrize("seconds", [12, 64, 256, 1024])
@@ -60,7 +60,7 @@ def test_answer_rule():
 
 
 def test_file_and_frame_list_give_the_same_timestamps(tmp_path):
-    from videoxl.video import load_video, open_video
+    from videoxl.video.sources import load_video, open_video
 
     v = shapes.make_video(5, 16)
     clip = load_video(shapes.write_video(v, str(tmp_path / "v.mp4")), max_num_frames=16, sample_fps=1)
@@ -90,7 +90,7 @@ def test_shipped_model_finds_the_needle(demo):
 
 
 def test_cli_demo_quiz_writes_only_to_the_cache(tmp_path, monkeypatch, capsys):
-    from videoxl.cli import main
+    from videoxl.cli.main import main
 
     monkeypatch.setenv("VIDEOXL_CACHE", str(tmp_path / "cache"))
     assert main(["chat", "--demo", "--device", "cpu", "--seed", "11"]) == 0
@@ -102,8 +102,8 @@ def test_cli_demo_quiz_writes_only_to_the_cache(tmp_path, monkeypatch, capsys):
 
 def test_training_forward_matches_the_inference_path(demo):
     """The training forward (TrainCache, all four questions at once) gives chat's first-token logits."""
-    from videoxl.prompt import build_prompt
-    from videoxl.train_tiny import Task, forward
+    from videoxl.language.prompt import build_prompt
+    from videoxl.demo.train_tiny import Task, forward
 
     model, tok = demo
     v = shapes.make_video(1, 16)
@@ -122,7 +122,7 @@ def test_training_forward_matches_the_inference_path(demo):
 
 
 def test_training_is_deterministic_on_the_cpu(tmp_path):
-    from videoxl.train_tiny import load_blob, main
+    from videoxl.demo.train_tiny import load_blob, main
 
     for name in ("a", "b"):
         assert main(["--out", str(tmp_path / name), "--total-steps", "1", "--frames", "16", "--device", "cpu",

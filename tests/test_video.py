@@ -1,4 +1,4 @@
-"""Tests of videoxl/video.py: frame sampling by the reference's rules, decoding real files, stills, bad input.
+"""Tests of videoxl/video/sources.py: frame sampling by the reference's rules, decoding real files, stills, bad input.
 
 Expected indices are written out literally (worked by hand from the reference's rules, shown in comments)
 rather than recomputed with the same formula, so a test cannot agree with a wrong implementation by
@@ -21,7 +21,7 @@ from PIL import Image
 
 from tests.media import frame_pixels, make_corrupt_video, make_text_file, make_video
 from videoxl.errors import VideoXLError
-from videoxl.video import load_video, resize_frame, sample_frame_indices
+from videoxl.video.sources import load_video, resize_frame, sample_frame_indices
 
 
 # ---------------------------------------------------------------------------------------------------------

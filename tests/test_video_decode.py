@@ -17,8 +17,8 @@ import torch
 
 from tests.media import frame_pixels
 from videoxl.errors import VideoXLError
-from videoxl.video import load_video, open_video, resize_frame, sample_frame_indices
-from videoxl.video_gpu import nv12_to_model_input, resize_exact, yuv_to_rgb
+from videoxl.video.sources import load_video, open_video, resize_frame, sample_frame_indices
+from videoxl.video.gpu import nv12_to_model_input, resize_exact, yuv_to_rgb
 
 
 def write(path, codec="libx264", frames=600, size=(64, 48), pts_ms=None, options=None, rate=30) -> str:
@@ -79,7 +79,7 @@ SAMPLINGS = [pytest.param(dict(sample_fps=1), id="1fps"),
 def no_resize(monkeypatch):
     """Frames come back at their decoded size (the resize is the same PIL call on both sides; leaving it out
     keeps this matrix of cases fast and compares the decoded pixels themselves)."""
-    from videoxl import video_read
+    from videoxl.video import read as video_read
 
     monkeypatch.setattr(video_read, "cpu_convert", lambda turns: lambda f: f.to_ndarray(format="rgb24"))
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 import videoxl
-from videoxl.tiny import make_demo_video
+from videoxl.checkpoint.tiny import make_demo_video
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8}
 ASK = dict(max_num_frames=8, sample_fps=1, generation_config=GREEDY)
@@ -97,7 +97,7 @@ def test_disk_cache_answers_a_new_process_without_vision(tiny_dir, clip_path, tm
 
     # other weights (another seed) never read these KVs
     other_dir = str(tmp_path / "other-ckpt")
-    from videoxl.tiny import make_tiny
+    from videoxl.checkpoint.tiny import make_tiny
     make_tiny(other_dir, seed=1)
     other, tok4 = videoxl.load(other_dir, device="cpu", dtype="float32", kv_cache_dir=cache_dir)
     other.chat(clip_path, tok4, "What happens?", **ASK)

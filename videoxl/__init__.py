@@ -3,9 +3,9 @@
     model, tokenizer = videoxl.load("/path/to/Video-XL-2")
     print(model.chat("video.mp4", tokenizer, "What happens?", max_num_frames=150, sample_fps=1))
 """
-from .demo import demo_model_path
-from .errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
-from .loader import load
+from videoxl.demo import demo_model_path
+from videoxl.errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
+from videoxl.checkpoint.loader import load
 
 __all__ = ["load", "VideoXLError", "VideoXLMemoryError", "VideoXLWarning", "demo_model_path"]
 __version__ = "0.1.0"

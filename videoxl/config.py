@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
-from .errors import VideoXLError
+from videoxl.errors import VideoXLError
 
 FRAMES_PER_GROUP = 4  # DTS fuses 4 consecutive frames into one set of tokens; timestamps go before each group
 DTS_GRID = 24  # the 27x27 SigLIP patch grid is resized to 24x24 before DTS

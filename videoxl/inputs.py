@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
-from .generate import GenerationConfig
-from .identity import VideoRef
+from videoxl.errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
+from videoxl.decoding.generation import GenerationConfig
+from videoxl.cache.identity import VideoRef
 
 # Question + chat history, in tokens. Far above any real question, far below the decoder's context (32,768 for
 # Qwen2.5-7B), and small enough that the question's prefill (its attention over the video) stays in memory.

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FRAMES_PER_GROUP, VideoXLConfig
-from .errors import VideoXLMemoryError
+from videoxl.config import FRAMES_PER_GROUP, VideoXLConfig
+from videoxl.errors import VideoXLMemoryError
 
 GiB = 2**30
 SLICE_TOKENS = 16384  # prefill.STREAM_TOKENS_PER_SLICE (not imported: prefill pulls in the attention kernels)

@@ -17,21 +17,21 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .chunking import BlockPlan, PrefillConfig
-from .config import VideoXLConfig
-from .decoder import Qwen2Decoder
-from .errors import VideoXLError
-from .decoding import decode_step, generate_tokens
-from .decoding.bilevel import bilevel_question
-from .decoding.sparse_config import SparseConfig
-from .generate import Detokenizer, GenerationConfig
-from .inputs import answer_stats, check_history, check_request, history_messages, memory_errors
-from .kv_store import KVStore
-from .prefill import dense_prefill, mask_prefill, streaming_prefill
-from .prompt import VideoPrompt, build_prompt
-from .video import Clip, FrameStream, SideStream
-from .video_kv import DEFAULT_FRAMES_PER_SLICE, VideoKVCache, video_prefix
-from .vision import VisionEncoder
+from videoxl.prefill.plan import BlockPlan, PrefillConfig
+from videoxl.config import VideoXLConfig
+from videoxl.language.decoder import Qwen2Decoder
+from videoxl.errors import VideoXLError
+from videoxl.decoding import decode_step, generate_tokens
+from videoxl.decoding.bilevel import bilevel_question
+from videoxl.decoding.sparse_config import SparseConfig
+from videoxl.decoding.generation import Detokenizer, GenerationConfig
+from videoxl.inputs import answer_stats, check_history, check_request, history_messages, memory_errors
+from videoxl.language.kv_store import KVStore
+from videoxl.prefill.modes import dense_prefill, mask_prefill, streaming_prefill
+from videoxl.language.prompt import VideoPrompt, build_prompt
+from videoxl.video.sources import Clip, FrameStream, SideStream
+from videoxl.cache.store import DEFAULT_FRAMES_PER_SLICE, VideoKVCache, video_prefix
+from videoxl.vision.encoder import VisionEncoder
 
 VISION_PAD = "<|vision_pad|>"
 LONG_PREFILL_TOKENS = 20000  # show a prefill progress bar above this

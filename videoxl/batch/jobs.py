@@ -16,8 +16,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..errors import VideoXLError
-from ..video import check_sampling
+from videoxl.errors import VideoXLError
+from videoxl.video.sources import check_sampling
 
 ROW_KEYS = ("id", "video", "question", "max_num_frames", "sample_fps", "max_sample_fps")
 

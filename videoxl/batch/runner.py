@@ -17,8 +17,8 @@ import queue as queue_mod
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..errors import VideoXLError
-from .jobs import Job
+from videoxl.errors import VideoXLError
+from videoxl.batch.jobs import Job
 
 STAT_KEYS = ("ttft_s", "decode_tokens_per_s", "generated_tokens", "prompt_tokens", "cached_tokens", "kv_cache",
              "frames", "vision_s", "prefill_s", "kept_share")

@@ -14,11 +14,11 @@ from typing import Iterator
 
 import torch
 
-from ..decoder import Qwen2Decoder
-from ..generate import GenerationConfig
-from ..kv_store import KVStore
-from .eager import EagerStep
-from .sampling import Sampler
+from videoxl.language.decoder import Qwen2Decoder
+from videoxl.decoding.generation import GenerationConfig
+from videoxl.language.kv_store import KVStore
+from videoxl.decoding.eager import EagerStep
+from videoxl.decoding.sampling import Sampler
 
 CAPACITY_BUCKET = 8192  # KV capacity grows in these steps, so a follow-up question rarely reallocates
 _captured: "weakref.WeakKeyDictionary[KVStore, object]" = weakref.WeakKeyDictionary()
@@ -46,7 +46,7 @@ def decode_step(decoder: Qwen2Decoder, cache: KVStore, max_new_tokens: int, mode
         mode = "captured" if fast_path_available(cache) else "eager"
     if mode == "eager":
         return EagerStep(decoder, cache)
-    from .captured import CapturedStep
+    from videoxl.decoding.captured import CapturedStep
 
     need = cache.length + max_new_tokens + 1
     if need > cache.capacity:

@@ -24,11 +24,11 @@ import weakref
 import numpy as np
 import torch
 
-from ..chunking import BlockPlan
-from ..decoder import Qwen2Decoder, apply_rope, rope_cos_sin
-from ..kv_store import KVStore
-from . import bucketed, decode_step
-from .sparse_config import SparseConfig
+from videoxl.prefill.plan import BlockPlan
+from videoxl.language.decoder import Qwen2Decoder, apply_rope, rope_cos_sin
+from videoxl.language.kv_store import KVStore
+from videoxl.decoding import bucketed, decode_step
+from videoxl.decoding.sparse_config import SparseConfig
 
 QUESTION_ROOM = 512  # tokens a prepared mixed store keeps for the question (a longer one reallocates it)
 

@@ -15,9 +15,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..decoder import Qwen2Decoder, rope_cos_sin
-from ..kv_store import KVStore
-from . import kernels
+from videoxl.language.decoder import Qwen2Decoder, rope_cos_sin
+from videoxl.language.kv_store import KVStore
+from videoxl.decoding import kernels
 
 
 def fuse_projections(decoder: Qwen2Decoder) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..decoder import Qwen2Decoder
-from ..kv_store import KVStore
+from videoxl.language.decoder import Qwen2Decoder
+from videoxl.language.kv_store import KVStore
 
 
 class EagerStep:

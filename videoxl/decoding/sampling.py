@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..generate import GenerationConfig
+from videoxl.decoding.generation import GenerationConfig
 
 
 class Sampler:

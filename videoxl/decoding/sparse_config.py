@@ -5,8 +5,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from ..config import settings_from_dict
-from ..errors import VideoXLError
+from videoxl.config import settings_from_dict
+from videoxl.errors import VideoXLError
 
 
 @dataclass

@@ -19,12 +19,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .engine import Engine, Job
-from .errors import APIError, error_body
-from .media import Media, MediaLimits, resolve
-from .metrics import HELP, Metrics
-from .protocol import ChatRequest, ServerDefaults, parse_request
-from ..video_kv import VideoRef
+from videoxl.serving.engine import Engine, Job
+from videoxl.serving.errors import APIError, error_body
+from videoxl.serving.media import Media, MediaLimits, resolve
+from videoxl.serving.metrics import HELP, Metrics
+from videoxl.serving.protocol import ChatRequest, ServerDefaults, parse_request
+from videoxl.cache.store import VideoRef
 
 log = logging.getLogger("videoxl.serving")
 POLL_S = 0.25  # how often a waiting request checks that its client is still there

@@ -17,11 +17,11 @@ from typing import Callable
 
 import torch
 
-from .errors import APIError
-from .metrics import Metrics
-from .protocol import ChatRequest
-from ..errors import VideoXLError
-from ..video_kv import VideoRef
+from videoxl.serving.errors import APIError
+from videoxl.serving.metrics import Metrics
+from videoxl.serving.protocol import ChatRequest
+from videoxl.errors import VideoXLError
+from videoxl.cache.store import VideoRef
 
 log = logging.getLogger("videoxl.serving")
 

@@ -24,8 +24,8 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 
-from .errors import APIError
-from ..identity import content_id, remember_content_id
+from videoxl.serving.errors import APIError
+from videoxl.cache.identity import content_id, remember_content_id
 
 CHUNK = 1 << 20
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import APIError
-from ..prompt import SYSTEM
+from videoxl.serving.errors import APIError
+from videoxl.language.prompt import SYSTEM
 
 DEFAULT_SYSTEM = SYSTEM.removeprefix("<|im_start|>system\n").removesuffix("<|im_end|>\n")
 

@@ -1,0 +1,1 @@
+"""Checkpoint folder <-> parameters: the released format read (loader.py) and written (tiny.py, for tests)."""

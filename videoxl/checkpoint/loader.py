@@ -1,0 +1,258 @@
+"""Checkpoint folder -> model. The one place where checkpoint tensor names map onto our modules.
+
+A released Video-XL-2 folder holds `config.json`, `model-0000X-of-0000Y.safetensors` + `model.safetensors.index.json`
+(or one `model.safetensors`) and the Qwen tokenizer files. Names follow the reference's `LlavaQwenForCausalLM`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from videoxl.config import VideoXLConfig, config_path
+from videoxl.errors import VideoXLError
+
+VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
+IGNORED = "ignored"  # tensors present in the release but not used at inference
+
+
+def map_name(name: str, cfg: VideoXLConfig) -> str | None:
+    """Checkpoint name -> our parameter name, `IGNORED`, or None for a name we do not know."""
+    if name.startswith(VISION_PREFIX):
+        rest = name[len(VISION_PREFIX):]
+        m = re.match(r"encoder\.layers\.(\d+)\.", rest)
+        if m and int(m.group(1)) >= cfg.vision.layers_run:
+            return IGNORED  # the deleted last layer, when the folder was saved before the deletion
+        if rest.startswith(("post_layernorm.", "head.")) or rest.endswith("position_ids"):
+            return IGNORED  # never run by the reference (features are read before them)
+        return "vision.tower." + rest
+    if name.startswith("model.text_mlp."):
+        return IGNORED  # trained alongside, unused when answering
+    for ckpt, ours in (("model.sae.", "vision.dts."), ("model.mm_projector.", "vision.projector."),
+                       ("lm_head.", "decoder.lm_head."), ("model.", "decoder.")):
+        if name.startswith(ckpt):
+            ours_name = ours + name[len(ckpt):]
+            if ckpt == "model." and not re.match(r"model\.(embed_tokens|layers|norm)\.", name):
+                return None
+            return ours_name
+    return None
+
+
+def our_to_checkpoint(ours: str) -> str:
+    for ckpt, mine in (("model.sae.", "vision.dts."), ("model.mm_projector.", "vision.projector."),
+                       (VISION_PREFIX, "vision.tower."), ("lm_head.", "decoder.lm_head."), ("model.", "decoder.")):
+        if ours.startswith(mine):
+            return ckpt + ours[len(mine):]
+    raise KeyError(ours)
+
+
+def weight_files(model_dir: str) -> dict[str, list[str]]:
+    """safetensors file -> tensor names in it (from the index when sharded)."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise VideoXLError(f"unreadable model.safetensors.index.json in {model_dir}: {e}") from None
+        files: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            files.setdefault(os.path.join(model_dir, shard), []).append(name)
+        for shard in files:
+            if not os.path.exists(shard):
+                raise VideoXLError(f"checkpoint shard listed in the index is missing: {shard}")
+        return files
+    if os.path.exists(single):
+        return {single: None}
+    raise VideoXLError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+@dataclass
+class CheckpointReport:
+    """What a folder holds against what the model needs: the basis of both `load` and `videoxl inspect`."""
+
+    found: dict[str, tuple[str, str, tuple]] = field(default_factory=dict)  # ours -> (file, ckpt name, shape)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    groups: Counter = field(default_factory=Counter)  # component -> parameter count
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def problem(self) -> str:
+        def few(names):
+            return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing: {few(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected: {few(self.unexpected)}")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} with wrong shape: {few(self.mismatched)}")
+        return "checkpoint does not match the model: " + "; ".join(parts)
+
+
+def scan(model_dir: str, cfg: VideoXLConfig, expected: dict[str, torch.Size]) -> CheckpointReport:
+    from safetensors import safe_open
+
+    report = CheckpointReport()
+    for path, names in weight_files(model_dir).items():
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in names if names is not None else f.keys():
+                    shape = tuple(f.get_slice(name).get_shape())
+                    ours = map_name(name, cfg)
+                    if ours == IGNORED:
+                        report.ignored.append(name)
+                    elif ours is None or ours not in expected:
+                        report.unexpected.append(name)
+                    elif shape != tuple(expected[ours]):
+                        report.mismatched.append(f"{name} {list(shape)} != {list(expected[ours])}")
+                    else:
+                        report.found[ours] = (path, name, shape)
+                        report.groups[ours.split(".")[1] if ours.startswith("vision.") else "decoder"] += \
+                            torch.Size(shape).numel()
+        except (OSError, ValueError, Exception) as e:
+            if isinstance(e, VideoXLError):
+                raise
+            raise VideoXLError(f"unreadable safetensors file {path}: {str(e).splitlines()[0][:200]}") from None
+    tied = cfg.text.tie_word_embeddings and "decoder.lm_head.weight" not in report.found
+    report.missing = [our_to_checkpoint(n) for n in expected
+                      if n not in report.found and not (tied and n == "decoder.lm_head.weight")]
+    return report
+
+
+def read_config(model_dir: str) -> VideoXLConfig:
+    if not os.path.isdir(model_dir):
+        raise VideoXLError(f"checkpoint folder not found: {model_dir}")
+    return VideoXLConfig.from_file(config_path(model_dir))
+
+
+def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLConfig | None = None):
+    from safetensors import safe_open
+
+    from videoxl.model import VideoXL
+
+    cfg = cfg or read_config(model_dir)
+    with torch.device("meta"):
+        model = VideoXL(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    report = scan(model_dir, cfg, expected)
+    if not report.ok:
+        raise VideoXLError(report.problem())
+    state = {}
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for ours, (path, name, _) in report.found.items():
+        by_file.setdefault(path, []).append((ours, name))
+    for path, pairs in by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for ours, name in pairs:
+                state[ours] = f.get_tensor(name).to(device=device, dtype=dtype)
+    if "decoder.lm_head.weight" not in state:  # tie_word_embeddings
+        state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.json")):
+        raise VideoXLError(f"no tokenizer files (tokenizer.json or vocab.json) in {model_dir}")
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it warns that config.json's `llava_qwen` is not a type it knows
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers raises many types here
+        raise VideoXLError(f"cannot load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+         kv_cache_gb: float = 0, kv_cache_dir: str | None = None):
+    """`videoxl.load(path)` -> (model, tokenizer). Defaults: CUDA + bfloat16 when there is a GPU, else CPU + fp32.
+    Videos' prefix KVs are kept in memory up to `kv_cache_gb` (0: the latest video only) and, with
+    `kv_cache_dir`, on disk, where a later process finds them (see video_kv.py)."""
+    from videoxl.cache.store import VideoKVCache
+
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise VideoXLError(f"model path must be a folder path (str), got {type(model_dir).__name__}")
+    model_dir = os.fspath(model_dir)
+    device = parse_device(device)
+    dtype = parse_dtype(dtype, device)
+    cfg = read_config(model_dir)  # first: its errors are the clearest
+    kv_cache = VideoKVCache(VideoKVCache.parse_gb(kv_cache_gb), kv_cache_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device, dtype, cfg)
+    model.kv_cache = kv_cache
+    return model, tokenizer
+
+
+def parse_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise VideoXLError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VideoXLError("device 'cuda' asked for, but this torch sees no CUDA GPU (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise VideoXLError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif device.type != "cpu":
+        raise VideoXLError(f"device must be a CPU or a CUDA GPU, got {device}")
+    return device
+
+
+def parse_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(dtype, torch.dtype) and dtype in names.values():
+        return dtype
+    if not isinstance(dtype, str) or dtype not in names:
+        raise VideoXLError(f"dtype must be one of {sorted(names)} (or torch.float32 / bfloat16 / float16), "
+                           f"got {dtype!r}")
+    return names[dtype]
+
+
+def inspect_checkpoint(model_dir: str) -> tuple[bool, str]:
+    """(matches, human-readable summary) of a checkpoint folder, without loading any tensor data."""
+    from videoxl.model import VideoXL
+
+    cfg = read_config(model_dir)
+    with torch.device("meta"):
+        model = VideoXL(cfg)
+    report = scan(model_dir, cfg, {k: v.shape for k, v in model.state_dict().items()})
+    t, v = cfg.text, cfg.vision
+    lines = [
+        f"checkpoint: {model_dir}",
+        f"decoder: Qwen2, {t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.num_attention_heads} heads "
+        f"({t.num_key_value_heads} KV), vocab {t.vocab_size}, rope_theta {t.rope_theta:g}",
+        f"vision: SigLIP, {v.num_hidden_layers} layers ({v.layers_run} run), width {v.hidden_size}, "
+        f"{v.image_size}px / patch {v.patch_size}; DTS width {cfg.mm_hidden_size}; "
+        f"{cfg.tokens_per_group} tokens per 4 frames",
+        "parameters: " + ", ".join(f"{k} {n / 1e6:.2f}M" for k, n in sorted(report.groups.items()))
+        + f" (total {sum(report.groups.values()) / 1e6:.2f}M)",
+        f"tensors: {len(report.found)} used, {len(report.ignored)} present but unused at inference",
+        "status: OK, loads" if report.ok else "status: " + report.problem(),
+        *(["weights: RANDOM (made by `videoxl make-tiny`): it runs, its answers are noise"]
+          if cfg.random_weights else []),
+    ]
+    tok = any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.json"))
+    lines.append("tokenizer: found" if tok else "tokenizer: MISSING (tokenizer.json or vocab.json)")
+    return report.ok and tok, "\n".join(lines)

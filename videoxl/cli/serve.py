@@ -1,0 +1,115 @@
+"""`videoxl serve`: its options (parsed without importing the server stack) and the start-up."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+from videoxl.cli.options import optional_float, parse_devices
+from videoxl.errors import VideoXLError
+
+
+def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (POST /v1/chat/completions with video_url)",
+                       formatter_class=formatter_class)
+    p.add_argument("--model", required=True, help="checkpoint folder (required: no default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
+    p.add_argument("--devices", default=None,
+                   help="one engine worker per device, comma-separated (default: every GPU, else cpu)")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond these get HTTP 429")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queueing included")
+    cache = p.add_argument_group("video KV cache")
+    cache.add_argument("--kv-cache-gb", type=float, default=8.0, help="per worker, in GPU/CPU memory (LRU)")
+    cache.add_argument("--kv-cache-dir", default=None, help="also keep videos' KVs here, across restarts")
+    media = p.add_argument_group("media (all off or capped by default)")
+    media.add_argument("--allowed-local-media-path", default=None, help="file:// URLs only under this folder")
+    media.add_argument("--allowed-media-domains", nargs="*", default=[], help="hosts http(s) URLs may name")
+    media.add_argument("--max-media-mb", type=float, default=2048, help="largest video file")
+    media.add_argument("--max-base64-mb", type=float, default=64, help="largest data: URL payload (encoded)")
+    media.add_argument("--max-request-mb", type=float, default=512, help="largest request body")
+    media.add_argument("--max-duration-s", type=float, default=4 * 3600, help="longest video")
+    media.add_argument("--max-frames", type=int, default=2048, help="most frames a request may ask for")
+    media.add_argument("--max-tokens", type=int, default=4096, help="most answer tokens a request may ask for")
+    sampling = p.add_argument_group("defaults for requests that do not say")
+    sampling.add_argument("--max-num-frames", type=int, default=150, help="most frames to sample")
+    sampling.add_argument("--sample-fps", type=optional_float, default=1.0, help="frames per second; 'none' = uniform")
+    sampling.add_argument("--max-sample-fps", type=optional_float, default=None, help="raise the rate up to this")
+    sampling.add_argument("--default-max-tokens", type=int, default=256, help="answer tokens when max_tokens is unset")
+    chunk = p.add_argument_group("chunk-based prefill (as `videoxl chat`)")
+    chunk.add_argument("--chunk-prefill", choices=["streaming", "mask"], default=None, help="chunk prefill mode")
+    chunk.add_argument("--chunk-size", type=int, default=4, help="attention window, in groups of 4 frames")
+    chunk.add_argument("--step-size", type=int, default=1, help="groups of 4 frames per block")
+    chunk.add_argument("--offload", action="store_true", help="keep the KVs in CPU memory")
+    chunk.add_argument("--vision-chunk", type=int, default=24, help="frames per vision-tower batch")
+    return p
+
+
+def build(args):
+    """Options -> (app, engine): models loaded, workers not started. Checks come before the slow loads."""
+    import videoxl
+    from videoxl.prefill.plan import PrefillConfig
+    from videoxl.serving.app import Settings, create_app
+    from videoxl.serving.engine import Engine
+    from videoxl.serving.media import MediaLimits
+    from videoxl.serving.metrics import Metrics
+    from videoxl.serving.protocol import ServerDefaults
+
+    if not os.path.isdir(args.model):
+        raise VideoXLError(f"--model must be a checkpoint folder: {args.model}")
+    for name in ("max_media_mb", "max_base64_mb", "max_request_mb", "max_duration_s", "request_timeout",
+                 "kv_cache_gb"):
+        if not getattr(args, name) >= 0:
+            raise VideoXLError(f"--{name.replace('_', '-')} must be a number >= 0")
+    for name in ("max_queue", "max_frames", "max_tokens", "max_num_frames", "default_max_tokens", "port"):
+        if getattr(args, name) < 1:
+            raise VideoXLError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        raise VideoXLError(f"--allowed-local-media-path is not a folder: {args.allowed_local_media_path}")
+    prefill = None
+    if args.chunk_prefill:
+        prefill = {"chunk_prefill_mode": args.chunk_prefill, "chunk_size": args.chunk_size,
+                   "step_size": args.step_size, "offload": args.offload,
+                   "chunk_size_for_vision_tower": args.vision_chunk}
+        PrefillConfig.from_dict(prefill)
+    replicas = []
+    for device in parse_devices(args.devices or "auto"):
+        model, tok = videoxl.load(args.model, device=device, dtype=args.dtype,
+                                  kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
+        if prefill:
+            model.config.enable_chunk_prefill, model.config.prefill_config = True, dict(prefill)
+        replicas.append((model, tok))
+    mb = 2**20
+    limits = MediaLimits(args.allowed_local_media_path, tuple(args.allowed_media_domains),
+                         int(args.max_media_mb * mb), int(args.max_base64_mb * mb), int(args.max_request_mb * mb),
+                         args.max_duration_s)
+    defaults = ServerDefaults(args.max_num_frames, args.sample_fps, args.max_sample_fps, args.max_frames,
+                              min(args.default_max_tokens, args.max_tokens), args.max_tokens)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    registry = os.path.join(args.kv_cache_dir, "uuids.json") if args.kv_cache_dir else None
+    tmp_dir = tempfile.mkdtemp(prefix="videoxl-media-")
+    settings = Settings(name, limits, defaults, args.request_timeout, tmp_dir, registry)
+    metrics = Metrics()
+    engine = Engine(replicas, args.max_queue, metrics)
+    return create_app(engine, settings, metrics), engine, settings
+
+
+def serve(args) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise VideoXLError("the server needs its extra: pip install 'videoxl[serve]'") from None
+    app, engine, settings = build(args)
+    engine.start()
+    print(f"videoxl: serving {args.model} on http://{args.host}:{args.port}/v1 "
+          f"({len(engine.workers)} worker(s))", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+        shutil.rmtree(settings.tmp_dir, ignore_errors=True)
+    return 0
