@@ -41,6 +41,13 @@ class Request:
 
 def check_request(config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
                   max_sample_fps, generation_config) -> Request:
+    history, gen = check_question(config, tokenizer, question, chat_history, generation_config)
+    return Request(check_video(video_path), question, history, as_int(max_num_frames),
+                   as_float(sample_fps), as_float(max_sample_fps), gen)
+
+
+def check_question(config, tokenizer, question, chat_history, generation_config):
+    """(history pairs, GenerationConfig) of a question, each problem one clear error."""
     if not isinstance(question, str) or not question.strip():
         raise VideoXLError("question must be a non-empty string")
     if generation_config is not None and not isinstance(generation_config, Mapping):
@@ -48,8 +55,7 @@ def check_request(config, tokenizer, video_path, question, chat_history, max_num
     gen = GenerationConfig.from_dict(dict(generation_config or {}))
     history = check_history(chat_history)
     check_text_length(config, tokenizer, question, history)
-    return Request(check_video(video_path), question, history, as_int(max_num_frames),
-                   as_float(sample_fps), as_float(max_sample_fps), gen)
+    return history, gen
 
 
 # ---- numbers ----------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the KV cache and the decoder's state are shared, so concurrent calls are served 
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import queue
 import threading
@@ -103,29 +104,44 @@ class VideoXL(nn.Module):
         r = check_request(self.config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
                           max_sample_fps, generation_config)
         chunking, sparse = self._check_runtime_settings()
-        # kernels launched without a device (Triton's) go to the current GPU; not enough yet for a model on a
-        # second GPU of one process (a known bug: tests/test_gpu.py, its strict xfail)
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with self._exclusive(), on_device, torch.inference_mode(), \
+        with self._exclusive(), self.on_device(), torch.inference_mode(), \
                 memory_errors(self.device, r.max_num_frames, bool(chunking)):
             self._t_question = time.perf_counter()  # inside the lock: waiting for another question is not ours
             prefix = video_prefix(self, r.video, tokenizer, question, r.history,
                                   (r.max_num_frames, r.sample_fps, r.max_sample_fps), chunking, show_progress)
             prompt = build_prompt(tokenizer, question, prefix.prompt.timestamps, self.config.tokens_per_group,
                                   self._placeholder_id(tokenizer), r.history)
-            cache = prefix.cache
-            cache.truncate(prompt.video_end)
-            tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=self.device)
             self.last_stats = answer_stats(prefix.stats, prefix.stats["kv_cache"] != "miss", len(prompt))
-            if sparse is None:
-                logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
-            else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
-                cache, logits, info = bilevel_question(self.decoder, cache, tail, sparse, prompt.timestamps,
-                                                       chunking.groups_per_block, r.gen.max_new_tokens)
-                self.last_stats.update(info)
-                self.kv_cache.trim()
-            yield from self._generate(logits, cache, tokenizer, r.gen, prompt.input_ids, show_progress)
+            yield from self.answer_over(prefix.cache, prompt, tokenizer, r.gen, chunking, sparse, show_progress)
             self.kv_cache.persist_pending()  # to disk, after the answer
+
+    def answer_over(self, cache: KVStore, prompt: VideoPrompt, tokenizer, gen: GenerationConfig,
+                    chunking: PrefillConfig | None, sparse: SparseConfig | None, show_progress=False):
+        """The answer's text, piece by piece, to `prompt` (video + question) over `cache`, the KVs of the prompt
+        up to `prompt.video_end` (tokens after it, a previous question's, are dropped). The caller holds the
+        model (`_exclusive`) and has set `last_stats`; a live session calls this too."""
+        cache.truncate(prompt.video_end)
+        tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=self.device)
+        if sparse is None:
+            logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
+        else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
+            cache, logits, info = bilevel_question(self.decoder, cache, tail, sparse, prompt.timestamps,
+                                                   chunking.groups_per_block, gen.max_new_tokens)
+            self.last_stats.update(info)
+            self.kv_cache.trim()
+        yield from self._generate(logits, cache, tokenizer, gen, prompt.input_ids, show_progress)
+
+    def open_live(self, tokenizer, sample_fps: float = 1.0, **settings):
+        """A live session: frames appended as they are recorded, questions about everything so far
+        (videoxl.live.LiveSession: its settings, limits and thread safety are described there)."""
+        from videoxl.live.session import LiveSession  # the live layer sits above the model; imported on use
+
+        return LiveSession(self, tokenizer, sample_fps=sample_fps, **settings)
+
+    def on_device(self):
+        """The model's GPU as the current device: kernels launched without a device (Triton's) go there. Not
+        enough yet for a model on a second GPU of one process (a known bug: tests/test_gpu.py, its strict xfail)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _exclusive(self):
@@ -201,11 +217,14 @@ class VideoXL(nn.Module):
         worker.join(), side.join()
         return torch.cat(parts, dim=0)
 
-    def embed_prompt(self, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:
-        """Token embeddings [1, n, hidden] of the prompt up to `end`, visual positions filled in."""
-        ids = torch.tensor(prompt.input_ids[:end], device=self.device)
+    def embed_prompt(self, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None,
+                     start: int = 0) -> torch.Tensor:
+        """Token embeddings [1, n, hidden] of the prompt's tokens [start, end), visual positions filled in
+        (`visual`: the visual tokens of the groups from `start` on; a live session embeds new groups only)."""
+        ids = torch.tensor(prompt.input_ids[start:end], device=self.device)
         embeds = self.decoder.embed_tokens(ids)
-        pos = torch.tensor(prompt.visual_positions, device=self.device)
+        first = bisect.bisect_left(prompt.visual_positions, start)
+        pos = torch.tensor(prompt.visual_positions[first:], dtype=torch.long, device=self.device) - start
         embeds[pos] = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
         return embeds[None]
 

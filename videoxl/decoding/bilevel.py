@@ -77,6 +77,13 @@ def held_bytes(store: KVStore) -> int:
     return sum(t.nbytes for level in levels for t in level.k + level.v) + (mixed.nbytes if mixed else 0)
 
 
+def forget(store: KVStore) -> None:
+    """Drop what was prepared for `store`: it grew (a live session appended frames), so its sparse level and
+    the mixed store's size are out of date."""
+    _levels.pop(store, None)
+    _mixed.pop(store, None)
+
+
 def sparse_level(decoder, store: KVStore, compression: int) -> SparseLevel:
     per_store = _levels.setdefault(store, {})
     if compression not in per_store:

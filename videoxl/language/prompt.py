@@ -57,7 +57,8 @@ def encoder(tokenizer):
 
 def start_prompt(tokenizer, timestamps: list[float] = ()) -> VideoPrompt:
     """The prompt's text before the video; `add_group` extends it (live video adds groups as they arrive)."""
-    return VideoPrompt(encoder(tokenizer)(SYSTEM + USER), timestamps=list(timestamps))
+    ids = encoder(tokenizer)(SYSTEM + USER)
+    return VideoPrompt(ids, timestamps=list(timestamps), video_end=len(ids))
 
 
 def add_group(prompt: VideoPrompt, tokenizer, t: float, tokens_per_group: int, placeholder_id: int) -> None:

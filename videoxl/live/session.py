@@ -1,0 +1,239 @@
+"""A live session: ask about a video while it is still being recorded.
+
+    session = model.open_live(tokenizer, sample_fps=1.0)
+    session.append(frames)                  # PIL images, HxWx3 arrays or [T,H,W,3]; timestamps optional
+    session.append_source("cam.ts")         # or follow a growing file / a stream in the background
+    print(session.ask("What just happened?"), session.last_stats["covers_s"])
+    session.close()
+
+Frames are sampled at `sample_fps` from their real times and go to the model in groups of 4, each group's
+visual tokens prefilled into the session's KV store as soon as it is complete (prefill/incremental.py: the KVs
+equal a one-shot prefill of the same frames). A question is answered over every complete group; frames of an
+incomplete group are not covered yet, and the answer's stats say so.
+
+Threads: appends run one after another in arrival order (`_ingest`); the store is extended or read by one of
+them at a time (`_store`), so a question sees the groups complete when it starts and nothing else, and an
+append that arrives during an answer runs its vision meanwhile and waits only to prefill.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from videoxl.config import FRAMES_PER_GROUP
+from videoxl.decoding.bilevel import forget
+from videoxl.errors import VideoXLError
+from videoxl.inputs import check_question, memory_errors
+from videoxl.language.prompt import VideoPrompt, add_group, question_ids, start_prompt
+from videoxl.live.frames import Sampler, as_frames, check_timestamps, frame_time, prepare, whole_groups
+from videoxl.prefill.incremental import IncrementalPrefill
+
+DEFAULT_FRAMES_PER_SLICE = 96  # vision batch when chunk prefill does not set one (as for files)
+
+
+def check_limit(value, name: str):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise VideoXLError(f"{name} must be a positive integer or None, got {value!r}")
+    return value
+
+
+class LiveSession:
+    """See the module's docstring. Settings left None follow the model's config (`enable_chunk_prefill`,
+    `prefill_config`, `enable_sparse`, `sparse_config`); `max_frames` (sampled frames) and `max_bytes` (KV
+    bytes) bound the session: an append that would pass one is refused whole, with a clear error."""
+
+    def __init__(self, model, tokenizer, sample_fps: float = 1.0, max_frames: int | None = None,
+                 max_bytes: int | None = None, enable_chunk_prefill: bool | None = None,
+                 prefill_config: dict | None = None, enable_sparse: bool | None = None,
+                 sparse_config: dict | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.sampler = Sampler(sample_fps)
+        self.max_frames, self.max_bytes = check_limit(max_frames, "max_frames"), check_limit(max_bytes, "max_bytes")
+        overrides = {k: v for k, v in (("enable_chunk_prefill", enable_chunk_prefill),
+                                       ("prefill_config", prefill_config), ("enable_sparse", enable_sparse),
+                                       ("sparse_config", sparse_config)) if v is not None}
+        # the model's own validation, on its config with this session's overrides
+        config = dataclasses.replace(model.config, **overrides)
+        self.chunking, self.sparse = type(model)._check_runtime_settings(SimpleNamespace(config=config))
+        self.per_slice = self.chunking.chunk_size_for_vision_tower if self.chunking else DEFAULT_FRAMES_PER_SLICE
+        self._ingest, self._store, self._state = threading.Lock(), threading.RLock(), threading.Lock()
+        self._pending: list[np.ndarray] = []  # sampled frames not yet in a whole group
+        self._pending_times: list[float] = []
+        self.timestamps: list[float] = []  # per frame in whole groups
+        self.frames_received = 0
+        self.history: list[tuple[str, str]] = []
+        self.last_stats: dict = {}
+        self.sources: list = []
+        self.closed = False
+        t = model.config.text
+        self._token_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+        self._placeholder = model._placeholder_id(tokenizer)
+        self.prompt = start_prompt(tokenizer)
+        self.prefill = IncrementalPrefill(model.decoder, self.chunking, capacity=len(self.prompt) + 1024)
+        self.opened = time.monotonic()
+        with model.on_device(), torch.inference_mode():
+            self.prefill.extend(self.prompt, model.embed_prompt(self.prompt, self._no_visual(), len(self.prompt)))
+
+    # ---- frames in ----------------------------------------------------------------------------------------
+    def append(self, frames, timestamps=None) -> dict:
+        """Add frames (their times in seconds; None: one `1/sample_fps` after another). Returns what was taken:
+        frames received and sampled, groups completed by this call, frames waiting for their group."""
+        self._check_open()
+        items = as_frames(frames)
+        with self._ingest:
+            self._check_open()
+            sampler = copy.copy(self.sampler)  # moved on only if the frames are accepted
+            times = sampler.default_times(len(items)) if timestamps is None else \
+                check_timestamps(timestamps, len(items), sampler.last)
+            kept = sampler.keep(times)
+            self._check_limits(len(kept))
+            self.sampler = sampler
+            with self._state:
+                self.frames_received += len(items)
+                self._pending.extend(prepare([items[i] for i in kept]))
+                self._pending_times.extend(frame_time(times[i]) for i in kept)
+            groups = self._ingest_groups()
+        return {"frames_received": len(items), "frames_sampled": len(kept), "groups_added": groups,
+                "frames_pending": len(self._pending)}
+
+    def append_source(self, source, **options):
+        """Follow a growing file or a stream (a path, or a URL PyAV can open) on a background thread until
+        `close`; returns the reader (its `error`, `frames_read`; also in `stats['sources']`)."""
+        from videoxl.live.source import SourceReader
+
+        self._check_open()
+        reader = SourceReader(self, source, **options)
+        self.sources.append(reader)
+        reader.start()
+        return reader
+
+    def _check_limits(self, new_frames: int) -> None:
+        frames = len(self.timestamps) + len(self._pending) + new_frames
+        if self.max_frames is not None and frames > self.max_frames:
+            raise VideoXLError(f"live session full: {frames} frames would pass its limit of {self.max_frames} "
+                               f"(max_frames); open a new session or raise the limit")
+        if self.max_bytes is not None:
+            groups = -(-frames // FRAMES_PER_GROUP) - len(self.prompt.group_starts)
+            per_group = self.model.config.tokens_per_group + 16  # + the `Time ...s:` tokens, generously
+            need = (self.prompt.video_end + groups * per_group) * self._token_bytes
+            if need > self.max_bytes:
+                raise VideoXLError(f"live session full: its KVs would take {need / 2**20:.1f} MiB, over its limit "
+                                   f"of {self.max_bytes / 2**20:.1f} MiB (max_bytes); open a new session or raise "
+                                   "the limit")
+
+    def _ingest_groups(self) -> int:
+        """Encode and prefill the pending frames that fill whole groups, a vision slice at a time."""
+        added = 0
+        model = self.model
+        while len(self._pending) >= FRAMES_PER_GROUP:
+            n = min(whole_groups(len(self._pending)), self.per_slice)
+            frames, times = np.stack(self._pending[:n]), self._pending_times[:n]
+            with model.on_device(), torch.inference_mode(), memory_errors(model.device, n, bool(self.chunking)):
+                visual = torch.cat(list(model.vision.encode(frames, self.per_slice)), dim=0)
+                with self._store:  # waits for a question being answered; vision above did not
+                    start = self.prompt.video_end
+                    for t in times[::FRAMES_PER_GROUP]:
+                        add_group(self.prompt, self.tokenizer, t, model.config.tokens_per_group, self._placeholder)
+                    embeds = model.embed_prompt(self.prompt, visual, self.prompt.video_end, start)
+                    self.prefill.extend(self.prompt, embeds)
+                    forget(self.prefill.store)  # bi-level decoding's prepared state is for the shorter video
+                    with self._state:
+                        self.timestamps.extend(times)
+                        del self._pending[:n], self._pending_times[:n]
+            added += n // FRAMES_PER_GROUP
+        return added
+
+    def _no_visual(self) -> torch.Tensor:
+        hidden = self.model.config.text.hidden_size
+        return torch.zeros((0, hidden), dtype=self.model.dtype, device=self.model.device)
+
+    # ---- questions --------------------------------------------------------------------------------------------
+    def ask(self, question: str, generation_config: dict | None = None, chat_history=None,
+            follow_up: bool = False) -> str:
+        """The answer over every complete group so far. `follow_up=True` continues this session's
+        conversation (its earlier questions and answers); `chat_history` gives one explicitly."""
+        return "".join(self.stream_ask(question, generation_config, chat_history, follow_up))
+
+    def stream_ask(self, question: str, generation_config: dict | None = None, chat_history=None,
+                   follow_up: bool = False, show_progress=False):
+        """`ask`, yielding the answer's text as it is generated."""
+        self._check_open()
+        model, tok = self.model, self.tokenizer
+        history, gen = check_question(model.config, tok, question, chat_history, generation_config)
+        if follow_up and not history:
+            history = list(self.history)
+        with model._exclusive(), model.on_device(), torch.inference_mode(), self._store, \
+                memory_errors(model.device, len(self.timestamps), bool(self.chunking)):
+            self._check_open()
+            if not self.timestamps:
+                raise VideoXLError(f"nothing to ask about yet: the model reads frames in groups of 4 and "
+                                   f"{len(self._pending)} sampled frame(s) have arrived")
+            model._t_question = time.perf_counter()
+            video = self.prompt
+            prompt = VideoPrompt(video.input_ids + question_ids(tok, question, history), video.visual_positions,
+                                 video.group_starts, video.video_end, list(self.timestamps))
+            model.last_stats = self._question_stats(len(prompt))
+            pieces = []
+            for piece in model.answer_over(self.prefill.store, prompt, tok, gen, self.chunking, self.sparse,
+                                           show_progress):
+                pieces.append(piece)
+                yield piece
+            self.history.append((question, "".join(pieces)))
+            self.last_stats = dict(model.last_stats)
+
+    def _question_stats(self, prompt_tokens: int) -> dict:
+        stats = dict(self.stats, prompt_tokens=prompt_tokens, covers_s=[self.timestamps[0], self.timestamps[-1]],
+                     live=True, cache_hit=True)
+        if self._pending:
+            stats["not_covered"] = (f"{len(self._pending)} frame(s) from {self._pending_times[0]:g} s on wait for "
+                                    "a whole group of 4; this answer covers the video up to "
+                                    f"{self.timestamps[-1]:g} s")
+        return stats
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        with self._state:
+            store = self.prefill.store if self.prefill is not None else None
+            tokens = self.prefill.length if self.prefill is not None else 0
+            out = {"frames": len(self.timestamps), "frames_pending": len(self._pending),
+                   "frames_received": self.frames_received, "groups": len(self.timestamps) // FRAMES_PER_GROUP,
+                   "covered_s": [self.timestamps[0], self.timestamps[-1]] if self.timestamps else None,
+                   "kv_tokens": tokens, "kv_bytes": tokens * self._token_bytes,
+                   "kv_reserved_bytes": store.nbytes if store is not None else 0,
+                   "kv_offload": bool(store is not None and store.offload),
+                   "prefill": self.chunking.chunk_prefill_mode if self.chunking else "dense",
+                   "bilevel": self.sparse is not None, "closed": self.closed,
+                   "sources": [r.status() for r in self.sources]}
+        if self.model.device.type == "cuda":
+            out["gpu_allocated_gb"] = round(torch.cuda.memory_allocated(self.model.device) / 2**30, 3)
+        return out
+
+    def close(self) -> None:
+        """Stop the background readers and free the KVs. Later calls are refused."""
+        self.closed = True
+        for reader in self.sources:
+            reader.stop()
+        with self._ingest, self._store:
+            if self.prefill is not None:
+                forget(self.prefill.store)
+            self.prefill = None
+        self._pending, self._pending_times = [], []
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise VideoXLError("this live session is closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
