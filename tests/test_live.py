@@ -143,7 +143,7 @@ def test_limits_and_closed_sessions(tiny):
             call()
     for kwargs, message in (({"sample_fps": 0}, "sample_fps must be a positive number"),
                             ({"max_frames": -1}, "max_frames must be a positive integer"),
-                            ({"enable_sparse": True}, "needs chunk prefill")):
+                            ({"enable_chunk_prefill": False, "enable_sparse": True}, "needs chunk prefill")):
         with pytest.raises(VideoXLError, match=message):
             model.open_live(tok, **kwargs)
     with model.open_live(tok) as live:

@@ -37,6 +37,10 @@ from videoxl.prefill.incremental import IncrementalPrefill
 DEFAULT_FRAMES_PER_SLICE = 96  # vision batch when chunk prefill does not set one (as for files)
 
 
+class LiveLimitError(VideoXLError):
+    """A session's frame or byte limit would be passed (the server answers 413)."""
+
+
 def check_limit(value, name: str):
     if value is None:
         return None
@@ -47,7 +51,7 @@ def check_limit(value, name: str):
 
 class LiveSession:
     """See the module's docstring. Settings left None follow the model's config (`enable_chunk_prefill`,
-    `prefill_config`, `enable_sparse`, `sparse_config`); `max_frames` (sampled frames) and `max_bytes` (KV
+    `prefill_config`, `enable_sparse`, `sparse_config`; a config given turns its switch on); `max_frames` (sampled frames) and `max_bytes` (KV
     bytes) bound the session: an append that would pass one is refused whole, with a clear error."""
 
     def __init__(self, model, tokenizer, sample_fps: float = 1.0, max_frames: int | None = None,
@@ -57,6 +61,10 @@ class LiveSession:
         self.model, self.tokenizer = model, tokenizer
         self.sampler = Sampler(sample_fps)
         self.max_frames, self.max_bytes = check_limit(max_frames, "max_frames"), check_limit(max_bytes, "max_bytes")
+        # settings given imply their switch (a prefill_config given is meant to be used)
+        enable_chunk_prefill = enable_chunk_prefill if enable_chunk_prefill is not None else (
+            True if prefill_config is not None or enable_sparse else None)
+        enable_sparse = enable_sparse if enable_sparse is not None else (True if sparse_config is not None else None)
         overrides = {k: v for k, v in (("enable_chunk_prefill", enable_chunk_prefill),
                                        ("prefill_config", prefill_config), ("enable_sparse", enable_sparse),
                                        ("sparse_config", sparse_config)) if v is not None}
@@ -118,14 +126,14 @@ class LiveSession:
     def _check_limits(self, new_frames: int) -> None:
         frames = len(self.timestamps) + len(self._pending) + new_frames
         if self.max_frames is not None and frames > self.max_frames:
-            raise VideoXLError(f"live session full: {frames} frames would pass its limit of {self.max_frames} "
+            raise LiveLimitError(f"live session full: {frames} frames would pass its limit of {self.max_frames} "
                                f"(max_frames); open a new session or raise the limit")
         if self.max_bytes is not None:
             groups = -(-frames // FRAMES_PER_GROUP) - len(self.prompt.group_starts)
             per_group = self.model.config.tokens_per_group + 16  # + the `Time ...s:` tokens, generously
             need = (self.prompt.video_end + groups * per_group) * self._token_bytes
             if need > self.max_bytes:
-                raise VideoXLError(f"live session full: its KVs would take {need / 2**20:.1f} MiB, over its limit "
+                raise LiveLimitError(f"live session full: its KVs would take {need / 2**20:.1f} MiB, over its limit "
                                    f"of {self.max_bytes / 2**20:.1f} MiB (max_bytes); open a new session or raise "
                                    "the limit")
 

@@ -51,10 +51,10 @@ class SourceReader(threading.Thread):
     def run(self) -> None:
         try:
             if is_url(self.source):
-                self._pass()
+                self.read_once()
             else:
                 while not self._halt.is_set():
-                    self._pass()
+                    self.read_once()
                     self._halt.wait(self.poll_s)
         except VideoXLError as e:
             self.error = str(e)
@@ -63,14 +63,15 @@ class SourceReader(threading.Thread):
         finally:
             self.ended = True
 
-    def _pass(self) -> None:
-        """Decode from after the last frame read to the current end of the source."""
+    def read_once(self, strict: bool = False) -> None:
+        """Decode from after the last frame read to the current end of the source, in this thread (a video
+        segment posted to the server is read this way, `strict`: a file that does not open is an error)."""
         import av
 
         try:
             container = av.open(self.source, timeout=10.0)
         except (av.error.FFmpegError, OSError):
-            if is_url(self.source):
+            if strict or is_url(self.source):
                 raise VideoXLError(f"cannot open live source {self.source}") from None
             return  # a file without a readable header yet: try again on the next pass
         with container:
