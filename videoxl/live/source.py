@@ -11,13 +11,16 @@ Times are the source's, shifted so that its first frame lands one sample period 
 """
 from __future__ import annotations
 
+import copy
 import os
+import queue
 import threading
 import time
 
 from videoxl.errors import VideoXLError
 
-BATCH = 8  # frames handed to the session at once: a group of 4 is prefilled as soon as it is complete
+MAX_BATCH = 96  # frames handed to the session at once when decoding runs ahead (a vision batch)
+QUEUE = 256  # sampled frames decoded ahead of the session
 
 
 def is_url(source: str) -> bool:
@@ -25,6 +28,10 @@ def is_url(source: str) -> bool:
 
 
 class SourceReader(threading.Thread):
+    """Decodes on its own thread and hands the sampled frames to a second one that appends them, so decoding
+    overlaps vision and prefill. That one takes whatever has queued up (up to MAX_BATCH): a live source at
+    1 fps goes in frame by frame, a file read faster than real time in vision-sized batches."""
+
     def __init__(self, session, source, poll_s: float = 0.25):
         if not isinstance(source, (str, os.PathLike)):
             raise VideoXLError(f"append_source takes a path or a URL, got {type(source).__name__}")
@@ -39,6 +46,9 @@ class SourceReader(threading.Thread):
         self._halt = threading.Event()
         self._last: float | None = None  # source time of the last frame read
         self._shift: float | None = None  # source time -> session time
+        self._sampler = None  # which frames to convert (the session's own sampler decides what it keeps)
+        self._queue: queue.Queue | None = None  # to the appending thread; None: append here (read_once alone)
+        self._batch: list = []
 
     def status(self) -> dict:
         return {"source": self.source, "frames_read": self.frames_read, "ended": self.ended, "error": self.error}
@@ -49,6 +59,9 @@ class SourceReader(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
+        self._queue = queue.Queue(maxsize=QUEUE)
+        appender = threading.Thread(target=self._append_queued, name=self.name + "-append", daemon=True)
+        appender.start()
         try:
             if is_url(self.source):
                 self.read_once()
@@ -61,11 +74,53 @@ class SourceReader(threading.Thread):
         except Exception as e:  # a background thread has nobody to raise to: kept for `stats`
             self.error = f"{type(e).__name__}: {e}"
         finally:
+            self._put(None)
+            appender.join()
             self.ended = True
 
+    def _put(self, item) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._halt.is_set() and item is not None:
+                    return  # stopping: the frame is dropped; the end marker always goes through
+
+    def _append_queued(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not None and len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            frames = [b for b in batch if b is not None]
+            if frames and not self._halt.is_set():
+                try:
+                    self.session.append([f for f, _ in frames], [t for _, t in frames])
+                except Exception as e:  # a limit reached, the session closed: stop reading
+                    self.error = str(e) if isinstance(e, VideoXLError) else f"{type(e).__name__}: {e}"
+                    self._halt.set()
+            if batch[-1] is None:
+                return
+
+    def _emit(self, frame, t: float) -> None:
+        if self._queue is not None:
+            self._put((frame, t))
+            return
+        self._batch.append((frame, t))
+        if len(self._batch) >= MAX_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self.session.append([f for f, _ in batch], [t for _, t in batch])
+
     def read_once(self, strict: bool = False) -> None:
-        """Decode from after the last frame read to the current end of the source, in this thread (a video
-        segment posted to the server is read this way, `strict`: a file that does not open is an error)."""
+        """Decode from after the last frame read to the current end of the source (a video segment posted to
+        the server is read this way, in the caller's thread; `strict`: a file that does not open is an error)."""
         import av
 
         try:
@@ -78,12 +133,12 @@ class SourceReader(threading.Thread):
             if not container.streams.video:
                 raise VideoXLError(f"live source has no video stream: {self.source}")
             stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame threads: a 1080p stream decodes several times faster
             if self._last is not None and stream.time_base is not None:
                 try:
                     container.seek(int(self._last / stream.time_base), stream=stream, backward=True)
                 except av.error.FFmpegError:
                     pass  # not seekable: decode from the start, skipping what was read
-            batch, times = [], []
             try:
                 for frame in container.decode(stream):
                     if self._halt.is_set():
@@ -95,20 +150,17 @@ class SourceReader(threading.Thread):
                     self._last = frame.time
                     self.frames_read += 1
                     if self._shift is None:
-                        self._shift = self.session.sampler.default_times(1)[0] - frame.time
+                        self._sampler = copy.copy(self.session.sampler)
+                        self._shift = self._sampler.default_times(1)[0] - frame.time
                     t = frame.time + self._shift
-                    if self.session.sampler.due is None or t >= self.session.sampler.due - 1e-6:
-                        batch.append(frame.to_ndarray(format="rgb24"))
-                        times.append(t)
-                    if len(batch) >= BATCH:
-                        self.session.append(batch, times)
-                        batch, times = [], []
+                    if self._sampler.keep([t]):
+                        self._emit(frame.to_ndarray(format="rgb24"), t)
             except av.error.FFmpegError:
                 if is_url(self.source):
                     raise
                 # the unwritten end of a growing file: what decoded before it is kept
-            if batch:
-                self.session.append(batch, times)
+            if self._queue is None:
+                self._flush()
 
     def __repr__(self) -> str:
         return f"SourceReader({self.source!r}, frames_read={self.frames_read}, error={self.error!r})"
