@@ -77,6 +77,7 @@ class LiveSession:
         self._pending_times: list[float] = []
         self.timestamps: list[float] = []  # per frame in whole groups
         self.frames_received = 0
+        self.ingest = {"vision_s": 0.0, "prefill_s": 0.0}  # time spent on the appended frames, per stage
         self.history: list[tuple[str, str]] = []
         self.last_stats: dict = {}
         self.sources: list = []
@@ -145,19 +146,29 @@ class LiveSession:
             n = min(whole_groups(len(self._pending)), self.per_slice)
             frames, times = np.stack(self._pending[:n]), self._pending_times[:n]
             with model.on_device(), torch.inference_mode(), memory_errors(model.device, n, bool(self.chunking)):
+                t0 = time.perf_counter()
                 visual = torch.cat(list(model.vision.encode(frames, self.per_slice)), dim=0)
+                self._time("vision_s", t0)
                 with self._store:  # waits for a question being answered; vision above did not
+                    t0 = time.perf_counter()
                     start = self.prompt.video_end
                     for t in times[::FRAMES_PER_GROUP]:
                         add_group(self.prompt, self.tokenizer, t, model.config.tokens_per_group, self._placeholder)
                     embeds = model.embed_prompt(self.prompt, visual, self.prompt.video_end, start)
                     self.prefill.extend(self.prompt, embeds)
                     forget(self.prefill.store)  # bi-level decoding's prepared state is for the shorter video
+                    self._time("prefill_s", t0)
                     with self._state:
                         self.timestamps.extend(times)
                         del self._pending[:n], self._pending_times[:n]
             added += n // FRAMES_PER_GROUP
         return added
+
+    def _time(self, stage: str, t0: float) -> None:
+        """Add a stage's time to `ingest` (waiting for the GPU: a stage owns its kernels, as StageTimer does)."""
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        self.ingest[stage] = round(self.ingest[stage] + time.perf_counter() - t0, 4)
 
     def _no_visual(self) -> torch.Tensor:
         hidden = self.model.config.text.hidden_size
@@ -219,7 +230,7 @@ class LiveSession:
                    "kv_reserved_bytes": store.nbytes if store is not None else 0,
                    "kv_offload": bool(store is not None and store.offload),
                    "prefill": self.chunking.chunk_prefill_mode if self.chunking else "dense",
-                   "bilevel": self.sparse is not None, "closed": self.closed,
+                   "bilevel": self.sparse is not None, "closed": self.closed, "ingest": dict(self.ingest),
                    "sources": [r.status() for r in self.sources]}
         if self.model.device.type == "cuda":
             out["gpu_allocated_gb"] = round(torch.cuda.memory_allocated(self.model.device) / 2**30, 3)
