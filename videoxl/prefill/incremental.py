@@ -20,6 +20,7 @@ timestamp rows see every earlier token, so each extension reads the whole store 
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from videoxl.errors import VideoXLError
 from videoxl.language.decoder import Qwen2Decoder
@@ -62,7 +63,10 @@ class IncrementalPrefill:
         store = self.store
         store.truncate(start)  # a question asked in between left its tokens after the video
         store.reserve(start + n)
-        mask = None  # dense: causal, the new rows at the end of the keys
+        # dense: causal with the new rows at the end of the keys, as a lower-right causal bias rather than a
+        # [n, start + n] boolean mask: SDPA then runs a fused kernel instead of scores for every key (on a GPU
+        # a boolean mask with grouped-query heads falls back to the math kernel)
+        mask = causal_lower_right(n, start + n) if start else None
         if self.chunking is not None and prompt.group_starts:  # text before the video: plain causal
             self.plan = BlockPlan.from_prompt(prompt, self.chunking)
             mask = RowsOfPattern(self.plan, start)
