@@ -11,6 +11,7 @@ Frames at 1 fps: with --source FILE the session's own reader follows the file (P
 threads, overlapped with vision and prefill), as fast as it goes; without it, synthetic 1080p frames (a noise
 image shifted every frame) are appended as fast as they are made, and frame decoding is not in the figures
 (the JSON says which). When the video reaches each checkpoint a question is asked (the ingest goes on beside it):
+The JSON's memory samples carry the estimate (videoxl.memory.live_estimate) beside the measured allocation;
 `ttft_s` is the model's first-token time from the start of the question, `ttft_wall_s` includes waiting for the
 group being prefilled. `--tiny` runs the same on the tiny config (CPU smoke test: its numbers mean nothing).
 """
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from prefill import random_model  # noqa: E402  (bench/prefill.py: the full-size model, random bf16 weights)
 
 from videoxl.checkpoint.tiny import make_tokenizer  # noqa: E402
+from videoxl.memory import live_estimate, mode_of  # noqa: E402
 
 MODES = {
     "dense": {"enable_chunk_prefill": False},
@@ -89,6 +91,7 @@ def run_mode(model, tok, mode: str, args) -> dict:
         feed.start()
         finished = feed.done.is_set
     checkpoints = sorted(int(m * 60) for m in args.checkpoints)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     memory, questions, t_start = [], [], time.perf_counter()
     next_sample = 0
     gen = {"max_new_tokens": args.answer_tokens}
@@ -96,8 +99,11 @@ def run_mode(model, tok, mode: str, args) -> dict:
         stats = session.stats
         frames = stats["frames"]
         if frames >= next_sample:
+            est = live_estimate(model.config, frames, mode_of(session.chunking), weights, session.per_slice,
+                                model.dtype.itemsize)
             memory.append({"video_s": frames, "wall_s": round(time.perf_counter() - t_start, 2),
-                           "kv_tokens": stats["kv_tokens"], **gpu_gb(model.device)})
+                           "kv_tokens": stats["kv_tokens"], "estimate_gb": round(est.total / 2**30, 3),
+                           **gpu_gb(model.device)})
             next_sample = frames + args.sample_every
         if checkpoints and frames >= checkpoints[0]:
             at = checkpoints.pop(0)
@@ -145,7 +151,9 @@ def plot(results: dict, path: str) -> None:
     for run in results["runs"]:
         pts = [(m["video_s"] / 60, m.get("allocated_gb")) for m in run["memory"] if "allocated_gb" in m]
         if pts:
-            ax.plot(*zip(*pts), label=f"{run['mode']} ({run['realtime_x']}x real time)")
+            line, = ax.plot(*zip(*pts), label=f"{run['mode']} ({run['realtime_x']}x real time)")
+            ax.plot([m["video_s"] / 60 for m in run["memory"]], [m["estimate_gb"] for m in run["memory"]], "--",
+                    color=line.get_color(), lw=1, label=f"{run['mode']}, estimate (videoxl.memory)")
         for q in run["questions"]:
             if "allocated_gb" in q:
                 ax.plot(q["at_min"], q["allocated_gb"], "k.", ms=4)

@@ -214,3 +214,21 @@ def test_stats_track_the_kvs(tiny):
         assert after["covered_s"] == [0.0, 7.0] and after["groups"] == 2
         assert torch.equal(torch.tensor(live.prompt.group_starts).diff().unique(),
                            torch.tensor([live.prompt.group_starts[1] - live.prompt.group_starts[0]]))
+
+
+def test_memory_estimate_of_a_session():
+    """Resident KVs grow by every layer's K/V per token; offloaded, by the two staging slots of one layer."""
+    from videoxl.checkpoint.tiny import full_size_config
+    from videoxl.memory import live_estimate, video_tokens
+
+    cfg = full_size_config()
+    t = cfg.text
+    tokens = video_tokens(cfg, 3600) - video_tokens(cfg, 1800)
+    dense = live_estimate(cfg, 3600, "dense", 0).total - live_estimate(cfg, 1800, "dense", 0).total
+    offload = live_estimate(cfg, 3600, "streaming+offload", 0).total - \
+        live_estimate(cfg, 1800, "streaming+offload", 0).total
+    assert dense == tokens * 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2
+    assert offload * t.num_hidden_layers // 2 == dense
+    hour = live_estimate(cfg, 3600, "dense", 0)  # an hour at 1 fps: 7.4 GiB of KVs + a 96-frame vision slice
+    assert 7.3 < hour.tokens * 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2 / 2**30 < 7.5
+    assert hour.total == hour.vision > hour.prefill
