@@ -84,9 +84,10 @@ class Task:
 
 class Probes(torch.nn.Module):
     """Training-only linear read-outs (never shipped) that give the hard skills a dense signal, one label per
-    group of 4 frames (that of its third frame). On the visual tokens (mean over the group): its shape (the star
-    and the ring are small spatial differences the answer loss alone finds slowly) and, in the star's scene, the
-    digit (a detail 36 % of the star's height: the vision side must keep it through the 2x2 pooling). After
+    group of 4 frames (that of its third frame). On the visual tokens: its shape (mean over the group's tokens;
+    the star and the ring are small spatial differences the answer loss alone finds slowly) and, in the star's
+    scene, the digit (max over the tokens: a detail 36 % of the star's height that lands in ~2x2 of the 12x12
+    tokens, which a mean over all 144 would dilute; the vision side must keep it through the pooling). After
     `PROBE_LAYER` decoder layers: the shape of the scene before (the first hop of 'after'), how many ring scenes
     have begun so far (a running count, so 'count' is one read at the end) and the group's own index (the
     `Time` token before it, which 'time' must match against the question's number)."""
@@ -119,12 +120,13 @@ class Probes(torch.nn.Module):
         return {k: torch.tensor(x, device=device) for k, x in out.items()}
 
     def loss(self, tokens: torch.Tensor, hidden: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """tokens: the groups' visual tokens' mean [B*G, h]; hidden: their mean after PROBE_LAYER layers."""
-        def ce(head, x, key):
-            return F.cross_entropy(head(x), labels[key], ignore_index=-100) if (labels[key] >= 0).any() else 0.0
-        loss = 0.3 * ce(self.shape, tokens, "shape") + self.previous_weight * ce(self.previous, hidden, "previous")
-        return loss + self.v2_weight * (ce(self.digit, tokens, "digit") + ce(self.count, hidden, "count")
-                                        + ce(self.group, hidden, "group"))
+        """tokens: the groups' visual tokens [B*G, 144, h]; hidden: their mean after PROBE_LAYER layers [B*G, h]."""
+        def ce(logits, key):
+            return F.cross_entropy(logits, labels[key], ignore_index=-100) if (labels[key] >= 0).any() else 0.0
+        loss = 0.3 * ce(self.shape(tokens.mean(1)), "shape") + self.previous_weight * ce(self.previous(hidden),
+                                                                                         "previous")
+        return loss + self.v2_weight * (ce(self.digit(tokens).amax(1), "digit") + ce(self.count(hidden), "count")
+                                        + ce(self.group(hidden), "group"))
 
 
 def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=None, probes: Probes | None = None,
@@ -162,7 +164,7 @@ def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=
     loss = (per_token * weight).sum() / weight.sum()
     if probes is not None:
         hidden = seen[0][:, pos].float().reshape(-1, tokens.shape[1], tokens.shape[-1]).mean(1)  # [B*G, h]
-        loss = loss + probes.loss(tokens.float().mean(1), hidden, Probes.labels(videos, seconds, dev))
+        loss = loss + probes.loss(tokens.float(), hidden, Probes.labels(videos, seconds, dev))
     first = (labels != -100).int().argmax(1)  # first answer label position
     rows = torch.arange(len(ids), device=dev)
     return loss, logits[rows, first].argmax(-1), labels[rows, first]
