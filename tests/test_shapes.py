@@ -79,15 +79,42 @@ def demo():
 
 
 def test_shipped_model_finds_the_needle(demo):
-    """Proof that the shipped weights load through `videoxl.load` and work: 9 of 10 fixed 64-s videos."""
+    """Proof that the shipped weights load through `videoxl.load` and work: 9 of 10 fixed 64-s version 1 videos."""
     model, tok = demo
     right = 0
     for seed in range(10):
-        v = shapes.make_video(900_000 + seed, 64)
+        v = shapes.make_video(900_000 + seed, 64, version=1)
         answer = model.chat(shapes.model_frames(v), tok, shapes.QUESTIONS["needle"], max_num_frames=64,
                             sample_fps=1, generation_config={"max_new_tokens": 4})
         right += shapes.is_correct(answer, v.answers["needle"])
     assert right >= 9, right
+
+
+@pytest.fixture(scope="module")
+def every_kind(demo):
+    """The shipped model's answers to the seven questions of 6 fixed 64-s version 2 videos: kind -> [right?]."""
+    from videoxl.cache.identity import VideoRef
+
+    model, tok = demo
+    right = {k: [] for k in shapes.KINDS}
+    for seed in range(6):
+        v = shapes.make_video(910_000 + seed, 64)
+        source = VideoRef(f"every-kind-{seed}", tuple(shapes.model_frames(v)))  # one prefill, seven questions
+        for kind, question in v.questions.items():
+            answer = model.chat(source, tok, question, max_num_frames=64, sample_fps=1,
+                                generation_config={"max_new_tokens": 4})
+            right[kind].append(shapes.is_correct(answer, v.answers[kind]))
+    return right
+
+
+NOT_YET = pytest.mark.xfail(strict=False, reason="the shipped weights were trained on version 1 (no rings, no digit, "
+                            "no time question): they pass once the retrained weights of issue 21 ship")
+
+
+@pytest.mark.parametrize("kind", [k if k in ("needle", "first", "last") else pytest.param(k, marks=NOT_YET)
+                                  for k in shapes.KINDS])  # 'after' may now be 'ring', a word v1 never answered
+def test_shipped_model_answers_every_kind(every_kind, kind):
+    assert sum(every_kind[kind]) >= 5, every_kind[kind]
 
 
 def test_cli_demo_quiz_writes_only_to_the_cache(tmp_path, monkeypatch, capsys):
