@@ -86,7 +86,8 @@ def ask_grid(model, tok, video, frames, settings: dict[str, dict]) -> dict[str, 
     """name -> ({kind: correct}, mean kept share) for one video over every setting (one prefill)."""
     store, timestamps = prefill(model, tok, frames)
     out = {}
-    for name, setting in settings.items():
+    # largest mixed cache first: the smaller ones then reuse its buffers (and its captured decode graph)
+    for name, setting in sorted(settings.items(), key=lambda x: (-x[1]["budget"], x[1]["compression"])):
         right, kept = {}, 0.0
         for kind, question in video.questions.items():
             text, stats = answer(model, tok, store, timestamps, question, sparse_settings(setting, video, kind))

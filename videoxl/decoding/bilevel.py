@@ -10,9 +10,10 @@ Per question, from the prefilled video's store (on the GPU or offloaded) and its
    the layers (the lower layers attend mostly by position and to nearby text; the upper ones retrieve by
    content), so it uses the model's own queries and keys at the positions it will see them.
 3. Dense: the first and the last block, the blocks overlapping `dense_times`, then the best-scored blocks until
-   the budget is reached (`select="random"`: blocks drawn at random instead, a baseline for measuring step 2). The mixed cache is [text before the video, each block dense or sparse in time order],
-   renumbered compactly from 0 with every key rotated to its new position; only the dense blocks' KVs are
-   read from the store (from CPU memory if offloaded), so the GPU holds the budget's share, not the video.
+   the budget is reached (`select="random"`: blocks drawn at random instead, a baseline for measuring step 2).
+   The mixed cache is [text before the video, each block dense or sparse in time order], renumbered compactly
+   from 0 with every key rotated to its new position; only the dense blocks' KVs are read from the store
+   (from CPU memory if offloaded), so the GPU holds the budget's share, not the video.
 4. The question is forwarded over the mixed cache; decoding goes on from there with the usual step.
 With every block dense the mixed cache is the store itself, position for position.
 """

@@ -68,9 +68,7 @@ class ShapesVideo:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        if self.version == 1:
-            return V1_KINDS
-        return KINDS if self.time_n >= 0 else KINDS[:-1]
+        return V1_KINDS if self.version == 1 else KINDS if self.time_n >= 0 else KINDS[:-1]
 
     @property
     def questions(self) -> dict[str, str]:
@@ -104,8 +102,9 @@ class ShapesVideo:
     def evidence(self, kind: str) -> list[tuple[int, int]]:
         """[(first, last) second, ...] of the scenes that hold `kind`'s answer (what an oracle keeps dense)."""
         star = self.star
+        rings = [i for i, s in enumerate(self.scenes) if s.shape == "ring"]
         scenes = {"needle": [star], "digit": [star], "after": [star, star + 1], "first": [0],
-                  "last": [len(self.scenes) - 1], "count": [i for i, s in enumerate(self.scenes) if s.shape == "ring"]}.get(kind)
+                  "last": [len(self.scenes) - 1], "count": rings}.get(kind)
         if scenes is None:  # time: the four seconds asked about
             return [(self.time_n, self.time_n + 3)]
         return [(self.scenes[i].start, self.scenes[i].end - 1) for i in scenes]
@@ -165,9 +164,7 @@ def sample_video(rng: np.random.Generator, seconds: int, width: int = 320, heigh
         x, y = float(rng.uniform(lo_x, max(lo_x, hi_x))), float(rng.uniform(lo_y, max(lo_y, hi_y)))
         scenes.append(Scene(start, start + n, shape, colour, x, y, size, vx, vy, float(rng.uniform(0.38, 0.5))))
         start += n
-    if version == 1:
-        return ShapesVideo(seconds, width, height, scenes, noise, seed, version=1)
-    scenes, time_n = add_version2(rng, scenes)
+    scenes, time_n = add_version2(rng, scenes) if version >= 2 else (scenes, -1)
     return ShapesVideo(seconds, width, height, scenes, noise, seed, version, time_n)
 
 
@@ -297,8 +294,7 @@ def write_video(video: ShapesVideo, path: str, codec: str = "mpeg4", bit_rate: i
 
 
 def first_word(answer: str) -> str:
-    words = answer.strip().split()
-    return words[0].lower().strip(string.punctuation) if words else ""
+    return (answer.split() or [""])[0].lower().strip(string.punctuation)
 
 
 def is_correct(answer: str, expected: str) -> bool:

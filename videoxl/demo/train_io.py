@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from videoxl.config import VideoXLConfig
+
 
 def save_blob(obj, path: str, part_bytes: int = 12 * 2**20) -> None:
     """torch.save into parts of at most `part_bytes` (each file back from the device must stay under 16 MB)."""
