@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--demo (default: none)")
     chat.add_argument("--demo", action="store_true",
                       help="use the tiny model trained on the synthetic 'shapes' task, shipped in the package "
-                           "(no VIDEO: it draws a task video and asks its four questions)")
+                           "(no VIDEO: it draws a task video and asks its seven questions)")
     chat.add_argument("--device", default="auto", help="cuda, cuda:1, cpu; auto = cuda if available, else cpu")
     chat.add_argument("--dtype", default="auto",
                       help="bfloat16, float16, float32; auto = bfloat16 on a GPU, float32 on a CPU")

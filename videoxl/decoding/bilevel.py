@@ -10,9 +10,10 @@ Per question, from the prefilled video's store (on the GPU or offloaded) and its
    the layers (the lower layers attend mostly by position and to nearby text; the upper ones retrieve by
    content), so it uses the model's own queries and keys at the positions it will see them.
 3. Dense: the first and the last block, the blocks overlapping `dense_times`, then the best-scored blocks until
-   the budget is reached. The mixed cache is [text before the video, each block dense or sparse in time order],
-   renumbered compactly from 0 with every key rotated to its new position; only the dense blocks' KVs are
-   read from the store (from CPU memory if offloaded), so the GPU holds the budget's share, not the video.
+   the budget is reached (`select="random"`: blocks drawn at random instead, a baseline for measuring step 2).
+   The mixed cache is [text before the video, each block dense or sparse in time order], renumbered compactly
+   from 0 with every key rotated to its new position; only the dense blocks' KVs are read from the store
+   (from CPU memory if offloaded), so the GPU holds the budget's share, not the video.
 4. The question is forwarded over the mixed cache; decoding goes on from there with the usual step.
 With every block dense the mixed cache is the store itself, position for position.
 """
@@ -212,6 +213,10 @@ def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, 
     mixed = state.drop_mixed()  # reused for the relevance pass, then for the answer's cache
     if want >= n_blocks:
         dense = set(range(n_blocks))
+    elif cfg.select == "random":  # a baseline: no relevance pass, the rest of the budget drawn at random
+        level = sparse_level(decoder, store, cfg.compression)
+        ranked = [b for b in np.random.default_rng(cfg.seed).permutation(n_blocks).tolist() if b not in forced]
+        dense = forced | set(ranked[:want - len(forced)])
     else:
         level = sparse_level(decoder, store, cfg.compression, state)
         if mixed is not None and mixed.capacity < _mixed_size(plan, level, forced) + len(tail):
