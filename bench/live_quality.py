@@ -42,13 +42,15 @@ def main():
     ap.add_argument("--mode", choices=list(MODES), default="dense")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0, help="seed of the moments and question choices")
+    ap.add_argument("--version", type=int, default=1, choices=[1, 2],
+                    help="shapes version: 1 (four kinds), 2 (+ digit, count, time; needs weights trained on it)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model, tok = videoxl.load(args.model or videoxl.demo_model_path(), device=args.device)
     rng = random.Random(args.seed)
     by_kind, rows, t0 = defaultdict(lambda: [0, 0]), [], time.perf_counter()
     for v in range(args.videos):
-        video = shapes.make_video(HELDOUT_SEED + v, args.seconds)
+        video = shapes.make_video(HELDOUT_SEED + v, args.seconds, version=args.version)
         frames = seconds_of(video, 0, args.seconds)
         moments = sorted(rng.sample(range(4, args.seconds + 1), args.moments))
         with model.open_live(tok, sample_fps=1.0, **MODES[args.mode]) as live:
@@ -59,7 +61,7 @@ def main():
                 covered = live.stats["frames"]
                 truth = truth_at(video, covered)
                 kind = rng.choice([k for k, answer in truth.items() if answer is not None])
-                answer = live.ask(shapes.QUESTIONS[kind], GEN)
+                answer = live.ask(video.questions[kind], GEN)
                 ok = shapes.is_correct(answer, truth[kind])
                 scene = next(s for s in video.scenes if s.start < covered <= s.end)
                 key = "last (scene begun < 4 s before)" if kind == "last" and covered - scene.start < 4 else kind
@@ -77,6 +79,7 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "device": str(model.device), "mode": args.mode,
+                       "version": args.version,
                        "seconds": args.seconds, "videos": args.videos, "summary": summary, "questions": rows}, f,
                       indent=1)
 

@@ -219,11 +219,12 @@ def test_stats_track_the_kvs(tiny):
 def test_memory_estimate_of_a_session():
     """Resident KVs grow by every layer's K/V per token; offloaded, by the two staging slots of one layer."""
     from videoxl.checkpoint.tiny import full_size_config
-    from videoxl.memory import live_estimate, video_tokens
+    from videoxl.language.prompt import prompt_tokens
+    from videoxl.memory import live_estimate
 
     cfg = full_size_config()
     t = cfg.text
-    tokens = video_tokens(cfg, 3600) - video_tokens(cfg, 1800)
+    tokens = prompt_tokens(cfg, 3600) - prompt_tokens(cfg, 1800)
     dense = live_estimate(cfg, 3600, "dense", 0).total - live_estimate(cfg, 1800, "dense", 0).total
     offload = live_estimate(cfg, 3600, "streaming+offload", 0).total - \
         live_estimate(cfg, 1800, "streaming+offload", 0).total
@@ -232,3 +233,30 @@ def test_memory_estimate_of_a_session():
     hour = live_estimate(cfg, 3600, "dense", 0)  # an hour at 1 fps: 7.4 GiB of KVs + a 96-frame vision slice
     assert 7.3 < hour.tokens * 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2 / 2**30 < 7.5
     assert hour.total == hour.vision > hour.prefill
+
+
+def test_a_failed_append_leaves_the_session_as_it_was(tiny, monkeypatch):
+    """Out of memory in the middle of a prefill: the groups are not half added; the frames stay pending and go in
+    with the next append, to the same KVs as a session that never failed."""
+    from videoxl.errors import VideoXLMemoryError
+    from videoxl.prefill.incremental import IncrementalPrefill
+
+    model, tok = tiny
+    video = frames(12)
+    with model.open_live(tok) as live, model.open_live(tok) as clean:
+        live.append(video[:4])
+        ids = list(live.prompt.input_ids)
+
+        def out_of_memory(self, prompt, embeds):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        with monkeypatch.context() as m:
+            m.setattr(IncrementalPrefill, "extend", out_of_memory)
+            with pytest.raises(VideoXLMemoryError):
+                live.append(video[4:8])
+        assert live.prompt.input_ids == ids and live.prefill.length == len(ids) and live.stats["frames"] == 4
+        assert live.stats["frames_pending"] == 4
+        live.append(video[8:])
+        clean.append(video)
+        assert live.prompt.input_ids == clean.prompt.input_ids
+        assert_same_kvs(live.prefill.store, clean.prefill.store)

@@ -9,7 +9,7 @@ import argparse
 import os
 
 from videoxl.cli.console import AnswerTimer, Loading, err, questions, report
-from videoxl.cli.options import add_chunk_args, add_generation_args, add_sparse_args, check_before_load, generation_config
+from videoxl.cli.options import add_chunk_args, add_generation_args, add_sparse_args, settings_from_args
 from videoxl.errors import VideoXLError
 from videoxl.live.source import wait_for
 
@@ -46,8 +46,7 @@ def cmd_live(args) -> int:
         raise VideoXLError("give a SOURCE to follow, or --demo (not both)")
     if args.source and "://" not in args.source and not os.path.exists(args.source):
         raise VideoXLError(f"live source not found: {args.source}")
-    args.max_num_frames, args.max_sample_fps = args.max_frames or 1, None  # the checks `chat` shares
-    prefill, sparse = check_before_load(args, None)
+    settings = settings_from_args(args)  # the options and checks `chat` and `serve` share
     model_dir = args.model
     if args.demo:
         from videoxl.demo import demo_model_path
@@ -60,9 +59,7 @@ def cmd_live(args) -> int:
     with Loading(model_dir):
         model, tok = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
                                   dtype=None if args.dtype == "auto" else args.dtype)
-    session = model.open_live(tok, sample_fps=args.sample_fps, max_frames=args.max_frames,
-                              enable_chunk_prefill=bool(prefill), prefill_config=prefill,
-                              enable_sparse=bool(sparse), sparse_config=sparse)
+    session = model.open_live(tok, sample_fps=args.sample_fps, max_frames=args.max_frames, settings=settings)
     video, feed = None, None
     try:
         if args.demo:
@@ -101,7 +98,7 @@ def answer_one(session, question: str, args, video, device_type: str) -> None:
 
     timer = AnswerTimer(lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     try:
-        for piece in session.stream_ask(question, generation_config(args), follow_up=False):
+        for piece in session.stream_ask(question):
             timer(piece)
     except VideoXLError as e:  # nothing to ask about yet, a source error...: say so and keep listening
         err(f"error: {e}")
@@ -117,9 +114,9 @@ def answer_one(session, question: str, args, video, device_type: str) -> None:
         from videoxl.demo import shapes
         from videoxl.live.demo import truth_at
 
-        kind = {q: k for k, q in shapes.QUESTIONS.items()}.get(question)
+        kind = {q: k for k, q in video.questions.items()}.get(question)
         if kind is not None:
-            expected = truth_at(video, stats["frames"])[kind]
+            expected = truth_at(video, stats["frames"]).get(kind)
             answer = session.history[-1][1]
             verdict = "not shown yet" if expected is None else (
                 "ok" if shapes.is_correct(answer, expected) else "WRONG")

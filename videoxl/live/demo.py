@@ -2,8 +2,9 @@
 session at a chosen speed, and the task's answers over what has been shown so far.
 
 At a moment when the session covers its first F frames (1 fps: second i is frame i), the truth is the task's
-answer over the scenes begun before F: "the shape at the end" is the current one; the star's colour and the
-shape after the star exist only once those scenes have begun (None before).
+answer over the scenes begun before F: "the shape at the end" is the current one, "how many rings" counts the
+rings shown so far; the star's colour and digit, the shape after it and the shape at a given second exist only
+once shown (None before).
 """
 from __future__ import annotations
 
@@ -18,11 +19,18 @@ RENDER_CHUNK = 64  # seconds drawn at once
 
 
 def truth_at(video: shapes.ShapesVideo, frames: int) -> dict[str, str | None]:
+    """Per question kind (`video.questions`), the answer over the first `frames` seconds; None: not shown yet."""
     shown = [s for s in video.scenes if s.start < frames]
     star = next((i for i, s in enumerate(shown) if s.shape == "star"), None)
-    return {"needle": None if star is None else shown[star].colour, "first": shown[0].colour,
-            "last": shown[-1].colour,
-            "after": shown[star + 1].shape if star is not None and star + 1 < len(shown) else None}
+    out = {"needle": None if star is None else shown[star].colour, "first": shown[0].colour,
+           "last": shown[-1].colour,
+           "after": shown[star + 1].shape if star is not None and star + 1 < len(shown) else None}
+    if video.version >= 2:  # the digit on the star, the rings shown so far, the shape at a second shown
+        out["digit"] = None if star is None else str(shown[star].digit)
+        out["count"] = str(sum(s.shape == "ring" for s in shown))
+        if video.time_n >= 0:
+            out["time"] = video.scene_at(video.time_n).colour if video.time_n < frames else None
+    return out
 
 
 def seconds_of(video: shapes.ShapesVideo, start: int, end: int):

@@ -17,24 +17,53 @@ append that arrives during an answer runs its vision meanwhile and waits only to
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from videoxl import pipeline
 from videoxl.config import FRAMES_PER_GROUP
-from videoxl.decoding.bilevel import forget
+from videoxl.decoding.state import DecodeState
 from videoxl.errors import VideoXLError
-from videoxl.inputs import check_question, memory_errors
+from videoxl.inputs import check_question
 from videoxl.language.prompt import VideoPrompt, add_group, question_ids, start_prompt
 from videoxl.live.frames import Sampler, as_frames, check_timestamps, frame_time, prepare, whole_groups
+from videoxl.memory import memory_errors
 from videoxl.prefill.incremental import IncrementalPrefill
+from videoxl.settings import Settings
 
 DEFAULT_FRAMES_PER_SLICE = 96  # vision batch when chunk prefill does not set one (as for files)
+
+
+def on_device(model):
+    """The model's GPU as the current device (kernels launched without a device go there), as `chat` does."""
+    return torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()
+
+
+def session_settings(model, settings, enable_chunk_prefill, prefill_config, enable_sparse, sparse_config):
+    """`settings` (default: the model card's switches on model.config), with the session's own: a dict given
+    turns its switch on, `enable_*=False` turns it off, `enable_*=True` alone keeps or defaults the dict."""
+    base = settings if settings is not None else Settings.from_card(model.config)
+    if not isinstance(base, Settings):
+        raise VideoXLError(f"settings must be a videoxl.settings.Settings, got {type(base).__name__}")
+
+    def pick(enable, given, current):
+        if enable is False:
+            return None
+        if given is not None:
+            return given
+        if current is not None:
+            return dataclasses.asdict(current)
+        return {} if enable else None
+
+    built = Settings.build(pick(enable_chunk_prefill, prefill_config, base.prefill),
+                           pick(enable_sparse, sparse_config, base.sparse))
+    return Settings(built.prefill, built.sparse, base.generation)
 
 
 class LiveLimitError(VideoXLError):
@@ -50,27 +79,21 @@ def check_limit(value, name: str):
 
 
 class LiveSession:
-    """See the module's docstring. Settings left None follow the model's config (`enable_chunk_prefill`,
-    `prefill_config`, `enable_sparse`, `sparse_config`; a config given turns its switch on); `max_frames` (sampled frames) and `max_bytes` (KV
-    bytes) bound the session: an append that would pass one is refused whole, with a clear error."""
+    """See the module's docstring. `settings` (videoxl.settings.Settings; default: the model card's switches)
+    with the session's own `enable_chunk_prefill`, `prefill_config`, `enable_sparse`, `sparse_config` (a dict
+    given turns its switch on) say how to prefill and decode, and the generation defaults. `max_frames` (sampled
+    frames) and `max_bytes` (KV bytes) bound the session: an append that would pass one is refused whole."""
 
     def __init__(self, model, tokenizer, sample_fps: float = 1.0, max_frames: int | None = None,
-                 max_bytes: int | None = None, enable_chunk_prefill: bool | None = None,
-                 prefill_config: dict | None = None, enable_sparse: bool | None = None,
-                 sparse_config: dict | None = None):
+                 max_bytes: int | None = None, settings: Settings | None = None,
+                 enable_chunk_prefill: bool | None = None, prefill_config: dict | None = None,
+                 enable_sparse: bool | None = None, sparse_config: dict | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.sampler = Sampler(sample_fps)
         self.max_frames, self.max_bytes = check_limit(max_frames, "max_frames"), check_limit(max_bytes, "max_bytes")
-        # settings given imply their switch (a prefill_config given is meant to be used)
-        enable_chunk_prefill = enable_chunk_prefill if enable_chunk_prefill is not None else (
-            True if prefill_config is not None or enable_sparse else None)
-        enable_sparse = enable_sparse if enable_sparse is not None else (True if sparse_config is not None else None)
-        overrides = {k: v for k, v in (("enable_chunk_prefill", enable_chunk_prefill),
-                                       ("prefill_config", prefill_config), ("enable_sparse", enable_sparse),
-                                       ("sparse_config", sparse_config)) if v is not None}
-        # the model's own validation, on its config with this session's overrides
-        config = dataclasses.replace(model.config, **overrides)
-        self.chunking, self.sparse = type(model)._check_runtime_settings(SimpleNamespace(config=config))
+        self.settings = session_settings(model, settings, enable_chunk_prefill, prefill_config, enable_sparse,
+                                         sparse_config)
+        self.chunking, self.sparse = self.settings.prefill, self.settings.sparse
         self.per_slice = self.chunking.chunk_size_for_vision_tower if self.chunking else DEFAULT_FRAMES_PER_SLICE
         self._ingest, self._store, self._state = threading.Lock(), threading.RLock(), threading.Lock()
         self._pending: list[np.ndarray] = []  # sampled frames not yet in a whole group
@@ -84,12 +107,12 @@ class LiveSession:
         self.closed = False
         t = model.config.text
         self._token_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
-        self._placeholder = model._placeholder_id(tokenizer)
+        self._placeholder = pipeline.placeholder_id(model.config, tokenizer)
         self.prompt = start_prompt(tokenizer)
         self.prefill = IncrementalPrefill(model.decoder, self.chunking, capacity=len(self.prompt) + 1024)
-        self.opened = time.monotonic()
-        with model.on_device(), torch.inference_mode():
-            self.prefill.extend(self.prompt, model.embed_prompt(self.prompt, self._no_visual(), len(self.prompt)))
+        self.decode = DecodeState()  # the captured decode step and bi-level's level, kept between questions
+        with on_device(model), torch.inference_mode():
+            self.prefill.extend(self.prompt, pipeline.embed_prompt(model.decoder, self.prompt, self._no_visual()))
 
     # ---- frames in ----------------------------------------------------------------------------------------
     def append(self, frames, timestamps=None) -> dict:
@@ -128,15 +151,15 @@ class LiveSession:
         frames = len(self.timestamps) + len(self._pending) + new_frames
         if self.max_frames is not None and frames > self.max_frames:
             raise LiveLimitError(f"live session full: {frames} frames would pass its limit of {self.max_frames} "
-                               f"(max_frames); open a new session or raise the limit")
+                                 f"(max_frames); open a new session or raise the limit")
         if self.max_bytes is not None:
             groups = -(-frames // FRAMES_PER_GROUP) - len(self.prompt.group_starts)
             per_group = self.model.config.tokens_per_group + 16  # + the `Time ...s:` tokens, generously
             need = (self.prompt.video_end + groups * per_group) * self._token_bytes
             if need > self.max_bytes:
-                raise LiveLimitError(f"live session full: its KVs would take {need / 2**20:.1f} MiB, over its limit "
-                                   f"of {self.max_bytes / 2**20:.1f} MiB (max_bytes); open a new session or raise "
-                                   "the limit")
+                raise LiveLimitError(f"live session full: its KVs would take {need / 2**20:.1f} MiB, over its "
+                                     f"limit of {self.max_bytes / 2**20:.1f} MiB (max_bytes); open a new session "
+                                     "or raise the limit")
 
     def _ingest_groups(self) -> int:
         """Encode and prefill the pending frames that fill whole groups, a vision slice at a time."""
@@ -145,18 +168,23 @@ class LiveSession:
         while len(self._pending) >= FRAMES_PER_GROUP:
             n = min(whole_groups(len(self._pending)), self.per_slice)
             frames, times = np.stack(self._pending[:n]), self._pending_times[:n]
-            with model.on_device(), torch.inference_mode(), memory_errors(model.device, n, bool(self.chunking)):
+            with on_device(model), torch.inference_mode(), memory_errors(model.device, n, bool(self.chunking)):
                 t0 = time.perf_counter()
                 visual = torch.cat(list(model.vision.encode(frames, self.per_slice)), dim=0)
                 self._time("vision_s", t0)
                 with self._store:  # waits for a question being answered; vision above did not
                     t0 = time.perf_counter()
-                    start = self.prompt.video_end
-                    for t in times[::FRAMES_PER_GROUP]:
-                        add_group(self.prompt, self.tokenizer, t, model.config.tokens_per_group, self._placeholder)
-                    embeds = model.embed_prompt(self.prompt, visual, self.prompt.video_end, start)
-                    self.prefill.extend(self.prompt, embeds)
-                    forget(self.prefill.store)  # bi-level decoding's prepared state is for the shorter video
+                    p = self.prompt
+                    start, before = p.video_end, (len(p.visual_positions), len(p.group_starts))
+                    try:
+                        for t in times[::FRAMES_PER_GROUP]:
+                            add_group(p, self.tokenizer, t, model.config.tokens_per_group, self._placeholder)
+                        self.prefill.extend(p, pipeline.embed_prompt(model.decoder, p, visual, p.video_end, start))
+                    except BaseException:  # (out of memory, say) the session stays as it was before these groups
+                        del p.input_ids[start:], p.visual_positions[before[0]:], p.group_starts[before[1]:]
+                        p.video_end = start
+                        raise
+                    self.decode.video_grew()
                     self._time("prefill_s", t0)
                     with self._state:
                         self.timestamps.extend(times)
@@ -186,27 +214,30 @@ class LiveSession:
         """`ask`, yielding the answer's text as it is generated."""
         self._check_open()
         model, tok = self.model, self.tokenizer
-        history, gen = check_question(model.config, tok, question, chat_history, generation_config)
+        history = check_question(model.config, tok, question, chat_history)
+        settings = self.settings.with_generation(generation_config)
         if follow_up and not history:
             history = list(self.history)
-        with model._exclusive(), model.on_device(), torch.inference_mode(), self._store, \
+        with model._exclusive(), on_device(model), torch.inference_mode(), self._store, \
                 memory_errors(model.device, len(self.timestamps), bool(self.chunking)):
             self._check_open()
             if not self.timestamps:
                 raise VideoXLError(f"nothing to ask about yet: the model reads frames in groups of 4 and "
                                    f"{len(self._pending)} sampled frame(s) have arrived")
-            model._t_question = time.perf_counter()
+            t_question = time.perf_counter()
             video = self.prompt
             prompt = VideoPrompt(video.input_ids + question_ids(tok, question, history), video.visual_positions,
                                  video.group_starts, video.video_end, list(self.timestamps))
-            model.last_stats = self._question_stats(len(prompt))
+            stats = model.last_stats  # filled in place: the server's engine reads it
+            stats.clear()
+            stats.update(self._question_stats(len(prompt)))
             pieces = []
-            for piece in model.answer_over(self.prefill.store, prompt, tok, gen, self.chunking, self.sparse,
-                                           show_progress):
+            for piece in pipeline.answer_over(model, tok, self.prefill.store, prompt, settings, stats, t_question,
+                                              self.decode, show_progress):
                 pieces.append(piece)
                 yield piece
             self.history.append((question, "".join(pieces)))
-            self.last_stats = dict(model.last_stats)
+            self.last_stats = dict(stats)
 
     def _question_stats(self, prompt_tokens: int) -> dict:
         stats = dict(self.stats, prompt_tokens=prompt_tokens, covers_s=[self.timestamps[0], self.timestamps[-1]],
@@ -242,9 +273,7 @@ class LiveSession:
         for reader in self.sources:
             reader.stop()
         with self._ingest, self._store:
-            if self.prefill is not None:
-                forget(self.prefill.store)
-            self.prefill = None
+            self.prefill, self.decode = None, None
         self._pending, self._pending_times = [], []
 
     def _check_open(self) -> None:

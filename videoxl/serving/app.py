@@ -25,7 +25,7 @@ from videoxl.serving.live import SCHEME, LiveLimits, LiveSessions, add_live_rout
 from videoxl.serving.media import Media, MediaLimits, resolve
 from videoxl.serving.metrics import HELP, Metrics
 from videoxl.serving.protocol import ChatRequest, ServerDefaults, parse_request
-from videoxl.cache.store import VideoRef
+from videoxl.cache.identity import VideoRef
 
 log = logging.getLogger("videoxl.serving")
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
@@ -72,7 +72,7 @@ class UuidRegistry:
 def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
     app = FastAPI(title="videoxl", docs_url=None, redoc_url=None, openapi_url=None)
     registry = UuidRegistry(settings.registry_path)
-    live = app.state.live = LiveSessions(engine.replicas, settings.live)
+    live = app.state.live = LiveSessions(engine.replicas, settings.live, engine.settings)
     add_live_routes(app, live, settings, read_json)
 
     def error_response(e: APIError):

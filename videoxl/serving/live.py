@@ -46,8 +46,9 @@ class LiveLimits:
 class LiveSessions:
     """The server's sessions, each on one replica (the one holding fewest), closed when idle too long."""
 
-    def __init__(self, replicas: list[tuple], limits: LiveLimits):
+    def __init__(self, replicas: list[tuple], limits: LiveLimits, settings=None):
         self.replicas, self.limits = replicas, limits
+        self.settings = settings  # the server's prefill and bi-level settings: a session's defaults
         self.sessions: dict[str, tuple[LiveSession, list[float]]] = {}
         self._lock = threading.Lock()
 
@@ -69,7 +70,8 @@ class LiveSessions:
             self.drop(sid)
             raise APIError(413, f"max_frames {max_frames} is over the server's cap of {self.limits.max_frames}")
         try:
-            session = model.open_live(tok, max_frames=max_frames, max_bytes=self.limits.max_bytes, **settings)
+            session = model.open_live(tok, max_frames=max_frames, max_bytes=self.limits.max_bytes,
+                                      settings=self.settings, **settings)
         except BaseException:
             self.drop(sid)
             raise
