@@ -29,7 +29,7 @@ from videoxl.prefill.plan import BlockPlan, PrefillConfig
 from videoxl.config import FRAMES_PER_GROUP
 from videoxl.decoding.bilevel import held_bytes
 from videoxl.errors import VideoXLError
-from videoxl.cache.identity import VideoRef, content_id, weights_digest
+from videoxl.cache.identity import VideoRef, content_id_soon, size_of, weights_digest
 from videoxl.cache.disk import KVDisk
 from videoxl.inputs import frame_stats
 from videoxl.language.kv_store import KVStore
@@ -114,8 +114,10 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple,
     """The video's prefix KVs: from memory, from disk, or by running vision and prefill (and kept)."""
     cache: VideoKVCache = model.kv_cache
     cache.persist_pending()
-    ident = video.id if isinstance(video, VideoRef) else (
-        content_id(video) if isinstance(video, (str, os.PathLike)) else None)
+    pending = content_id_soon(video) if isinstance(video, (str, os.PathLike)) else None
+    ident = video.id if isinstance(video, VideoRef) else None
+    if pending is not None and (pending.done() or cache.disk is not None or cache.may_hold(pending.size)):
+        ident = pending.result()  # an entry could match: the lookup needs the hash now
     key = None
     if ident is not None:
         key = VideoKey(cache.weights_digest(model), ident, tuple(sampling), chunking_key(chunking))
@@ -129,6 +131,9 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple,
         video = video.path
     cache.counts["misses"] += 1
     entry = build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key)
+    if key is None and pending is not None and (ident := pending.result()) is not None:  # hashed beside decoding
+        key = VideoKey(cache.weights_digest(model), ident, tuple(sampling), chunking_key(chunking))
+        entry.key, entry.dirty = key, True
     if key is not None:
         cache.put(entry)
     return entry
@@ -190,6 +195,10 @@ class VideoKVCache:
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
+
+    def may_hold(self, size: int | None) -> bool:
+        """Whether a kept entry could be of a file of `size` bytes (a cheap test before waiting for its hash)."""
+        return any(size_of(k.video) in (size, None) for k in self.entries)
 
     @staticmethod
     def bytes_for(model, tokens: int) -> int:
