@@ -31,6 +31,7 @@ from videoxl.prefill.modes import dense_prefill, mask_prefill, streaming_prefill
 from videoxl.language.prompt import VideoPrompt, build_prompt
 from videoxl.video.sources import Clip, FrameStream, SideStream
 from videoxl.cache.store import DEFAULT_FRAMES_PER_SLICE, VideoKVCache, video_prefix
+from videoxl.timeline import Timeline
 from videoxl.vision.encoder import VisionEncoder
 
 VISION_PAD = "<|vision_pad|>"
@@ -65,6 +66,7 @@ class VideoXL(nn.Module):
         self._lock, self._lock_owner = threading.Lock(), None
         self.decode_mode = "auto"  # 'captured' (CUDA graph), 'eager', or 'auto': captured where it can run
         self._t_question = 0.0
+        self.timeline = Timeline()  # the current question's stage times (videoxl.timeline)
 
     @property
     def device(self) -> torch.device:
@@ -108,6 +110,7 @@ class VideoXL(nn.Module):
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with self._exclusive(), on_device, torch.inference_mode(), \
                 memory_errors(self.device, r.max_num_frames, bool(chunking)):
+            self.timeline = Timeline(self.device)
             self._t_question = time.perf_counter()  # inside the lock: waiting for another question is not ours
             prefix = video_prefix(self, r.video, tokenizer, question, r.history,
                                   (r.max_num_frames, r.sample_fps, r.max_sample_fps), chunking, show_progress)
@@ -117,6 +120,8 @@ class VideoXL(nn.Module):
             cache.truncate(prompt.video_end)
             tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=self.device)
             self.last_stats = answer_stats(prefix.stats, prefix.stats["kv_cache"] != "miss", len(prompt))
+            self.timeline.resolve()  # vision and prefill, timed on the GPU
+            self.last_stats["timeline"] = self.timeline.events  # filled on until the last token
             if sparse is None:
                 logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
             else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
@@ -169,9 +174,16 @@ class VideoXL(nn.Module):
         batches: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
+        timeline = self.timeline
+
         def decode():
             try:
-                for frames in stream.batches(frames_per_slice):
+                frames_in = iter(stream.batches(frames_per_slice))
+                while True:
+                    with timeline.span("decode"):
+                        frames = next(frames_in, None)
+                    if frames is None:
+                        break
                     while not stop.is_set():
                         try:
                             batches.put(frames, timeout=0.1)
@@ -192,7 +204,8 @@ class VideoXL(nn.Module):
             while (item := batches.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                parts.extend(side.run(lambda f: self.vision.encode(f, frames_per_slice), item))
+                with timeline.gpu_span("vision", side.stream):
+                    parts.extend(side.run(lambda f: self.vision.encode(f, frames_per_slice), item))
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -239,13 +252,15 @@ class VideoXL(nn.Module):
                                capture_s=None if step.capture_s is None else round(step.capture_s, 3))
         detok = Detokenizer(tokenizer)
         bar = progress(None, gen.max_new_tokens, "decode", show_progress)
-        first = True
+        first, t_start = True, time.perf_counter()
         try:
             for token in generate_tokens(step, logits, gen, prompt_ids, stop, self.config.text.vocab_size,
                                          self.last_stats):
                 if first:
-                    self.last_stats["ttft_s"] = round(time.perf_counter() - self._t_question, 3)
-                    first = False
+                    now = time.perf_counter()
+                    self.last_stats["ttft_s"] = round(now - self._t_question, 3)
+                    self.timeline.add("first_token", t_start, now)
+                    first, t_start = False, now
                 if bar is not None:
                     bar.update(1)
                 piece = detok.add(token)
@@ -253,6 +268,8 @@ class VideoXL(nn.Module):
                     yield piece
         finally:
             close(bar)
+            if not first:
+                self.timeline.add("answer", t_start, time.perf_counter())
         rest = detok.flush()
         if rest:
             yield rest

@@ -123,7 +123,7 @@ class PendingId:
         with _content_lock:
             known = _content_ids.get(memo)
         self._id, self._done = known, threading.Event()
-        self.hash_s = 0.0
+        self.span = None  # (start, end) perf_counter times of the hash, when this process ran it
         if known is not None:
             self._done.set()
         else:
@@ -134,7 +134,7 @@ class PendingId:
         try:
             self._id = content_id(self.path)
         finally:
-            self.hash_s = time.perf_counter() - t0
+            self.span = (t0, time.perf_counter())
             self._done.set()
 
     def done(self) -> bool:

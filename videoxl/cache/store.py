@@ -134,6 +134,8 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple,
     if key is None and pending is not None and (ident := pending.result()) is not None:  # hashed beside decoding
         key = VideoKey(cache.weights_digest(model), ident, tuple(sampling), chunking_key(chunking))
         entry.key, entry.dirty = key, True
+    if pending is not None and pending.span is not None:
+        model.timeline.add("hash", *pending.span)
     if key is not None:
         cache.put(entry)
     return entry
@@ -159,7 +161,8 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
     store = model.decoder.new_cache(capacity=len(prompt) + DECODE_ROOM, offload=bool(chunking and chunking.offload))
     stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
              "video_tokens": prompt.video_end, **stream.stats}
-    stats.update(model.prefill(embeds, store, prompt, chunking, show_progress))
+    with model.timeline.gpu_span("prefill"):
+        stats.update(model.prefill(embeds, store, prompt, chunking, show_progress))
     timer.lap("prefill_s")
     stats.update(timer.report())
     prefix = VideoPrompt(**prompt_dict(prompt))

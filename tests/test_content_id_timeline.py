@@ -1,4 +1,5 @@
-"""A video file's content id (BLAKE3 of its bytes): never the old id for changed bytes, hashed beside decoding."""
+"""A video file's content id (BLAKE3 of its bytes: never the old id for changed bytes, hashed beside decoding),
+and the timeline of a question's stages."""
 import os
 import shutil
 
@@ -68,3 +69,30 @@ def test_the_lookup_waits_for_the_hash_only_when_a_kept_entry_could_match(tiny_d
     shutil.copyfile(clip_path, copy)
     model.chat(copy, tok, "What happens?", **ASK)  # same size: waits for the hash, and finds the same bytes
     assert model.last_stats["kv_cache"] == "memory" and model.kv_cache.counts["vision_runs"] == 1
+
+
+def test_the_timeline_shows_each_stage_of_a_question(tiny, clip_path, tmp_path):
+    from videoxl.timeline import idle_waiting, merged
+
+    model, tok = tiny
+    path = str(tmp_path / "fresh.mp4")
+    shutil.copyfile(clip_path, path)
+    model.chat(path, tok, "What happens?", max_num_frames=8, sample_fps=1, generation_config={"max_new_tokens": 4})
+    events = model.last_stats["timeline"]
+    stages = {e[0] for e in events}
+    assert {"hash", "decode", "vision", "prefill", "first_token", "answer"} <= stages
+    assert all(0 <= s <= e for _, s, e in events)
+    [(_, prefill_start, prefill_end)] = [e for e in events if e[0] == "prefill"]
+    assert prefill_start >= max(e for st, _, e in events if st == "vision")  # prefill after the last slice
+    [(_, first_start, first_end)] = [e for e in events if e[0] == "first_token"]
+    assert first_start >= prefill_end and model.last_stats["ttft_s"] >= first_end - 0.01
+    assert 0 <= idle_waiting(events) <= merged(events, ["decode", "vision"])[-1][1]
+    model.chat(path, tok, "And then?", max_num_frames=8, sample_fps=1, generation_config={"max_new_tokens": 4})
+    assert {e[0] for e in model.last_stats["timeline"]} == {"first_token", "answer"}  # from the cache
+
+
+def test_idle_waiting_is_the_gap_between_vision_slices_after_the_first_frames():
+    from videoxl.timeline import idle_waiting
+
+    events = [("decode", 0.0, 1.0), ("vision", 1.0, 1.5), ("decode", 1.0, 3.0), ("vision", 3.0, 3.5)]
+    assert idle_waiting(events) == 1.5
