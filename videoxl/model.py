@@ -101,7 +101,7 @@ class VideoXL(nn.Module):
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with self._exclusive(), on_device, torch.inference_mode(), \
                 memory_errors(self.device, r.max_num_frames, bool(settings.prefill)):
-            yield from pipeline.answer(self, tokenizer, r, settings, self.last_stats, show_progress)
+            yield from pipeline.answer(self, tokenizer, r, settings, show_progress)
 
     def open_live(self, tokenizer, sample_fps: float = 1.0, **settings):
         """A live session: frames appended as they are recorded, questions about everything so far

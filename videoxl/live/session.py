@@ -228,9 +228,7 @@ class LiveSession:
             video = self.prompt
             prompt = VideoPrompt(video.input_ids + question_ids(tok, question, history), video.visual_positions,
                                  video.group_starts, video.video_end, list(self.timestamps))
-            stats = model.last_stats  # filled in place: the server's engine reads it
-            stats.clear()
-            stats.update(self._question_stats(len(prompt)))
+            stats = model.last_stats = self._question_stats(len(prompt))  # one dict per question, as `chat`
             pieces = []
             for piece in pipeline.answer_over(model, tok, self.prefill.store, prompt, settings, stats, t_question,
                                               self.decode, show_progress):
