@@ -35,6 +35,7 @@ from videoxl.inputs import frame_stats
 from videoxl.language.kv_store import KVStore
 from videoxl.memory import check_fits
 from videoxl.language.prompt import VideoPrompt, build_prompt
+from videoxl.video.prefetch import take
 from videoxl.video.sources import open_video
 
 BUILD_TIMES = ("vision_s", "prefill_s", "peak_gpu_gb")  # stats of a build that a cache hit does not repeat
@@ -145,7 +146,7 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
                  key) -> VideoKV:
     """Vision and prefill: frames -> visual tokens -> prompt -> the KVs of everything up to the question."""
     timer = StageTimer(model.device)
-    stream = open_video(video, *sampling, device=model.device)  # a CUDA model lets "auto" pick NVDEC
+    stream = take(model, video, sampling) or open_video(video, *sampling, device=model.device)  # CUDA: NVDEC
     groups = -(-len(stream.planned) // FRAMES_PER_GROUP)
     model.kv_cache.make_room(model.kv_cache.bytes_for(model, groups * (model.config.tokens_per_group + 16)))
     per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
