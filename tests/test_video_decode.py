@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import threading
 from fractions import Fraction
 
 import av
@@ -292,3 +293,25 @@ def test_nv12_path_turns_frames_like_the_cpu_path(files):
     ours = nv12_to_model_input(frame.reformat(format="nv12"), 3).numpy()  # a -90 degree tag: clockwise
     ref = resize_frame(np.rot90(frame.to_ndarray(format="rgb24"), 3))
     assert np.abs(ours.astype(int) - ref).max() <= 3
+
+
+def test_decoders_take_runs_in_frame_order_from_one_queue(files, monkeypatch):
+    """Each decoder takes the next run when it is free, so frames arrive in order at the speed of all of them
+    (fixed shares would deliver the first share alone, at one decoder's speed, before the others')."""
+    import videoxl.video.decode as decode
+
+    handed, real, lock = [], decode.decode_jobs, threading.Lock()
+
+    def spy(probe, next_run, *a, **k):
+        def logged():
+            with lock:  # taken and logged in one step
+                run = next_run()
+                if run is not None:
+                    handed.append(run[0].start)
+            return run
+        return real(probe, logged, *a, **k)
+
+    monkeypatch.setattr(decode, "decode_jobs", spy)
+    stream = open_video(files["x264-gop30"], max_num_frames=40, sample_fps=None, workers=3)
+    assert sum(len(b) for b in stream.batches(8)) == 40
+    assert handed == sorted(handed) and len(handed) > 3 and stream.stats["video_workers"] == 3

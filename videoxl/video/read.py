@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from videoxl.errors import VideoXLError
-from videoxl.video.index import plan, probe, split
+from videoxl.video.index import plan, probe
 from videoxl.video.decode import JobReader, cpu_convert, keyframe_jobs
 from videoxl.video.stream import FrameStream, _short, resize_frame
 
@@ -113,10 +113,8 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
             stats["video_approx_max_error_s"] = round(worst, 3)
         else:
             jobs = plan(info.index, wanted)
-        parts = split(jobs, workers, info.index)
-        threads = 1 if accel is not None else max(1, cores // len(parts))
-        reader = JobReader(info, parts, convert, opener, threads, stack, on_damage)
-        stats.update(video_workers=len(parts), video_threads_per_decoder=threads)
+        reader = JobReader(info, jobs, workers, convert, opener, 1 if accel is not None else None, stack, on_damage)
+        stats.update(video_workers=reader.workers, video_threads_per_decoder=reader.threads)
         try:
             for numbers, frames in reader.batches(size):
                 given += len(numbers)
