@@ -44,7 +44,7 @@ def test_chat_on_the_command_line_answers_from_the_prefetched_frames(tiny_dir, c
     import json
 
     import videoxl
-    import videoxl.cache.store as store
+    import videoxl.pipeline as pipeline
     from videoxl.cli.main import main
 
     model, tok = videoxl.load(tiny_dir, device="cpu", dtype="float32")
@@ -54,7 +54,7 @@ def test_chat_on_the_command_line_answers_from_the_prefetched_frames(tiny_dir, c
     def no_second_decode(*a, **k):
         raise AssertionError("the question decoded the video again")
 
-    monkeypatch.setattr(store, "open_video", no_second_decode)
+    monkeypatch.setattr(pipeline, "open_video", no_second_decode)
     assert main(["chat", clip_path, "q", "--model", tiny_dir, "--max-num-frames", "16", "--max-new-tokens", "4",
                  "--no-progress", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
