@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import videoxl.pipeline as pipeline  # noqa: E402
+import videoxl.pipeline as pipeline_module  # noqa: E402
 from cpu_ceiling import measure  # noqa: E402
 from e2e_plot import timeline_png  # noqa: E402
 from prefill import random_model  # noqa: E402
@@ -70,7 +70,7 @@ def make_file(work, encoding, minutes, chunk_s, size) -> tuple[str, str, float]:
 
 def use_decoder(name: str) -> None:
     """chat's frames through `name` (the engine picks NVDEC or CPU by itself; a benchmark must choose)."""
-    pipeline.open_video = functools.partial(open_video, decoder=DECODERS[name])
+    pipeline_module.open_video = functools.partial(open_video, decoder=DECODERS[name])
 
 
 def breakdown(stats: dict) -> dict:

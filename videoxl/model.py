@@ -102,7 +102,7 @@ class VideoXL(nn.Module):
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with self._exclusive(), on_device, torch.inference_mode(), \
                 memory_errors(self.device, r.max_num_frames, bool(settings.prefill)):
-            yield from pipeline.answer(self, tokenizer, r, settings, self.last_stats, show_progress)
+            yield from pipeline.answer(self, tokenizer, r, settings, show_progress)
 
     @contextlib.contextmanager
     def _exclusive(self):

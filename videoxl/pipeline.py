@@ -185,9 +185,10 @@ def answer_stats(prefix_stats: dict, cache_hit: bool, prompt_tokens: int) -> dic
 
 
 # ---- the question ----------------------------------------------------------------------------------------------
-def answer(model, tokenizer, r: Request, settings: Settings, stats: dict, show_progress=False) -> Iterator[str]:
-    """The answer's text, piece by piece; `stats` (the model's `last_stats`) is filled as it goes. The caller
-    holds the model's lock, the model's GPU as the current device and inference mode."""
+def answer(model, tokenizer, r: Request, settings: Settings, show_progress=False) -> Iterator[str]:
+    """The answer's text, piece by piece; a new `model.last_stats` is filled as it goes (one dict per question:
+    a caller may keep the last one). The caller holds the model's lock, the model's GPU as the current device
+    and inference mode."""
     timeline = Timeline(model.device)
     t_question = time.perf_counter()
     chunking, sparse, gen = settings.prefill, settings.sparse, settings.generation
@@ -198,8 +199,7 @@ def answer(model, tokenizer, r: Request, settings: Settings, stats: dict, show_p
     store = entry.cache
     store.truncate(prompt.video_end)
     tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=model.device)
-    stats.clear()
-    stats.update(answer_stats(entry.stats, entry.stats["kv_cache"] != "miss", len(prompt)))
+    stats = model.last_stats = answer_stats(entry.stats, entry.stats["kv_cache"] != "miss", len(prompt))
     timeline.resolve()  # vision and prefill, timed on the GPU
     stats["timeline"] = timeline.events  # filled on until the last token
     if sparse is None:
