@@ -1,7 +1,8 @@
 """Decoding the planned jobs: each worker thread owns a decoder and takes the next run of jobs (jobs that touch,
 decoded in one go) from a shared queue in frame order, so frames arrive in order at the speed of all the
-workers together and no worker idles while another still holds a long share; it feeds only the packets its jobs need (a job starts at a keyframe; disposable H.264 frames that are not kept are never fed),
-matches output frames to frame numbers by pts, and hands over a job's frames once the whole job decoded
+workers together and no worker idles while another still holds a long share. A worker feeds only the packets
+its jobs need (a job starts at a keyframe; disposable H.264 frames that are not kept are never fed), matches
+output frames to frame numbers by pts, and hands over a job's frames once the whole job decoded
 cleanly. The reader returns them in frame order, so consumers see one sequential stream.
 
 Damage: a job in which the decoder raised or flagged a frame corrupt keeps none of its frames (a frame can
@@ -11,7 +12,6 @@ damaged middle: an error, unless `on_damage="skip"`, which drops them and report
 """
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -154,18 +154,27 @@ def _chain(first, rest):
     yield from rest
 
 
-class JobReader:
-    """Runs `decode_jobs` on `workers` threads over the runs of `jobs` and yields (frame numbers, frames)
-    batches in order."""
+@dataclass(frozen=True)
+class Engine:
+    """What one worker decodes with: its kind ("pyav", "nvdec"), how it opens the file, how it converts a frame
+    for the model, and FFmpeg threads inside its decoder."""
+    kind: str
+    open_container: Callable
+    convert: Callable
+    threads: int = 1
 
-    def __init__(self, probe: Probe, jobs: list[Job], workers: int, convert: Callable, open_container: Callable,
-                 threads: int | None, stack: Callable, on_damage: str = "error"):
+
+class JobReader:
+    """Runs `decode_jobs` on one thread per engine (at most one per run) over the runs of `jobs` and yields
+    (frame numbers, frames) batches in order. Engines of two kinds (NVDEC sessions and CPU decoders) share the
+    queue: each takes the next run when it is free, so the faster does more."""
+
+    def __init__(self, probe: Probe, jobs: list[Job], engines: list[Engine], stack: Callable,
+                 on_damage: str = "error"):
         self.runs = chain(jobs)
-        self.workers = max(1, min(workers, len(self.runs)))
-        self.probe, self.convert, self.open_container = probe, convert, open_container
-        # fewer runs than cores (a short clip): the spare cores become threads inside each decoder
-        self.threads = threads or max(1, (os.cpu_count() or 1) // self.workers)
-        self.stack, self.on_damage = stack, on_damage
+        self.engines = engines[:max(1, len(self.runs))]
+        self.workers = len(self.engines)
+        self.probe, self.stack, self.on_damage = probe, stack, on_damage
         self.reports: list[WorkerReport] = []
         self.missing: list[int] = []  # frames lost at the end of the file (truncation)
         self.skipped: list[int] = []  # damaged frames dropped because on_damage="skip"
@@ -192,8 +201,8 @@ class JobReader:
 
         def work(i):
             try:
-                reports[i] = decode_jobs(self.probe, take, self.convert, emit, stop, self.open_container,
-                                         self.threads)
+                e = self.engines[i]
+                reports[i] = decode_jobs(self.probe, take, e.convert, emit, stop, e.open_container, e.threads)
             except BaseException as e:  # raised in the consumer
                 errors.append(e)
             finally:
@@ -234,6 +243,12 @@ class JobReader:
             for w in workers:
                 w.join()
             self.reports = reports
+
+    def packets_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for engine, report in zip(self.engines, self.reports):
+            out[engine.kind] = out.get(engine.kind, 0) + report.packets_fed
+        return out
 
     def _lost(self, k: int, rest: list[int], frames: dict) -> bool:
         """Frame k was not decoded (all workers are done). True: the file ends here, stop."""
