@@ -36,9 +36,10 @@ from videoxl.prefill.plan import PrefillConfig  # noqa: E402
 from videoxl.decoding import decode_step, generate_tokens  # noqa: E402
 from videoxl.decoding.bilevel import bilevel_question  # noqa: E402
 from videoxl.decoding.sparse_config import SparseConfig  # noqa: E402
-from videoxl.decoding.generation import Detokenizer, GenerationConfig  # noqa: E402
+from videoxl.decoding.detokenize import Detokenizer  # noqa: E402
+from videoxl.decoding.generation import GenerationConfig  # noqa: E402
 from videoxl.language.prompt import build_prompt  # noqa: E402
-from videoxl.cache.store import build_prefix  # noqa: E402
+from videoxl.pipeline import build_prefix  # noqa: E402
 
 SEED = 200_000
 CHUNKING = PrefillConfig(chunk_prefill_mode="mask", chunk_size=16, step_size=4, chunk_size_for_vision_tower=96)

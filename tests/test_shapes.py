@@ -78,6 +78,7 @@ def demo():
     return videoxl.load(videoxl.demo_model_path(), device="cpu", dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_shipped_model_finds_the_needle(demo):
     """Proof that the shipped weights load through `videoxl.load` and work: 9 of 10 fixed 64-s version 1 videos."""
     model, tok = demo
