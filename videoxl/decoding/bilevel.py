@@ -214,7 +214,7 @@ def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, 
     if want >= n_blocks:
         dense = set(range(n_blocks))
     elif cfg.select == "random":  # a baseline: no relevance pass, the rest of the budget drawn at random
-        level = sparse_level(decoder, store, cfg.compression)
+        level = sparse_level(decoder, store, cfg.compression, state)
         ranked = [b for b in np.random.default_rng(cfg.seed).permutation(n_blocks).tolist() if b not in forced]
         dense = forced | set(ranked[:want - len(forced)])
     else:
