@@ -41,7 +41,7 @@ def test_bad_model_args_stop_with_one_line():
 
 
 def lmms_eval(tmp, *args) -> dict[str, float]:
-    """Run the lmms-eval command; per document id, its score (from --log_samples)."""
+    """Run the lmms-eval command; per (task, doc_id), its score (from --log_samples)."""
     exe = os.path.join(os.path.dirname(sys.executable), "lmms-eval")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OPENAI_API_KEY="unused",
                HF_DATASETS_CACHE=os.path.join(tmp, "hf"))
@@ -54,8 +54,7 @@ def lmms_eval(tmp, *args) -> dict[str, float]:
         with open(path) as f:
             for line in f:
                 s = json.loads(line)
-                scores[(os.path.basename(path).split("_samples_")[1].removesuffix(".jsonl"), s["doc"]["id"])] = \
-                    s["acc"]
+                scores[(os.path.basename(path).split("_samples_")[1].removesuffix(".jsonl"), s["doc_id"])] = s["acc"]
     return scores
 
 
@@ -63,7 +62,7 @@ def test_lmms_eval_command_equals_quality(task, expected, tmp_path):  # noqa: F8
     folder = os.path.dirname(os.path.dirname(task[0]["video"]))
     scores = lmms_eval(str(tmp_path), "--model", "videoxl", "--model_args", f"pretrained={DEMO},preset=shapes",
                        "--tasks", ",".join(shapes_task.TASKS), "--include_path", folder)
-    assert {i: bool(v) for (t, i), v in scores.items() if t == "videoxl_shapes"} == expected
+    assert {task[i]["id"]: bool(v) for (t, i), v in scores.items() if t == "videoxl_shapes"} == expected
     mc = [v for (t, _), v in scores.items() if t == "videoxl_shapes_mc"]
     assert len(mc) == len(task)
 
@@ -80,4 +79,4 @@ def test_lmms_eval_openai_route_equals_quality(task, expected, tmp_path):  # noq
                            "--tasks", "videoxl_shapes", "--include_path", folder)
     finally:
         server.stop()
-    assert {i: bool(v) for (_, i), v in scores.items()} == expected
+    assert {task[i]["id"]: bool(v) for (_, i), v in scores.items()} == expected
