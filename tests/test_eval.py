@@ -217,3 +217,13 @@ def test_generation_kwargs_map_to_the_models():
                               "image_aspect_ratio": "pad"}, s) == ({"max_new_tokens": 8, "do_sample": False},
                                                                    ["\n\n"])
     assert generation_config(None, s) == ({"max_new_tokens": 256, "do_sample": False}, [])
+
+
+def test_task_files_hold_the_frames_sample_fps_1_takes(task):
+    """1-fps files: every frame is one `sample_fps=1` takes, so evenly spaced `num_frames` = all of them."""
+    import av
+
+    with av.open(task[0]["video"]) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == task[0]["seconds"]
+    assert {d["kind"] for d in task} == set(quality.shapes.QUESTIONS)
