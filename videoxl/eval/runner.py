@@ -12,6 +12,7 @@ questions; answers come back in the requests' order.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 from videoxl.errors import VideoXLError
@@ -93,7 +94,7 @@ class EvalRunner:
             gen, stops = generation_config(gen_kwargs, self.settings)
             history, answers, info = [], [], None
             question = context
-            for round_idx in range(1, 1_000_000):
+            for round_idx in itertools.count(1):
                 answer = self.chat(video, question, gen, stops, history)
                 history.append((question, answer))
                 answers.append(answer)
