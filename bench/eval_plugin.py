@@ -79,7 +79,6 @@ def main() -> int:
     model_dir = videoxl.demo_model_path()
     model, tok = videoxl.load(model_dir)
     settings = parse_model_args({"pretrained": model_dir, "preset": "shapes"})
-    settings.apply(model)
     runner = EvalRunner(model, tok, settings, None)
     with tempfile.TemporaryDirectory() as tmp:
         with open(shapes_task.build(tmp, args.videos, args.seconds)) as f:

@@ -32,12 +32,11 @@ class VideoXLEval(lmms):
                 settings = replace(settings, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
             model, tokenizer = videoxl.load(settings.pretrained, device=settings.device, dtype=settings.dtype,
                                             kv_cache_gb=settings.kv_cache_gb, kv_cache_dir=settings.kv_cache_dir)
-            settings.apply(model)
+            self.runner = EvalRunner(model, tokenizer, settings, self._doc)
         except VideoXLError as e:
             raise SystemExit(f"videoxl: {e}") from None
         self._rank, self._world_size = int(os.environ.get("RANK", 0)), world
         self.model, self.settings = model, settings
-        self.runner = EvalRunner(model, tokenizer, settings, self._doc)
 
     @property
     def device(self) -> torch.device:

@@ -58,11 +58,13 @@ def video_of(visuals, where: str):
 class EvalRunner:
     def __init__(self, model, tokenizer, settings: EvalSettings, docs: Callable):
         self.model, self.tokenizer, self.settings, self.docs = model, tokenizer, settings, docs
+        self.model_settings = settings.model_settings()  # validated now, not at the first question
 
     def chat(self, video, question: str, gen: dict, stops: list[str], history=None) -> str:
         s = self.settings
         answer = self.model.chat(video, self.tokenizer, question, chat_history=history, max_num_frames=s.frames,
-                                 sample_fps=s.fps, max_sample_fps=s.max_fps, generation_config=gen)
+                                 sample_fps=s.fps, max_sample_fps=s.max_fps, generation_config=gen,
+                                 settings=self.model_settings)
         cut = stop_cut(answer, stops)
         return answer if cut is None else answer[:cut]
 
@@ -130,7 +132,7 @@ class EvalRunner:
             groups.setdefault(key, []).append((i, continuation))
         for key, items in groups.items():
             scores = score_continuations(self.model, self.tokenizer, videos[key], key[1], [c for _, c in items],
-                                         self.settings.sampling)
+                                         self.settings.sampling, self.model_settings)
             for (i, _), (logprob, greedy) in zip(items, scores):
                 out[i] = (-logprob, greedy)
         return out

@@ -12,18 +12,20 @@ import contextlib
 
 import torch
 
-from videoxl.cache.store import video_prefix
 from videoxl.errors import VideoXLError
-from videoxl.inputs import check_request, memory_errors
+from videoxl.inputs import check_request
+from videoxl.memory import memory_errors
 from videoxl.language.prompt import build_prompt
+from videoxl.pipeline import placeholder_id, video_prefix
+from videoxl.settings import Settings
 
 
-def score_continuations(model, tokenizer, video, context: str, continuations: list[str],
-                        sampling: tuple) -> list[tuple[float, bool]]:
+def score_continuations(model, tokenizer, video, context: str, continuations: list[str], sampling: tuple,
+                        settings: Settings) -> list[tuple[float, bool]]:
     """[(sum of the continuation tokens' log-probabilities, whether greedy decoding would give exactly them)]."""
-    r = check_request(model.config, tokenizer, video, context, None, *sampling, None)
-    chunking, sparse = model._check_runtime_settings()
-    if sparse is not None:
+    r = check_request(model.config, tokenizer, video, context, None, *sampling)
+    chunking = settings.prefill
+    if settings.sparse is not None:
         raise VideoXLError("loglikelihood with bi-level KV decoding is not implemented: drop bilevel_budget for "
                            "multiple-choice tasks scored by log-likelihood")
     conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
@@ -35,7 +37,7 @@ def score_continuations(model, tokenizer, video, context: str, continuations: li
         prefix = video_prefix(model, r.video, tokenizer, context, [], (r.max_num_frames, r.sample_fps,
                                                                          r.max_sample_fps), chunking, False)
         prompt = build_prompt(tokenizer, context, prefix.prompt.timestamps, model.config.tokens_per_group,
-                              model._placeholder_id(tokenizer))
+                              placeholder_id(model.config, tokenizer))
         cache, decoder = prefix.cache, model.decoder
         cache.truncate(prompt.video_end)
         question = torch.tensor(prompt.input_ids[prompt.video_end:], device=model.device)

@@ -48,15 +48,14 @@ class EvalSettings:
         return {"chunk_prefill_mode": self.chunk_prefill, "chunk_size": self.block * (self.prev + 1),
                 "step_size": self.block, "offload": self.offload, "chunk_size_for_vision_tower": self.vision_chunk}
 
-    def apply(self, model) -> None:
-        """Set the model card's runtime switches (`model.config.enable_chunk_prefill`, ...) to these settings."""
-        prefill = self.prefill_config()
-        model.config.enable_chunk_prefill = prefill is not None
-        model.config.prefill_config = prefill
-        model.config.enable_sparse = self.bilevel_budget is not None
-        model.config.sparse_config = None if self.bilevel_budget is None else {
-            "budget": self.bilevel_budget, "compression": self.bilevel_compression}
-        model._check_runtime_settings()  # the model's own validation, now rather than at the first question
+    def model_settings(self):
+        """The model's validated per-question settings (videoxl.settings.Settings), passed to every `chat`: the
+        checkpoint's config is left alone."""
+        from videoxl.settings import Settings
+
+        sparse = None if self.bilevel_budget is None else {"budget": self.bilevel_budget,
+                                                            "compression": self.bilevel_compression}
+        return Settings.build(self.prefill_config(), sparse)
 
 
 def _chunk(frames, block, prev, **more) -> dict:

@@ -7,7 +7,7 @@
 Each held-out video (`shapes.make_video`, seeds from SEED) is written as a 1-fps mpeg4 file: the frames
 `sample_fps=1` takes, and also every frame, so a server sampling `num_frames` frames evenly (lmms-eval's `openai`
 model sends only that) sees the same frames as the plugin. One document per (video, question kind): every kind
-in `shapes.QUESTIONS`, so kinds added there are asked without a change here. Documents go into
+a video has (`video.questions`), so kinds added to shapes.py are asked without a change here. Documents go into
 `videoxl_shapes.json`; two tasks read it: `videoxl_shapes` (generated answers, the task's first-word rule) and
 `videoxl_shapes_mc` (the answer chosen by log-likelihood among the words of its kind).
 
@@ -42,18 +42,19 @@ def build(out: str | None = None, videos: int = 40, seconds: int = 16, kinds=Non
     from videoxl.demo import shapes
 
     out = os.path.abspath(out or os.path.join(TASK_DIR, "data"))
-    kinds = list(kinds or shapes.QUESTIONS)
-    unknown = [k for k in kinds if k not in shapes.QUESTIONS]
+    unknown = [k for k in kinds or () if k not in shapes.KINDS]
     if unknown:
-        raise SystemExit(f"unknown question kind(s) {unknown}; kinds: {', '.join(shapes.QUESTIONS)}")
+        raise SystemExit(f"unknown question kind(s) {unknown}; kinds: {', '.join(shapes.KINDS)}")
     docs = []
     for i in range(videos):
         seed = SEED + i
         video = shapes.make_video(seed, seconds)
         path = shapes.write_video(video, os.path.join(out, "videos", f"shapes-{seconds}s-{seed}.mp4"), fps=1)
-        for kind in kinds:
-            docs.append({"id": f"{seed}-{kind}", "video": path, "seconds": seconds, "seed": seed, "kind": kind,
-                         "question": shapes.QUESTIONS[kind], "answer": video.answers[kind]})
+        for kind, question in video.questions.items():  # this video's kinds: new ones come in with shapes.py
+            if kinds is None or kind in kinds:
+                docs.append({"id": f"{seed}-{kind}", "video": path, "seconds": seconds, "seed": seed, "kind": kind,
+                             "question": question, "answer": video.answers[kind]})
+    kinds = sorted({d["kind"] for d in docs})
     by_kind = {k: [d["answer"] for d in docs if d["kind"] == k] for k in kinds}
     for d in docs:
         d["choices"] = choices_for(d["answer"], by_kind[d["kind"]])
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=40)
     ap.add_argument("--seconds", type=int, default=16)
-    ap.add_argument("--kinds", nargs="+", default=None, help="question kinds (default: all of shapes.QUESTIONS)")
+    ap.add_argument("--kinds", nargs="+", default=None, help="question kinds (default: every kind each video has)")
     ap.add_argument("--out", default=None, help=f"folder (default: {os.path.join(TASK_DIR, 'data')})")
     args = ap.parse_args(argv)
     if args.videos < 1 or args.seconds < 12:
