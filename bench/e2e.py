@@ -98,7 +98,7 @@ def breakdown(stats: dict) -> dict:
             s, e = spans(stage)[0]
             out[f"{stage}_start_s"], out[f"{stage}_s"] = s, round(e - s, 3)
     keep = ("video_decoder", "video_nvdec_unavailable", "video_workers", "video_threads_per_decoder",
-            "video_frames_read", "video_decode_s", "video_scan_s", "vision_s", "prefill_s", "peak_gpu_gb",
+            "video_packets_by_decoder", "video_frames_read", "video_decode_s", "video_scan_s", "vision_s", "prefill_s", "peak_gpu_gb",
             "generated_tokens", "decode_tokens_per_s", "prefill", "video_tokens")
     out.update({k: stats[k] for k in keep if k in stats})
     return out
@@ -190,6 +190,28 @@ def launch(args, video, results) -> None:
             "stderr_tail": err[-600:]}
         log(f"launch {case}: first text {first:.1f} s after launch (load {loaded and loaded.group(1)} s)")
         save(args.out, results)
+    results["launch"]["disk_read_gib_s"] = disk_read_gb_s(folder)  # compare with checkpoint_gb / load_s
+    log(f"the disk reads the checkpoint at {results['launch']['disk_read_gib_s']} GiB/s")
+
+
+def disk_read_gb_s(folder: str) -> float | None:
+    """The disk's own read speed on the checkpoint's files (page cache dropped, 8 threads, 16 MiB reads): what
+    a cold load could reach."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not drop_page_cache(folder):
+        return None
+    files = [os.path.join(folder, f) for f in os.listdir(folder)]
+
+    def read(path):
+        with open(path, "rb", buffering=0) as f:
+            while f.read(16 << 20):
+                pass
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(read, files))
+    return round(sum(os.path.getsize(f) for f in files) / 2**30 / (time.perf_counter() - t), 2)
 
 
 def save(out, results) -> None:

@@ -54,19 +54,21 @@ def grid(budgets, compressions, selects) -> dict[str, dict]:
 
 
 def prefill(model, tok, frames):
-    """The video's prefix KVs and its frames' timestamps, built as `chat` builds them (not kept in the cache)."""
-    entry = build_prefix(model, frames, tok, "q", [], (len(frames), 1, None), CHUNKING, False, None)
-    return entry.cache, entry.prompt.timestamps
+    """The video's cache entry (prefix KVs, prompt, decode state), built as `chat` builds it (not kept)."""
+    return build_prefix(model, frames, tok, "q", [], (len(frames), 1, None), CHUNKING, False, None)
 
 
-def answer(model, tok, store, timestamps, question, settings) -> tuple[str, dict]:
+def answer(model, tok, entry, question, settings) -> tuple[str, dict]:
+    """One question over the bi-level cache of `entry`; its decode state keeps the pooled level and the mixed
+    store (and its captured decode graph) for the video's next question, as `chat` does."""
+    timestamps = entry.prompt.timestamps
     prompt = build_prompt(tok, question, timestamps, model.config.tokens_per_group,
                           tok.convert_tokens_to_ids("<|vision_pad|>"))
     tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=model.device)
-    mixed, logits, stats = bilevel_question(model.decoder, store, tail, SparseConfig.from_dict(settings), timestamps,
-                                            CHUNKING.groups_per_block, GEN.max_new_tokens)
+    mixed, logits, stats = bilevel_question(model.decoder, entry.cache, tail, SparseConfig.from_dict(settings),
+                                            timestamps, CHUNKING.groups_per_block, GEN.max_new_tokens, entry.decode)
     stop = {tok.convert_tokens_to_ids("<|im_end|>")}
-    step = decode_step(model.decoder, mixed, GEN.max_new_tokens)
+    step = decode_step(model.decoder, mixed, GEN.max_new_tokens, "auto", entry.decode)
     detok = Detokenizer(tok)
     text = "".join(detok.add(t) for t in generate_tokens(step, logits, GEN, prompt.input_ids, stop,
                                                            model.config.text.vocab_size)) + detok.flush()
@@ -85,13 +87,13 @@ def sparse_settings(setting: dict, video, kind: str) -> dict:
 
 def ask_grid(model, tok, video, frames, settings: dict[str, dict]) -> dict[str, tuple[dict[str, bool], float]]:
     """name -> ({kind: correct}, mean kept share) for one video over every setting (one prefill)."""
-    store, timestamps = prefill(model, tok, frames)
+    entry = prefill(model, tok, frames)
     out = {}
     # largest mixed cache first: the smaller ones then reuse its buffers (and its captured decode graph)
     for name, setting in sorted(settings.items(), key=lambda x: (-x[1]["budget"], x[1]["compression"])):
         right, kept = {}, 0.0
         for kind, question in video.questions.items():
-            text, stats = answer(model, tok, store, timestamps, question, sparse_settings(setting, video, kind))
+            text, stats = answer(model, tok, entry, question, sparse_settings(setting, video, kind))
             right[kind] = shapes.is_correct(text, video.answers[kind])
             kept += stats["kept_share"]
         out[name] = (right, kept / len(right))

@@ -171,11 +171,14 @@ def test_training_from_the_shipped_weights_exports_and_reports_every_kind(tmp_pa
     out = tmp_path / "run"
     assert main(["--out", str(out), "--init", videoxl.demo_model_path(), "--minutes", "5", "--total-steps", "1",
                  "--frames", "16", "--device", "cpu", "--eval-lengths", "16", "--eval-scale", "0.01",
-                 "--export"]) == 0
+                 "--head-warmup", "1", "--export"]) == 0
     final = json.load(open(out / "train_log.json"))["eval"][-1]
     assert final["step"] == 1 and set(final["acc"]) == set(shapes.KINDS)
     assert "eval step 1 len 16" in capsys.readouterr().out
     size = sum(os.path.getsize(out / "model" / f) for f in os.listdir(out / "model"))
     assert size <= 25 * 2**20
     model, tok = videoxl.load(str(out / "model"), device="cpu", dtype=torch.float32)
-    assert tok("ring", add_special_tokens=False)["input_ids"]  # the shipped tokenizer came along
+    shipped, shipped_tok = videoxl.load(videoxl.demo_model_path(), device="cpu", dtype=torch.float32)
+    assert tok.backend_tokenizer.to_str() == shipped_tok.backend_tokenizer.to_str()  # the shipped tokenizer
+    # --head-warmup 1: the one step trained only the read-outs, so the exported weights are the shipped ones
+    assert all(torch.equal(v, shipped.state_dict()[k]) for k, v in model.state_dict().items())

@@ -42,6 +42,7 @@ class VideoXL(nn.Module):
         self.last_stats: dict = {}
         self._lock, self._lock_owner = threading.Lock(), None
         self.decode_mode = "auto"  # 'captured' (CUDA graph), 'eager', or 'auto': captured where it can run
+        self.prefetched = None  # a video/prefetch.Prefetch decoding the next question's frames (chat's CLI)
         self._digest: tuple[tuple, str] | None = None
 
     @property

@@ -34,6 +34,7 @@ from videoxl.prefill.run import prefill
 from videoxl.progress import close, progress
 from videoxl.settings import Settings
 from videoxl.timeline import Timeline
+from videoxl.video.prefetch import take
 from videoxl.video.sources import open_video
 from videoxl.vision.stream import encode_stream
 
@@ -141,7 +142,7 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
                  timeline: Timeline | None = None) -> VideoKV:
     """Vision and prefill: frames -> visual tokens -> prompt -> the KVs of everything up to the question."""
     timer, timeline = StageTimer(model.device), timeline or Timeline()
-    stream = open_video(video, *sampling, device=model.device)  # a CUDA model lets "auto" pick NVDEC
+    stream = take(model, video, sampling) or open_video(video, *sampling, device=model.device)  # CUDA: NVDEC
     model.kv_cache.make_room(VideoKVCache.bytes_for(kv_layout(model), prompt_tokens(model.config,
                                                                                      len(stream.planned))))
     per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE

@@ -107,9 +107,14 @@ def cmd_chat(args) -> int:
     if isinstance(video, str) and not os.path.exists(video):
         raise VideoXLError(f"video not found: {video}")  # before the (slow) model load
     settings = check_before_load(args, video)
-    with Loading(model_dir):
-        model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
-                                        dtype=None if args.dtype == "auto" else args.dtype)
+    from videoxl.checkpoint.loader import parse_device
+    from videoxl.video.prefetch import Prefetch
+
+    device = parse_device(None if args.device == "auto" else args.device)
+    prefetch = Prefetch(video, (args.max_num_frames, args.sample_fps, args.max_sample_fps), device)
+    with Loading(model_dir):  # the first question's frames are decoded meanwhile
+        model, tokenizer = videoxl.load(model_dir, device=device, dtype=None if args.dtype == "auto" else args.dtype)
+    model.prefetched = prefetch
     if model.config.random_weights and not args.demo:
         err(f"note: {model_dir} holds RANDOM weights (made by `videoxl make-tiny`): the answers are noise")
     if args.offload and model.device.type != "cuda":

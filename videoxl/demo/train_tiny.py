@@ -176,6 +176,9 @@ def parse_args(argv):
     ap.add_argument("--frames", type=int, default=1024, help="frames per step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200, help="steps of linear LR warm-up")
+    ap.add_argument("--head-warmup", type=int, default=0,
+                    help="first train only the fresh read-outs for this many steps (with --init: their first, random "
+                    "gradients would otherwise shake the trained weights)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-scale", type=float, default=1.0, help="scale the held-out set sizes (48/24/8)")
@@ -235,8 +238,8 @@ def main(argv=None) -> int:
         print(f"starting from the weights of {args.init}", flush=True)
     model.to(dev).train()
     probes = Probes(cfg.text.hidden_size, args.previous_weight, args.v2_weight).to(dev)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(probes.parameters()), lr=args.lr, weight_decay=0.01,
-                            betas=(0.9, 0.98))
+    opt = torch.optim.AdamW([{"params": list(model.parameters())}, {"params": list(probes.parameters())}],
+                            lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step, total, log = 0, args.total_steps, []
     if state:
         model.load_state_dict(state["model"])
@@ -259,8 +262,8 @@ def main(argv=None) -> int:
         frames = torch.cat([augment(shapes.frames_1fps(v, dev), rng) for v in videos])
         cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(total, 1))))
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (cosine if total else 1.0)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        model_lr = args.lr * min(1.0, max(0, step + 1 - args.head_warmup) / args.warmup) * (cosine if total else 1.0)
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = model_lr, lr
         loss, _, _ = forward(model, task, seconds, videos, frames, chunk_mask(task, seconds, rng, dev),
                              probes if args.probes else None, args.kind_weights)
         opt.zero_grad(set_to_none=True)
@@ -271,7 +274,7 @@ def main(argv=None) -> int:
         step += 1
         if step % 25 == 0:
             rate = (time.time() - t_run) / (step - first_step)
-            print(f"step {step}/{total} len {seconds} x{b} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} "
+            print(f"step {step}/{total} len {seconds} x{b} loss {np.mean(losses[-25:]):.4f} lr {model_lr:.2e} "
                   f"{rate:.2f}s/step t={time.time() - t0:.0f}s", flush=True)
         if args.eval_scale > 0 and step % args.eval_every == 0:
             longest = 24 * (1024 / 24) ** min(1.0, step / (args.grow * (total or 10**9)))
