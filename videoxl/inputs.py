@@ -21,6 +21,7 @@ import torch
 from videoxl.errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
 from videoxl.decoding.generation import GenerationConfig
 from videoxl.cache.identity import VideoRef
+from videoxl.video.sources import check_readable
 
 # Question + chat history, in tokens. Far above any real question, far below the decoder's context (32,768 for
 # Qwen2.5-7B), and small enough that the question's prefill (its attention over the video) stays in memory.
@@ -37,19 +38,54 @@ class Request:
     sample_fps: float | None
     max_sample_fps: float | None
     gen: GenerationConfig
+    system: str | None = None  # a custom system message; None = the model's default
 
 
 def check_request(config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
-                  max_sample_fps, generation_config) -> Request:
+                  max_sample_fps, generation_config, system=None) -> Request:
+    check_tokenizer(tokenizer)
     if not isinstance(question, str) or not question.strip():
         raise VideoXLError("question must be a non-empty string")
+    check_text("question", question)
+    system = check_system(system)
     if generation_config is not None and not isinstance(generation_config, Mapping):
         raise VideoXLError(f"generation_config must be a dict (or None), got {type(generation_config).__name__}")
     gen = GenerationConfig.from_dict(dict(generation_config or {}))
     history = check_history(chat_history)
-    check_text_length(config, tokenizer, question, history)
+    for i, pair in enumerate(history):
+        for text in pair:
+            check_text(f"chat_history[{i}]", text)
+    check_text_length(config, tokenizer, question, history + ([(system, "")] if system else []))
     return Request(check_video(video_path), question, history, as_int(max_num_frames),
-                   as_float(sample_fps), as_float(max_sample_fps), gen)
+                   as_float(sample_fps), as_float(max_sample_fps), gen, system)
+
+
+def check_tokenizer(tokenizer) -> None:
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("__call__", "decode", "convert_tokens_to_ids")):
+        raise VideoXLError(f"tokenizer must be the tokenizer `videoxl.load` returned (a transformers tokenizer), "
+                           f"got {type(tokenizer).__name__}")
+
+
+def check_text(name: str, text: str) -> None:
+    """Text a tokenizer can take: valid Unicode (no lone surrogates such as "\\ud800", which JSON can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise VideoXLError(f"{name} is not valid Unicode text: a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                           f"character {e.start}") from None
+
+
+def check_system(system) -> str | None:
+    """A custom system message, or None for the model's default (the default's text is the same as None, so
+    both share cached video KVs)."""
+    from videoxl.language.prompt import DEFAULT_SYSTEM
+
+    if system is None:
+        return None
+    if not isinstance(system, str):
+        raise VideoXLError(f"system must be a string or None, got {type(system).__name__}")
+    check_text("system", system)
+    return None if system.strip() == DEFAULT_SYSTEM else system
 
 
 # ---- numbers ----------------------------------------------------------------------------------------------------
@@ -122,8 +158,14 @@ def check_video(video):
                                "pass its path")
         video = os.fsdecode(video)
     if isinstance(video, (str, os.PathLike)):
-        if not os.fspath(video):
+        path = os.fspath(video)
+        if not path:
             raise VideoXLError("video_path is an empty string")
+        if isinstance(path, str):
+            check_text("video_path", path)
+        if "\0" in path if isinstance(path, str) else b"\0" in path:
+            raise VideoXLError("video_path holds a NUL character: no file can have that name")
+        check_readable(path)
         return video
     if isinstance(video, (np.ndarray, torch.Tensor)):
         arr = _numpy(video)
@@ -144,7 +186,9 @@ def check_video(video):
                 items.append(to_uint8_frame(_numpy(item), f"video_path[{i}]"))
             elif isinstance(item, bytes):
                 items.append(check_video(item))
-            elif isinstance(item, (str, os.PathLike, Image.Image)):
+            elif isinstance(item, (str, os.PathLike)):
+                items.append(check_video(item))
+            elif isinstance(item, Image.Image):
                 items.append(item)
             else:
                 raise VideoXLError(f"video_path[{i}] is a {type(item).__name__}: list items must be image paths, "

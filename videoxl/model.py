@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from videoxl.prefill.plan import BlockPlan, PrefillConfig
+from videoxl.cancel import Cancel, next_batch
 from videoxl.config import VideoXLConfig
 from videoxl.language.decoder import Qwen2Decoder
 from videoxl.errors import VideoXLError
@@ -78,16 +79,19 @@ class VideoXL(nn.Module):
     def chat(self, video_path, tokenizer, question: str, chat_history=None, return_history: bool = False,
              max_num_frames: int = 150, sample_fps: float | None = 1, max_sample_fps: float | None = None,
              generation_config: dict | None = None, show_progress: bool = False,
-             on_text: Callable[[str], None] | None = None):
+             on_text: Callable[[str], None] | None = None, *, system: str | None = None,
+             cancel: Cancel | None = None):
         """Answer `question` about a video (path, image, folder of images, or a list of images).
 
         `chat_history` is what a previous call returned with `return_history=True` (a list of
         {"role", "content"} messages), or a list of (question, answer) pairs. `on_text` receives the answer
-        piece by piece as it is generated.
+        piece by piece as it is generated. `system` replaces the default system message. `cancel` (a `videoxl.cancel.Cancel`) stops the question at the next
+        stage check (frame decoding, vision batch, prefill layer, token) with `Cancelled` / `TimedOut`.
         """
         pieces = []
         for piece in self.stream_chat(video_path, tokenizer, question, chat_history, max_num_frames, sample_fps,
-                                      max_sample_fps, generation_config, show_progress):
+                                      max_sample_fps, generation_config, show_progress, system=system,
+                                      cancel=cancel):
             pieces.append(piece)
             if on_text is not None:
                 on_text(piece)
@@ -98,10 +102,11 @@ class VideoXL(nn.Module):
 
     def stream_chat(self, video_path, tokenizer, question: str, chat_history=None, max_num_frames: int = 150,
                     sample_fps: float | None = 1, max_sample_fps: float | None = None,
-                    generation_config: dict | None = None, show_progress: bool = False) -> Iterator[str]:
+                    generation_config: dict | None = None, show_progress: bool = False, *,
+                    system: str | None = None, cancel: Cancel | None = None) -> Iterator[str]:
         """`chat`, yielding the answer's text as it is generated."""
         r = check_request(self.config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
-                          max_sample_fps, generation_config)
+                          max_sample_fps, generation_config, system)
         chunking, sparse = self._check_runtime_settings()
         # kernels launched without a device (Triton's) go to the current GPU; not enough yet for a model on a
         # second GPU of one process (a known bug: tests/test_gpu.py, its strict xfail)
@@ -110,9 +115,10 @@ class VideoXL(nn.Module):
                 memory_errors(self.device, r.max_num_frames, bool(chunking)):
             self._t_question = time.perf_counter()  # inside the lock: waiting for another question is not ours
             prefix = video_prefix(self, r.video, tokenizer, question, r.history,
-                                  (r.max_num_frames, r.sample_fps, r.max_sample_fps), chunking, show_progress)
+                                  (r.max_num_frames, r.sample_fps, r.max_sample_fps), chunking, show_progress,
+                                  cancel, r.system)
             prompt = build_prompt(tokenizer, question, prefix.prompt.timestamps, self.config.tokens_per_group,
-                                  self._placeholder_id(tokenizer), r.history)
+                                  self._placeholder_id(tokenizer), r.history, r.system)
             cache = prefix.cache
             cache.truncate(prompt.video_end)
             tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=self.device)
@@ -121,10 +127,10 @@ class VideoXL(nn.Module):
                 logits = self.decoder(self.decoder.embed_tokens(tail)[None], cache)
             else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
                 cache, logits, info = bilevel_question(self.decoder, cache, tail, sparse, prompt.timestamps,
-                                                       chunking.groups_per_block, r.gen.max_new_tokens)
+                                                       chunking.groups_per_block, r.gen.max_new_tokens, cancel)
                 self.last_stats.update(info)
                 self.kv_cache.trim()
-            yield from self._generate(logits, cache, tokenizer, r.gen, prompt.input_ids, show_progress)
+            yield from self._generate(logits, cache, tokenizer, r.gen, prompt.input_ids, show_progress, cancel)
             self.kv_cache.persist_pending()  # to disk, after the answer
 
     @contextlib.contextmanager
@@ -158,12 +164,12 @@ class VideoXL(nn.Module):
         return pad if isinstance(pad, int) and 0 <= pad < self.config.text.vocab_size else 0
 
     def encode_clip(self, clip: Clip, frames_per_slice: int = DEFAULT_FRAMES_PER_SLICE,
-                    show_progress=False) -> torch.Tensor:
+                    show_progress=False, cancel: Cancel | None = None) -> torch.Tensor:
         """Decoded frames -> visual tokens [groups, tokens_per_group, hidden]."""
-        return self.encode_stream(FrameStream.from_clip(clip), frames_per_slice, show_progress)
+        return self.encode_stream(FrameStream.from_clip(clip), frames_per_slice, show_progress, cancel)
 
     def encode_stream(self, stream: FrameStream, frames_per_slice: int = DEFAULT_FRAMES_PER_SLICE,
-                      show_progress=False) -> torch.Tensor:
+                      show_progress=False, cancel: Cancel | None = None) -> torch.Tensor:
         """Frames -> visual tokens, `frames_per_slice` at a time, while a thread decodes the next slice (PyAV
         and PIL release the GIL while they work, so decoding and the GPU overlap)."""
         batches: queue.Queue = queue.Queue(maxsize=2)
@@ -171,7 +177,7 @@ class VideoXL(nn.Module):
 
         def decode():
             try:
-                for frames in stream.batches(frames_per_slice):
+                for frames in stream.batches(frames_per_slice, cancel):
                     while not stop.is_set():
                         try:
                             batches.put(frames, timeout=0.1)
@@ -189,7 +195,7 @@ class VideoXL(nn.Module):
         bar = progress(None, -(-len(stream.planned) // frames_per_slice), "vision", show_progress)
         parts, side = [], SideStream(self.device)
         try:
-            while (item := batches.get()) is not None:
+            while (item := next_batch(batches, cancel)) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 parts.extend(side.run(lambda f: self.vision.encode(f, frames_per_slice), item))
@@ -210,28 +216,28 @@ class VideoXL(nn.Module):
         return embeds[None]
 
     def prefill(self, embeds: torch.Tensor, store: KVStore, prompt: VideoPrompt,
-                chunking: PrefillConfig | None = None, show_progress=False) -> dict:
+                chunking: PrefillConfig | None = None, show_progress=False, cancel: Cancel | None = None) -> dict:
         """Fill `store` with the KVs of `embeds` (the prompt up to the end of the video); returns stats."""
         long = embeds.shape[1] > LONG_PREFILL_TOKENS
         bar = progress(None, len(self.decoder.layers), "prefill", show_progress if long else False)
         on_layer = (lambda i: bar.update_to(i + 1)) if bar else None
         try:
             if chunking is None:
-                dense_prefill(self.decoder, embeds, store, on_layer)
+                dense_prefill(self.decoder, embeds, store, on_layer, cancel)
                 return {"prefill": "dense", "attended_share": 1.0}
             plan = BlockPlan.from_prompt(prompt, chunking)
             store.plan = plan
             if chunking.chunk_prefill_mode == "mask":
-                mask_prefill(self.decoder, embeds, store, plan)
+                mask_prefill(self.decoder, embeds, store, plan, cancel)
             else:
-                streaming_prefill(self.decoder, embeds, store, plan, on_layer)
+                streaming_prefill(self.decoder, embeds, store, plan, on_layer, cancel)
         finally:
             close(bar)
         return {"prefill": chunking.chunk_prefill_mode, "blocks": len(plan.blocks),
                 "attended_share": round(plan.attended_share(), 4), "offload": chunking.offload}
 
     def _generate(self, logits: torch.Tensor, cache: KVStore, tokenizer, gen: GenerationConfig,
-                  prompt_ids: list[int], show_progress: bool) -> Iterator[str]:
+                  prompt_ids: list[int], show_progress: bool, cancel: Cancel | None = None) -> Iterator[str]:
         stop = {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
                 if isinstance(i, int)}
         step = decode_step(self.decoder, cache, gen.max_new_tokens, self.decode_mode)
@@ -242,7 +248,7 @@ class VideoXL(nn.Module):
         first = True
         try:
             for token in generate_tokens(step, logits, gen, prompt_ids, stop, self.config.text.vocab_size,
-                                         self.last_stats):
+                                         self.last_stats, cancel):
                 if first:
                     self.last_stats["ttft_s"] = round(time.perf_counter() - self._t_question, 3)
                     first = False

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 from dataclasses import dataclass
 
 import torch
 
-from videoxl.video.sources import IMAGE_EXTENSIONS
+from videoxl.video.sources import regular_files
 
 @dataclass(frozen=True)
 class VideoRef:
@@ -36,8 +37,10 @@ def content_id(path: str) -> str | None:
         if memo in _content_ids:
             return _content_ids[memo]
     h = hashlib.sha256()
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return None  # a FIFO or device: reading it might never end (open_video refuses it)
     if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        files = [os.path.basename(f) for f in regular_files(path)]
         for name in files:
             h.update(name.encode() + b"\0")
             _hash_file(h, os.path.join(path, name))

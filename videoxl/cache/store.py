@@ -48,10 +48,14 @@ class VideoKey:
     video: str  # content id
     sampling: tuple  # (max_num_frames, sample_fps, max_sample_fps)
     chunking: tuple | None  # the PrefillConfig fields that change the KVs; None = dense
+    system: str | None = None  # a custom system message (the prefix's KVs depend on it); None = the default
 
     def as_dict(self) -> dict:
-        return {"weights": self.weights, "video": self.video, "sampling": list(self.sampling),
-                "chunking": None if self.chunking is None else list(self.chunking)}
+        d = {"weights": self.weights, "video": self.video, "sampling": list(self.sampling),
+             "chunking": None if self.chunking is None else list(self.chunking)}
+        if self.system is not None:  # absent for the default: entries written before custom systems still match
+            d["system"] = self.system
+        return d
 
     @property
     def digest(self) -> str:
@@ -110,7 +114,7 @@ def prompt_dict(p: VideoPrompt) -> dict:
 
 # ---- the prefix: from the cache, or built -------------------------------------------------------------------
 def video_prefix(model, video, tokenizer, question, history, sampling: tuple,
-                 chunking: PrefillConfig | None, show_progress) -> VideoKV:
+                 chunking: PrefillConfig | None, show_progress, cancel=None, system=None) -> VideoKV:
     """The video's prefix KVs: from memory, from disk, or by running vision and prefill (and kept)."""
     cache: VideoKVCache = model.kv_cache
     cache.persist_pending()
@@ -118,7 +122,7 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple,
         content_id(video) if isinstance(video, (str, os.PathLike)) else None)
     key = None
     if ident is not None:
-        key = VideoKey(cache.weights_digest(model), ident, tuple(sampling), chunking_key(chunking))
+        key = VideoKey(cache.weights_digest(model), ident, tuple(sampling), chunking_key(chunking), system)
         entry = cache.get(key, model, tokenizer, chunking)
         if entry is not None:
             return entry
@@ -128,14 +132,15 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple,
                                "send the video itself")
         video = video.path
     cache.counts["misses"] += 1
-    entry = build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key)
+    entry = build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key, cancel,
+                         system)
     if key is not None:
         cache.put(entry)
     return entry
 
 
 def build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress,
-                 key) -> VideoKV:
+                 key, cancel=None, system=None) -> VideoKV:
     """Vision and prefill: frames -> visual tokens -> prompt -> the KVs of everything up to the question."""
     timer = StageTimer(model.device)
     stream = open_video(video, *sampling, device=model.device)  # a CUDA model lets "auto" pick NVDEC
@@ -143,18 +148,18 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
     model.kv_cache.make_room(model.kv_cache.bytes_for(model, groups * (model.config.tokens_per_group + 16)))
     per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
     check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice)
-    visual = model.encode_stream(stream, per_slice, show_progress)
+    visual = model.encode_stream(stream, per_slice, show_progress, cancel)
     timer.lap("vision_s")  # video decoding included: it runs alongside
     frames = len(stream.kept)
     timestamps = stream.timestamps + [stream.timestamps[-1]] * (-frames % FRAMES_PER_GROUP)
     prompt = build_prompt(tokenizer, question, timestamps, model.config.tokens_per_group,
-                          model._placeholder_id(tokenizer), history)
+                          model._placeholder_id(tokenizer), history, system)
     embeds = model.embed_prompt(prompt, visual, prompt.video_end)
     del visual
     store = model.decoder.new_cache(capacity=len(prompt) + DECODE_ROOM, offload=bool(chunking and chunking.offload))
     stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
              "video_tokens": prompt.video_end, **stream.stats}
-    stats.update(model.prefill(embeds, store, prompt, chunking, show_progress))
+    stats.update(model.prefill(embeds, store, prompt, chunking, show_progress, cancel))
     timer.lap("prefill_s")
     stats.update(timer.report())
     prefix = VideoPrompt(**prompt_dict(prompt))
@@ -273,7 +278,7 @@ class VideoKVCache:
         m, tensors = found
         prompt = VideoPrompt(**m["prompt"])
         rebuilt = build_prompt(tokenizer, "?", prompt.timestamps, model.config.tokens_per_group,
-                               model._placeholder_id(tokenizer))
+                               model._placeholder_id(tokenizer), system=key.system)
         if rebuilt.input_ids[:rebuilt.video_end] != prompt.input_ids:
             self.disk.reject(key.digest, "this tokenizer gives other prefix tokens")
             return None

@@ -10,9 +10,13 @@ import re
 from dataclasses import dataclass, field
 
 from videoxl.config import FRAMES_PER_GROUP
+from videoxl.errors import VideoXLError
 
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+SYSTEM = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
 USER, ASSISTANT, END = "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"
+START, IM_END = "<|im_start|>", "<|im_end|>"
+CONTROL = (START, IM_END)
 MMSS = re.compile(r"(\d{2}:\d{2})")
 
 
@@ -52,23 +56,55 @@ def normalise_history(chat_history) -> list[tuple[str, str]]:
 
 
 def build_prompt(tokenizer, question: str, timestamps: list[float], tokens_per_group: int,
-                 placeholder_id: int, history: list[tuple[str, str]] | None = None) -> VideoPrompt:
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+                 placeholder_id: int, history: list[tuple[str, str]] | None = None,
+                 system: str | None = None) -> VideoPrompt:
+    """The ChatML prompt, video spliced into the first user turn. `system` replaces the default system text.
 
-    ids = encode(SYSTEM + USER)
+    User text (system, question, history) is tokenised with its special-token strings split into plain text, so
+    `<|im_end|>` or `<|vision_pad|>` typed by a user never becomes a control token or a video slot. Tokenisers
+    cut text at special tokens before anything else, so encoding each stretch between the template's own
+    control tokens gives the ids the joint encoding gave: an ordinary prompt is token for token what it was."""
+    ids = encode_chat(tokenizer, [START, "system\n", (DEFAULT_SYSTEM if system is None else system), IM_END,
+                                  "\n", START, "user\n"])
     prompt = VideoPrompt(ids, timestamps=list(timestamps))
     for t in group_timestamps(timestamps):
         prompt.group_starts.append(len(ids))
-        ids += encode(f"Time {float(t)}s:")
+        ids += _encode(tokenizer, f"Time {float(t)}s:", False)
         prompt.visual_positions.extend(range(len(ids), len(ids) + tokens_per_group))
         ids += [placeholder_id] * tokens_per_group
     prompt.video_end = len(ids)
-    turns = (history or []) + [(question, None)]
-    text = ""
-    for i, (q, a) in enumerate(turns):
-        text += ("\n" if i == 0 else USER) + q + END + ASSISTANT
+    parts = []
+    for i, (q, a) in enumerate((history or []) + [(question, None)]):
+        parts += ["\n"] if i == 0 else [START, "user\n"]
+        parts += [convert_times(q), IM_END, "\n", START, "assistant\n"]
         if a is not None:
-            text += a + END
-    ids += encode(convert_times(text))
+            parts += [convert_times(a), IM_END, "\n"]
+    ids += encode_chat(tokenizer, parts)
     return prompt
+
+
+def encode_chat(tokenizer, parts: list[str]) -> list[int]:
+    """`parts`: the template's control tokens (START, IM_END) and text; neighbouring text is joined and
+    encoded with special-token strings as plain text."""
+    ids, text = [], ""
+    for part in parts + [None]:
+        if part in CONTROL or part is None:
+            if text:
+                ids += _encode(tokenizer, text, True)
+                text = ""
+            if part is not None:
+                ids += _encode(tokenizer, part, False)
+        else:
+            text += part
+    return ids
+
+
+def _encode(tokenizer, text: str, plain: bool) -> list[int]:
+    if not plain:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    special = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    if special.intersection(ids):  # a tokenizer that ignored split_special_tokens: never send control tokens
+        raise VideoXLError("this tokenizer cannot encode special-token text (<|...|>) in a message as plain text; "
+                           "remove it from the message or use a transformers tokenizer")
+    return ids

@@ -20,7 +20,8 @@ import torch
 from videoxl.serving.errors import APIError
 from videoxl.serving.metrics import Metrics
 from videoxl.serving.protocol import ChatRequest
-from videoxl.errors import VideoXLError
+from videoxl.cancel import Cancel, Cancelled, TimedOut
+from videoxl.errors import VideoXLError, VideoXLMemoryError
 from videoxl.cache.store import VideoRef
 
 log = logging.getLogger("videoxl.serving")
@@ -33,10 +34,14 @@ class Job:
     deadline: float  # time.monotonic() by which the answer must be done
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: Cancel = None  # set when the client goes away; times out at `deadline`: every stage checks it
     release: Callable[[], None] = lambda: None  # delete the request's temporary media
     arrived: float = field(default_factory=time.perf_counter)
     next_check: float = 0.0  # loop time of the next check that the client is still connected
+
+    def __post_init__(self):
+        if self.cancelled is None:
+            self.cancelled = Cancel(deadline=self.deadline)
 
     def emit(self, *event) -> None:
         try:
@@ -104,13 +109,19 @@ class Engine:
                 self.running += 1
             try:
                 self._run(model, tokenizer, job)
+            except TimedOut:
+                job.emit("error", 504, "the answer took longer than the server's time limit")
+            except Cancelled:
+                pass  # the client went away: the HTTP side counts it
+            except VideoXLMemoryError:
+                job.emit("error", 503, "out of memory on the server; ask with fewer frames")
             except VideoXLError as e:
                 job.emit("error", 400, str(e))
             except Exception as e:  # a bug or out of memory: this request fails, the worker carries on
                 log.exception("request failed")
-                oom = "out of memory" in str(e)
+                oom = "out of memory" in str(e)  # never the exception's text: it may hold paths or internals
                 job.emit("error", 503 if oom else 500,
-                         "out of memory on the server; ask with fewer frames" if oom else f"internal error: {e}")
+                         "out of memory on the server; ask with fewer frames" if oom else "internal error")
             finally:
                 job.release()
                 with self._running_lock:
@@ -124,7 +135,7 @@ class Engine:
             return
         r, start = job.request, time.perf_counter()
         stream = model.stream_chat(job.video, tokenizer, r.question, r.history, *r.sampling,
-                                   generation_config=r.generation)
+                                   generation_config=r.generation, **system_kw(r), cancel=job.cancelled)
         text, sent, first, finish = "", 0, None, None
         try:
             for piece in stream:

@@ -16,10 +16,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from videoxl.cancel import Either, check
 from videoxl.errors import VideoXLError
 from videoxl.video.index import Job, Probe
 from videoxl.video.stream import resize_frame
 
+CANCEL_POLL_S = 0.05  # how often a consumer waiting for a frame looks at its Cancel
 SEEK_MIN_PACKETS = 300  # a gap this long is skipped with a container seek; shorter ones are read through
 
 
@@ -156,8 +158,9 @@ class JobReader:
     """Runs `decode_jobs` on `parts` (one thread each) and yields (frame numbers, frames) batches in order."""
 
     def __init__(self, probe: Probe, parts: list[list[Job]], convert: Callable, open_container: Callable,
-                 threads: int, stack: Callable, on_damage: str = "error"):
+                 threads: int, stack: Callable, on_damage: str = "error", cancel=None):
         self.probe, self.parts, self.convert, self.open_container = probe, parts, convert, open_container
+        self.cancel = cancel  # a videoxl.cancel.Cancel: the decoding threads stop on it, the consumer raises
         self.threads, self.stack, self.on_damage = threads, stack, on_damage
         self.reports: list[WorkerReport] = []
         self.missing: list[int] = []  # frames lost at the end of the file (truncation)
@@ -167,7 +170,7 @@ class JobReader:
         frames: dict[int, object] = {}
         done = threading.Condition()
         finished, errors = [0], []
-        stop = threading.Event()
+        stop = Either(threading.Event(), self.cancel)
         reports = [WorkerReport() for _ in self.parts]
 
         def emit(k, frame):
@@ -196,7 +199,8 @@ class JobReader:
             for pos, k in enumerate(order):
                 with done:
                     while k not in frames and finished[0] < len(workers) and not errors:
-                        done.wait()
+                        done.wait(CANCEL_POLL_S)
+                        check(self.cancel)
                     if errors:
                         raise errors[0]
                     if k not in frames:

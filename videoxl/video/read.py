@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from videoxl.cancel import check
 from videoxl.errors import VideoXLError
 from videoxl.video.index import plan, probe, split
 from videoxl.video.decode import JobReader, cpu_convert, keyframe_jobs
@@ -96,7 +97,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
         if info.index is None:  # no timestamps to find frames by (raw streams): count them in one decode
             if mode != "exact":
                 raise VideoXLError(f"mode {mode!r} needs packet timestamps, which this video lacks: {path}")
-            yield from _sequential(path, sampled, size, stats)
+            yield from _sequential(path, sampled, size, stats, stream.cancel)
             return
         wanted = [k for k in sampled if k < len(info.index)]
         if not wanted:
@@ -112,7 +113,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
             jobs = plan(info.index, wanted)
         parts = split(jobs, workers, info.index)
         threads = 1 if accel is not None else max(1, cores // len(parts))
-        reader = JobReader(info, parts, convert, opener, threads, stack, on_damage)
+        reader = JobReader(info, parts, convert, opener, threads, stack, on_damage, stream.cancel)
         stats.update(video_workers=len(parts), video_threads_per_decoder=threads)
         try:
             for numbers, frames in reader.batches(size):
@@ -184,7 +185,7 @@ def _open_decord(path, sampler) -> FrameStream:
     return FrameStream(path, indices, fps, len(vr), read, stats={"video_decoder": "decord"})
 
 
-def _sequential(path, wanted, size, stats):
+def _sequential(path, wanted, size, stats, cancel=None):
     """Decode every frame in order and keep the n-th ones: frame numbers by definition, for files whose
     packets carry no timestamps (raw H.264 and the like), where nothing can be skipped."""
     import av
@@ -196,6 +197,7 @@ def _sequential(path, wanted, size, stats):
         with av.open(path) as c:
             c.streams.video[0].thread_type = "AUTO"
             for n, frame in enumerate(c.decode(video=0)):
+                check(cancel)
                 if n in keep:
                     numbers.append(n)
                     frames.append(convert(frame))
