@@ -21,6 +21,7 @@ import torch
 from videoxl.errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
 from videoxl.decoding.generation import GenerationConfig
 from videoxl.cache.identity import VideoRef
+from videoxl.language.prompt import DEFAULT_SYSTEM
 from videoxl.video.sources import check_readable
 
 # Question + chat history, in tokens. Far above any real question, far below the decoder's context (32,768 for
@@ -78,8 +79,6 @@ def check_text(name: str, text: str) -> None:
 def check_system(system) -> str | None:
     """A custom system message, or None for the model's default (the default's text is the same as None, so
     both share cached video KVs)."""
-    from videoxl.language.prompt import DEFAULT_SYSTEM
-
     if system is None:
         return None
     if not isinstance(system, str):

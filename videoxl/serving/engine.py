@@ -135,7 +135,7 @@ class Engine:
             return
         r, start = job.request, time.perf_counter()
         stream = model.stream_chat(job.video, tokenizer, r.question, r.history, *r.sampling,
-                                   generation_config=r.generation, **system_kw(r), cancel=job.cancelled)
+                                   generation_config=r.generation, system=r.system, cancel=job.cancelled)
         text, sent, first, finish = "", 0, None, None
         try:
             for piece in stream:

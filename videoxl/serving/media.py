@@ -105,7 +105,10 @@ def local_file(url: str, limits: MediaLimits) -> MediaFile:
     parsed = urllib.parse.urlparse(url)
     if parsed.netloc not in ("", "localhost"):
         raise bad(f"file:// URL with a host ({parsed.netloc!r}); use file:///absolute/path")
-    path = os.path.realpath(urllib.parse.unquote(parsed.path))
+    path = urllib.parse.unquote(parsed.path)
+    if "\0" in path:  # %00: no file has that name (and os functions raise on it)
+        raise bad("file:// URL with a NUL character (%00) in its path")
+    path = os.path.realpath(path)
     root = limits.allowed_local_path
     if os.path.commonpath([path, root]) != root:
         raise APIError(403, f"file path is outside the allowed media folder {root}", param="messages")
