@@ -133,15 +133,39 @@ def history_messages(pairs: list[tuple[str, str]]) -> list[dict]:
 
 
 def check_text_length(config, tokenizer, question: str, history: list[tuple[str, str]]) -> None:
-    limit = min(MAX_TEXT_TOKENS, getattr(config.text, "max_position_embeddings", MAX_TEXT_TOKENS))
-    texts = [question] + [t for pair in history for t in pair]
-    if sum(len(t.encode()) for t in texts) <= limit:  # byte-level BPE: a token is at least one UTF-8 byte
-        return
-    n = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    limit = text_limit(config)
+    n = text_tokens(tokenizer, [question] + [t for pair in history for t in pair], limit)
     if n > limit:
         what = "question + chat history" if history else "question"
-        raise VideoXLError(f"{what} is {n} tokens ({sum(map(len, texts))} characters); at most {limit} "
-                           f"are allowed: shorten it")
+        chars = len(question) + sum(len(t) for pair in history for t in pair)
+        raise VideoXLError(f"{what} is {n} tokens ({chars} characters); at most {limit} are allowed: shorten it")
+
+
+def text_limit(config) -> int:
+    return min(MAX_TEXT_TOKENS, getattr(config.text, "max_position_embeddings", MAX_TEXT_TOKENS))
+
+
+def text_tokens(tokenizer, texts: list[str], limit: int) -> int:
+    """Tokens of `texts`, counted only when their UTF-8 bytes exceed `limit` (byte-level BPE: a token is at
+    least one byte, so fewer bytes cannot be too many tokens)."""
+    n = sum(len(t.encode()) for t in texts)
+    if n <= limit:
+        return n
+    return sum(len(tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]) for t in texts)
+
+
+def fit_history(config, tokenizer, question: str, history: list) -> tuple[list, int]:
+    """The newest turns of `history` (pairs or messages) that fit the text cap with `question`, and how many
+    turns were dropped: a long interactive chat goes on instead of ending at the cap."""
+    pairs, limit = check_history(history), text_limit(config)
+    if text_tokens(tokenizer, [question] + [t for pair in pairs for t in pair], limit) <= limit:
+        return pairs, 0
+    sizes = [text_tokens(tokenizer, list(pair), 0) for pair in pairs]  # limit 0: always counted exactly
+    room = limit - text_tokens(tokenizer, [question], 0)
+    keep = len(pairs)
+    while keep and sum(sizes[len(pairs) - keep:]) > room:
+        keep -= 1
+    return pairs[len(pairs) - keep:], len(pairs) - keep
 
 
 # ---- video ------------------------------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
     groups = -(-len(stream.planned) // FRAMES_PER_GROUP)
     model.kv_cache.make_room(model.kv_cache.bytes_for(model, groups * (model.config.tokens_per_group + 16)))
     per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
-    check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice)
+    check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice,
+               len(stream.planned) if stream.source == "images" else 0)  # images are decoded all at once
     visual = model.encode_stream(stream, per_slice, show_progress, cancel)
     timer.lap("vision_s")  # video decoding included: it runs alongside
     frames = len(stream.kept)

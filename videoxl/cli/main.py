@@ -13,6 +13,7 @@ from videoxl.cli.options import (HelpFormatter, add_chunk_args, add_generation_a
                        check_before_load, generation_config)
 from videoxl.cli.console import AnswerTimer, Loading, err, json_line, questions, report, show_warnings_as_lines
 from videoxl.errors import VideoXLError, VideoXLMemoryError
+from videoxl.inputs import check_video, fit_history, text_limit
 
 DEFAULT_QUESTION = "Describe this video."
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def progress_stages(args) -> set[str]:
-    if args.no_progress or args.json:
+    if args.no_progress or args.json or not sys.stderr.isatty():  # off a terminal, bars would fill the logs
         return set()
     # On a terminal the streamed answer is the decoding progress; a bar would write over it.
     return {"vision", "prefill"} if sys.stdout.isatty() else {"vision", "prefill", "decode"}
@@ -91,8 +92,8 @@ def cmd_chat(args) -> int:
                                                 dtype=None if args.dtype == "auto" else args.dtype)
             quiz(model, tokenizer, seed=args.seed, questions=[args.question] if args.question else None)
             return 0
-        if args.question is None:
-            args.question = QUESTIONS["needle"]  # the model knows nothing else
+        if args.question is None and not (args.interactive or not sys.stdin.isatty()):
+            args.question = QUESTIONS["needle"]  # nothing asked, nothing piped: the question the model knows
     else:
         if not args.model:
             raise VideoXLError("give --model DIR (a Video-XL-2 checkpoint folder), or --demo")
@@ -101,6 +102,7 @@ def cmd_chat(args) -> int:
         model_dir, video = args.model, args.video
     if isinstance(video, str) and not os.path.exists(video):
         raise VideoXLError(f"video not found: {video}")  # before the (slow) model load
+    check_video(video)  # a FIFO or device, a NUL in the name: refused before the load too
     prefill_config, sparse_config = check_before_load(args, video)
     with Loading(model_dir):
         model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
@@ -114,9 +116,13 @@ def cmd_chat(args) -> int:
         model.config.prefill_config = prefill_config
     if sparse_config:
         model.config.enable_sparse, model.config.sparse_config = True, sparse_config
-    interactive = args.interactive or (args.question is None and not args.demo)
+    interactive = args.interactive or args.question is None
     history = []
     for question in questions(args.question) if interactive else [args.question]:
+        history, dropped = fit_history(model.config, tokenizer, question, history)
+        if dropped:
+            err(f"note: question + chat history would pass the {text_limit(model.config)}-token cap: dropped the "
+                f"oldest {dropped} turn(s) of the history")
         timer = AnswerTimer(None if args.json else write)
         answer, history = model.chat(video, tokenizer, question, chat_history=history, return_history=True,
                                      max_num_frames=args.max_num_frames, sample_fps=args.sample_fps,

@@ -49,13 +49,13 @@ class GenerationConfig:
         if not isinstance(self.do_sample, bool):  # "yes" or 0 would silently pick a decoding method
             bad("do_sample", "must be True or False")
         if not _is_number(self.temperature) or self.temperature < 0:
-            bad("temperature", "must be a number >= 0 (finite)")
+            bad("temperature", "must be a number >= 0")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be a number > 0 (finite)")
+            bad("repetition_penalty", "must be a number > 0")
         if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**64):
             bad("seed", "must be an integer in [-2**63, 2**64) (a 64-bit seed)")
 
