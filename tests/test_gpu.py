@@ -206,17 +206,49 @@ def test_disk_cache_fast_reader_on_gpu(tiny_dir, long_video, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.xfail(strict=True, reason="known bug, found on a 2-GPU H100 host on 2026-11-27: a model on cuda:1 while "
-                   "cuda:0 is current fails in a Triton launch ('Pointer argument (at 0) cannot be accessed from "
-                   "Triton'), even inside torch.cuda.device(model.device); cause not found yet. Batch workers "
-                   "avoid it by seeing one GPU each (CUDA_VISIBLE_DEVICES)")
 def test_a_model_on_the_second_gpu_answers_as_on_the_first(tiny_dir, long_video):
-    """Kernels launched without a device (Triton's) go to the current GPU: chat must make it the model's."""
+    """The second-GPU bug: torch.cuda.graph's default capture stream is made once per process, on the GPU
+    current then; a model on another GPU captured on it. Captured decoding, bi-level decoding and NVDEC frames
+    on cuda:1 give what they give on cuda:0."""
     ask = dict(max_num_frames=64, generation_config={"max_new_tokens": 16})
     answers = []
     for index in (0, 1):
         model, tok = videoxl.load(tiny_dir, device=f"cuda:{index}", dtype="float32")
         assert torch.cuda.current_device() == 0
-        answers.append(model.chat(long_video, tok, "What moves?", **ask))
-        assert model.last_stats["decode_path"] == "captured"
+        got = [model.chat(long_video, tok, "What moves?", **ask), model.last_stats["decode_path"],
+               model.last_stats["video_decoder"]]
+        model.config.enable_chunk_prefill = True
+        model.config.prefill_config = {"chunk_prefill_mode": "streaming", "chunk_size": 4, "step_size": 2}
+        model.config.enable_sparse = True
+        model.config.sparse_config = {"budget": 0.5, "compression": 4}
+        got += [model.chat(long_video, tok, "What moves?", **ask), model.last_stats["decode_path"]]
+        answers.append(got)
     assert answers[0] == answers[1]
+    assert answers[1][1:3] == ["captured", "nvdec"] and answers[1][4] == "captured"
+
+
+NVDEC_AFTER_TORCH = """
+import sys, torch, videoxl
+torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")  # torch's context active first, as a 7B model makes it
+model, tok = videoxl.load(sys.argv[1], device="cuda", dtype="float32")
+model.chat(sys.argv[2], tok, "What moves?", max_num_frames=16, generation_config={"max_new_tokens": 4})
+print(model.last_stats.get("video_decoder"), model.last_stats.get("video_nvdec_unavailable"))
+"""
+
+
+def test_nvdec_engages_after_torch_owns_the_gpu(tiny_dir, tmp_path):
+    """The full-size model never got NVDEC: FFmpeg's primary-context mode refused a context torch had made
+    active first (ENOTSUP). A fresh process, so no earlier NVDEC open in this one hides the bug."""
+    import subprocess
+    import sys
+
+    from tests.media import make_video
+    from videoxl.video.gpu import nvdec_accel
+
+    if nvdec_accel(torch.device("cuda"))[0] is None:
+        pytest.skip("this PyAV has no CUDA decoding")
+    video = make_video(str(tmp_path / "v.mp4"), seconds=8.0, fps=10, size=(320, 240), codec="libx264")
+    out = subprocess.run([sys.executable, "-c", NVDEC_AFTER_TORCH, tiny_dir, video], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["nvdec", "None"], out.stdout

@@ -111,7 +111,10 @@ class CapturedStep:
                 self._body()
         torch.cuda.current_stream(self.pos.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # our own capture stream on the store's GPU: torch.cuda.graph's default one is made once per process, on
+        # whichever GPU was current then, so a model on another GPU captured on a stream of the first (an empty
+        # graph, and Triton refusing the other GPU's pointers: the second-GPU bug)
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.pos.device)):
             self.logits = self._body()
         torch.cuda.synchronize(self.pos.device)
         self.capture_s = time.perf_counter() - t0

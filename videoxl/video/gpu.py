@@ -107,7 +107,23 @@ def nvdec_accel(device: torch.device):
     if "cuda" not in hwdevices_available():
         return None, "this PyAV's FFmpeg was built without CUDA"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return HWAccel("cuda", device=str(index), allow_software_fallback=False, is_hw_owned=True), None
+    # FFmpeg on torch's own CUDA context (the one current in the opening thread, see `open_nvdec`), not on the
+    # primary context through its own door: there FFmpeg demands the CU_CTX_SCHED_BLOCKING_SYNC flag, and once
+    # torch has made that context active with its own flags (any model loaded first) every open failed with
+    # ENOTSUP, "[Errno 95] Operation not supported" (bench/nvdec_context.py shows it). A context of FFmpeg's
+    # own would work but its frames could not be read by torch's kernels without a copy.
+    options = {"primary_ctx": "0", "current_ctx": "1"}
+    return HWAccel("cuda", device=str(index), allow_software_fallback=False, is_hw_owned=True,
+                   options=options), None
+
+
+def open_nvdec(path: str, accel, device: torch.device):
+    """`av.open` with NVDEC on torch's context for `device`: made current in this thread first (it is per
+    thread, and decoder threads start with none)."""
+    import av
+
+    torch.cuda.set_device(device)
+    return av.open(path, hwaccel=accel)
 
 
 def nv12_to_model_input(frame, turns: int) -> torch.Tensor:

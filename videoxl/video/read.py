@@ -70,6 +70,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
         raise VideoXLError(f"mode {mode!r} needs packet timestamps, which this video lacks: {path}")
     stats = {"video_decoder": "pyav", "video_mode": mode}
     accel, convert, stack = None, cpu_convert(rotation_turns), np.stack
+    opener = lambda: av.open(path)  # noqa: E731
     if decoder in ("auto", "nvdec"):
         accel, why = _nvdec(header, device)
         if accel is None and decoder == "nvdec":
@@ -77,15 +78,17 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
         if accel is not None:
             import torch
 
-            from videoxl.video.gpu import nvdec_convert
-            convert, stack = nvdec_convert(rotation_turns, torch.device(device)), torch.stack
+            from videoxl.video.gpu import nvdec_convert, open_nvdec
+            gpu = torch.device(device)
+            gpu = gpu if gpu.index is not None else torch.device("cuda", torch.cuda.current_device())
+            convert, stack = nvdec_convert(rotation_turns, gpu), torch.stack
+            opener = lambda: open_nvdec(path, accel, gpu)  # noqa: E731
             stats["video_decoder"] = "nvdec"
         elif why:
             stats["video_nvdec_unavailable"] = why
     cores = os.cpu_count() or 1
     if workers is None:
         workers = min(cores, 16) if accel is None else 8  # NVDEC: 8 sessions measured best on an H100
-    opener = (lambda: av.open(path, hwaccel=accel)) if accel is not None else (lambda: av.open(path))
 
     def read(size):
         t0, given = time.perf_counter(), 0
@@ -138,7 +141,7 @@ def _nvdec(info, device):
         return None, None
     import torch
 
-    from videoxl.video.gpu import nvdec_accel
+    from videoxl.video.gpu import nvdec_accel, open_nvdec
     device = torch.device(device)
     if device.type != "cuda":
         return None, None
@@ -150,7 +153,7 @@ def _nvdec(info, device):
     import av
 
     try:  # decode the first frame: NVDEC refuses some profiles (4:4:4, some 10-bit) only when it sees them
-        with av.open(info.path, hwaccel=accel) as c:
+        with open_nvdec(info.path, accel, device) as c:
             for frame in c.decode(video=0):
                 if frame.format.name != "cuda":
                     return None, f"NVDEC cannot decode this {info.codec} stream (software frames came back)"
