@@ -18,8 +18,11 @@ import math
 from dataclasses import dataclass, field
 
 from videoxl.errors import VideoXLError
-from videoxl.inputs import check_text
+from videoxl.inputs import MAX_TEXT_TOKENS, check_text
 from videoxl.serving.errors import APIError
+
+
+MAX_TEXT_CHARS = 64 * MAX_TEXT_TOKENS
 
 
 @dataclass
@@ -126,6 +129,10 @@ def parse_messages(messages) -> tuple[str, list[tuple[str, str]], list[MediaPart
     if not roles or roles[-1] != "user" or any(r != ("user", "assistant")[k % 2] for k, r in enumerate(roles)):
         raise bad("messages must alternate user and assistant, starting and ending with a user message",
                   "messages")
+    chars = sum(len(text) for _, text, _ in turns) + len(system or "")
+    if chars > MAX_TEXT_CHARS:  # far past the token cap in any tokenisation: refused before a worker counts it
+        raise bad(f"the messages' text is {chars} characters; at most {MAX_TEXT_CHARS} (the model takes "
+                  f"{MAX_TEXT_TOKENS} tokens of question and history)", "messages")
     for role, text, i in turns:
         if role == "user" and not text.strip():
             raise bad(f"messages[{i}] has no text: ask a question", "messages")
