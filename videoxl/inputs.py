@@ -21,12 +21,11 @@ import torch
 from videoxl.errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
 from videoxl.decoding.generation import GenerationConfig
 from videoxl.cache.identity import VideoRef
-from videoxl.language.prompt import DEFAULT_SYSTEM
+from videoxl.language import text_input
+from videoxl.language.text_input import MAX_TEXT_TOKENS  # noqa: F401  (re-exported: the README names it here)
+from videoxl.language.text_input import check_system, check_text, check_tokenizer, text_limit, text_tokens
 from videoxl.video.sources import check_readable
 
-# Question + chat history, in tokens. Far above any real question, far below the decoder's context (32,768 for
-# Qwen2.5-7B), and small enough that the question's prefill (its attention over the video) stays in memory.
-MAX_TEXT_TOKENS = 8192
 VIDEO_KINDS = "a video file, an image, a folder of images, or a list of images / HxWx3 frames"
 
 
@@ -59,32 +58,6 @@ def check_request(config, tokenizer, video_path, question, chat_history, max_num
     check_text_length(config, tokenizer, question, history + ([(system, "")] if system else []))
     return Request(check_video(video_path), question, history, as_int(max_num_frames),
                    as_float(sample_fps), as_float(max_sample_fps), gen, system)
-
-
-def check_tokenizer(tokenizer) -> None:
-    if not all(callable(getattr(tokenizer, name, None)) for name in ("__call__", "decode", "convert_tokens_to_ids")):
-        raise VideoXLError(f"tokenizer must be the tokenizer `videoxl.load` returned (a transformers tokenizer), "
-                           f"got {type(tokenizer).__name__}")
-
-
-def check_text(name: str, text: str) -> None:
-    """Text a tokenizer can take: valid Unicode (no lone surrogates such as "\\ud800", which JSON can carry)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise VideoXLError(f"{name} is not valid Unicode text: a lone surrogate (U+{ord(text[e.start]):04X}) at "
-                           f"character {e.start}") from None
-
-
-def check_system(system) -> str | None:
-    """A custom system message, or None for the model's default (the default's text is the same as None, so
-    both share cached video KVs)."""
-    if system is None:
-        return None
-    if not isinstance(system, str):
-        raise VideoXLError(f"system must be a string or None, got {type(system).__name__}")
-    check_text("system", system)
-    return None if system.strip() == DEFAULT_SYSTEM else system
 
 
 # ---- numbers ----------------------------------------------------------------------------------------------------
@@ -132,6 +105,11 @@ def history_messages(pairs: list[tuple[str, str]]) -> list[dict]:
     return [m for q, a in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
+def fit_history(config, tokenizer, question: str, history) -> tuple[list, int]:
+    """`language.text_input.fit_history` for any history `chat` takes (pairs or messages)."""
+    return text_input.fit_history(config, tokenizer, question, check_history(history))
+
+
 def check_text_length(config, tokenizer, question: str, history: list[tuple[str, str]]) -> None:
     limit = text_limit(config)
     n = text_tokens(tokenizer, [question] + [t for pair in history for t in pair], limit)
@@ -139,33 +117,6 @@ def check_text_length(config, tokenizer, question: str, history: list[tuple[str,
         what = "question + chat history" if history else "question"
         chars = len(question) + sum(len(t) for pair in history for t in pair)
         raise VideoXLError(f"{what} is {n} tokens ({chars} characters); at most {limit} are allowed: shorten it")
-
-
-def text_limit(config) -> int:
-    return min(MAX_TEXT_TOKENS, getattr(config.text, "max_position_embeddings", MAX_TEXT_TOKENS))
-
-
-def text_tokens(tokenizer, texts: list[str], limit: int) -> int:
-    """Tokens of `texts`, counted only when their UTF-8 bytes exceed `limit` (byte-level BPE: a token is at
-    least one byte, so fewer bytes cannot be too many tokens)."""
-    n = sum(len(t.encode()) for t in texts)
-    if n <= limit:
-        return n
-    return sum(len(tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]) for t in texts)
-
-
-def fit_history(config, tokenizer, question: str, history: list) -> tuple[list, int]:
-    """The newest turns of `history` (pairs or messages) that fit the text cap with `question`, and how many
-    turns were dropped: a long interactive chat goes on instead of ending at the cap."""
-    pairs, limit = check_history(history), text_limit(config)
-    if text_tokens(tokenizer, [question] + [t for pair in pairs for t in pair], limit) <= limit:
-        return pairs, 0
-    sizes = [text_tokens(tokenizer, list(pair), 0) for pair in pairs]  # limit 0: always counted exactly
-    room = limit - text_tokens(tokenizer, [question], 0)
-    keep = len(pairs)
-    while keep and sum(sizes[len(pairs) - keep:]) > room:
-        keep -= 1
-    return pairs[len(pairs) - keep:], len(pairs) - keep
 
 
 # ---- video ------------------------------------------------------------------------------------------------------

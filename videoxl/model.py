@@ -85,8 +85,9 @@ class VideoXL(nn.Module):
 
         `chat_history` is what a previous call returned with `return_history=True` (a list of
         {"role", "content"} messages), or a list of (question, answer) pairs. `on_text` receives the answer
-        piece by piece as it is generated. `system` replaces the default system message. `cancel` (a `videoxl.cancel.Cancel`) stops the question at the next
-        stage check (frame decoding, vision batch, prefill layer, token) with `Cancelled` / `TimedOut`.
+        piece by piece as it is generated. `system` replaces the default system message. `cancel` (a
+        `videoxl.cancel.Cancel`) stops the question at the next stage check (frame decoding, vision batch,
+        prefill layer, token) with `Cancelled` / `TimedOut`.
         """
         pieces = []
         for piece in self.stream_chat(video_path, tokenizer, question, chat_history, max_num_frames, sample_fps,
@@ -198,7 +199,7 @@ class VideoXL(nn.Module):
             while (item := next_batch(batches, cancel)) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                parts.extend(side.run(lambda f: self.vision.encode(f, frames_per_slice), item))
+                parts.extend(side.run(lambda f: self.vision.encode(f, frames_per_slice, cancel), item))
                 if bar is not None:
                     bar.update(1)
         finally:
