@@ -56,22 +56,36 @@ def too_large(limit: int) -> APIError:
 async def read_json(request, limit: int, reservation: Reservation):
     """The request's JSON body. 413 over `limit`, 503 when the budget is spent, 400 when it is not JSON."""
     declared = request.headers.get("content-length")
+    size = None
     if declared is not None:
         if not declared.isdigit():
             raise APIError(400, "Content-Length is not a number")
-        if int(declared) > limit:
+        size = int(declared)
+        if size > limit:
             raise too_large(limit)
-        reservation.grow(HELD_COPIES * int(declared))
-    body = bytearray()
+        reservation.grow(HELD_COPIES * size)
+    # with a Content-Length the buffer is made once (growing it would copy it, twice the memory for a moment)
+    body, n = bytearray(size or 0), 0
     async for part in request.stream():
-        if len(body) + len(part) > limit:
+        if n + len(part) > limit:
             raise too_large(limit)
-        if HELD_COPIES * (len(body) + len(part)) > reservation.held:  # chunked, or longer than declared
-            reservation.grow(HELD_COPIES * (len(body) + len(part)) - reservation.held)
-        body += part
+        if size is not None:
+            if n + len(part) > size:
+                raise APIError(400, "the request body is longer than its Content-Length")
+            body[n:n + len(part)] = part
+        else:
+            if HELD_COPIES * (n + len(part)) > reservation.held:  # chunked: reserved as it arrives
+                reservation.grow(HELD_COPIES * (n + len(part)) - reservation.held)
+            body += part
+        n += len(part)
     try:
-        return json.loads(body)
+        text = body[:n].decode("utf-8") if size is not None and n < size else body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid JSON (not UTF-8)") from None
+    del body  # the text and, after parsing, its strings: never three copies of a large body at once
+    try:
+        return json.loads(text)
     except RecursionError:
         raise APIError(400, "the request body's JSON is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:
         raise APIError(400, "the request body is not valid JSON") from None

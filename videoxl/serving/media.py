@@ -128,13 +128,15 @@ def check_size(size: int, limits: MediaLimits) -> None:
 
 
 def data_url(url: str, limits: MediaLimits, tmp_dir: str) -> MediaFile:
-    head, sep, payload = url.partition(",")
+    comma = url.find(",")  # the payload is read in slices of the URL: a copy of it would double the memory
+    head, sep = (url[:comma], ",") if comma >= 0 else (url, "")
     if not sep or not head.endswith(";base64"):
         raise bad("data URLs must look like data:video/mp4;base64,<payload>")
     mime = head[5:-7].lower()
     if not mime.startswith(("video/", "image/", "application/octet-stream")):
         raise bad(f"data URL media type {mime!r} is not a video or image type")
-    if len(payload) > limits.max_base64_bytes:
+    start, end = comma + 1, len(url)
+    if end - start > limits.max_base64_bytes:
         raise APIError(413, f"data URL payload is over the {limits.max_base64_bytes / 2**20:.0f} MiB base64 cap",
                        param="messages")
     h = hashlib.sha256()
@@ -142,9 +144,9 @@ def data_url(url: str, limits: MediaLimits, tmp_dir: str) -> MediaFile:
     try:
         with os.fdopen(fd, "wb") as f:
             step = 4 * CHUNK  # a multiple of 4 base64 characters: decodes chunk by chunk
-            for start in range(0, len(payload), step):
+            for at in range(start, end, step):
                 try:
-                    raw = base64.b64decode(payload[start:start + step], validate=True)
+                    raw = base64.b64decode(url[at:min(at + step, end)], validate=True)
                 except (binascii.Error, ValueError):
                     raise bad("data URL payload is not valid base64") from None
                 h.update(raw)
