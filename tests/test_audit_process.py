@@ -101,9 +101,10 @@ def test_held_images_count_on_the_cpu(tiny):
 
 def test_offloaded_kvs_need_host_ram():
     from tests.test_memory import full_size_config
+    from videoxl.language.prompt import prompt_tokens
 
     cfg = full_size_config()
-    tokens = memory.video_tokens(cfg, 10_000)
+    tokens = prompt_tokens(cfg, 10_000)
     # Qwen2.5-7B: 28 layers x 4 KV heads x 128 x 2 (K, V) x 2 bytes = 56 KiB a token
     assert memory.host_kv_bytes(cfg, tokens, 2) == tokens * 28 * 4 * 128 * 2 * 2
 

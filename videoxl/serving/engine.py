@@ -22,7 +22,8 @@ from videoxl.serving.metrics import Metrics
 from videoxl.serving.protocol import ChatRequest
 from videoxl.cancel import Cancel, Cancelled, TimedOut
 from videoxl.errors import VideoXLError, VideoXLMemoryError
-from videoxl.cache.store import VideoRef
+from videoxl.settings import Settings
+from videoxl.cache.identity import VideoRef
 
 log = logging.getLogger("videoxl.serving")
 
@@ -63,8 +64,9 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 class Engine:
-    def __init__(self, replicas: list[tuple], max_queue: int, metrics: Metrics):
+    def __init__(self, replicas: list[tuple], max_queue: int, metrics: Metrics, settings: Settings | None = None):
         self.replicas, self.metrics = replicas, metrics
+        self.settings = settings or Settings()  # prefill and bi-level settings; generation comes per request
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.running = 0
         self._running_lock = threading.Lock()
@@ -135,7 +137,8 @@ class Engine:
             return
         r, start = job.request, time.perf_counter()
         stream = model.stream_chat(job.video, tokenizer, r.question, r.history, *r.sampling,
-                                   generation_config=r.generation, system=r.system, cancel=job.cancelled)
+                                   generation_config=r.generation, settings=self.settings, system=r.system,
+                                   cancel=job.cancelled)
         text, sent, first, finish = "", 0, None, None
         try:
             for piece in stream:

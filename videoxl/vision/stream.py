@@ -1,0 +1,53 @@
+"""A decoding frame stream -> visual tokens, a slice of frames at a time, decoding and the GPU overlapped."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+from videoxl.cancel import Cancel, next_batch
+from videoxl.progress import close, progress
+from videoxl.video.gpu import SideStream
+from videoxl.video.stream import FrameStream
+from videoxl.vision.encoder import VisionEncoder
+
+
+def encode_stream(vision: VisionEncoder, stream: FrameStream, frames_per_slice: int, device: torch.device,
+                  show_progress=False, cancel: Cancel | None = None) -> torch.Tensor:
+    """Frames -> visual tokens [groups, tokens_per_group, hidden], `frames_per_slice` at a time, while a thread
+    decodes the next slice (PyAV and PIL release the GIL while they work, so decoding and the GPU overlap)."""
+    batches: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def decode():
+        try:
+            for frames in stream.batches(frames_per_slice, cancel):
+                while not stop.is_set():
+                    try:
+                        batches.put(frames, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            batches.put(None)
+        except BaseException as e:  # handed to the consumer, raised there
+            batches.put(e)
+
+    worker = threading.Thread(target=decode, name="videoxl-decode", daemon=True)
+    worker.start()
+    bar = progress(None, -(-len(stream.planned) // frames_per_slice), "vision", show_progress)
+    parts, side = [], SideStream(device)
+    try:
+        while (item := next_batch(batches, cancel)) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            parts.extend(side.run(lambda f: vision.encode(f, frames_per_slice, cancel), item))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        stop.set()
+        close(bar)
+    worker.join(), side.join()
+    return torch.cat(parts, dim=0)
