@@ -124,7 +124,7 @@ def serve(args) -> int:
     app, engine, settings = build(args)
     engine.start()
     print(f"videoxl: serving {args.model} on http://{args.host}:{args.port}/v1 "
-          f"({len(engine.workers)} worker(s))", file=sys.stderr)
+          f"(workers on {', '.join(w.device for w in engine.pool)})", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     except SystemExit:  # uvicorn exits when it cannot bind (taken since the check): our line, our exit code

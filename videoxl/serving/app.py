@@ -121,8 +121,11 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        ok = engine.healthy()
-        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
+        """Each device's worker, up or not; 503 only when none is up (the router skips a worker that is down)."""
+        devices = engine.health()
+        up = sum(d["up"] for d in devices)
+        status = "ok" if up == len(devices) else "degraded" if up else "unhealthy"
+        return JSONResponse({"status": status, "devices": devices}, status_code=200 if up else 503)
 
     @app.get("/v1/models")
     async def models():
