@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 from videoxl.cli.options import add_chunk_args, add_sparse_args, optional_float, parse_devices, settings_from_args
 from videoxl.errors import VideoXLError
@@ -77,11 +78,16 @@ def build(args):
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise VideoXLError(f"--allowed-local-media-path is not a folder: {args.allowed_local_media_path}")
     question_settings = settings_from_args(args)  # the same options and checks as `videoxl chat`
-    replicas = []
-    for device in parse_devices(args.devices or "auto"):
-        model, tok = videoxl.load(args.model, device=device, dtype=args.dtype,
-                                  kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
-        replicas.append((model, tok))
+    devices = parse_devices(args.devices or "auto")
+
+    def load(device):
+        return videoxl.load(args.model, device=device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+                            kv_cache_dir=args.kv_cache_dir)
+
+    # one thread per device: the loads (file reads, copies to each GPU) overlap, so two GPUs start in about the
+    # time of one; the loader serialises its one shared step (patching torch.nn.init)
+    with ThreadPoolExecutor(len(devices), thread_name_prefix="videoxl-load") as pool:
+        replicas = list(pool.map(load, devices))
     mb = 2**20
     limits = MediaLimits(args.allowed_local_media_path, tuple(args.allowed_media_domains),
                          int(args.max_media_mb * mb), int(args.max_base64_mb * mb), int(args.max_request_mb * mb),

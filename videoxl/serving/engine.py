@@ -1,7 +1,8 @@
-"""Engine workers: one thread per model replica (one per GPU), fed by one bounded queue.
+"""Engine workers: one thread per model replica (one per GPU), each fed by its own queue.
 
-A request becomes a `Job` and waits in the queue (full queue: HTTP 429). A worker runs the model's own
-`stream_chat` (the same path as the Python API and the CLI: no second engine) and hands events back to the
+A request becomes a `Job`; the router (router.py) picks its worker (the one holding its video's KVs, else the
+least loaded) and it waits in that worker's queue (`max_queue` waiting in all: HTTP 429). A worker runs the
+model's own `stream_chat` (the same path as the Python API and the CLI: no second engine) and hands events back to the
 request's event loop: ("delta", text), ("done", usage, finish_reason), ("error", status, message). Between
 tokens it checks whether the client went away or the time limit passed, and stops generating if so.
 """
@@ -160,7 +161,7 @@ class Engine:
         return worker
 
     def _work(self, worker: Worker) -> None:
-        model, tokenizer = worker.model, worker.tokenizer
+        model = worker.model
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)  # per thread: kernels launched without a device go to this GPU
         while (job := worker.jobs.get()) is not None:
