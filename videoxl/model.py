@@ -107,7 +107,7 @@ class VideoXL(nn.Module):
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with self._exclusive(), on_device, torch.inference_mode(), \
                 memory_errors(self.device, r.max_num_frames, bool(settings.prefill)):
-            yield from pipeline.answer(self, tokenizer, r, settings, self.last_stats, show_progress, cancel)
+            yield from pipeline.answer(self, tokenizer, r, settings, show_progress, cancel)
 
     @contextlib.contextmanager
     def _exclusive(self):
@@ -129,7 +129,7 @@ class VideoXL(nn.Module):
 
     def encode_stream(self, stream: FrameStream, frames_per_slice: int = pipeline.DEFAULT_FRAMES_PER_SLICE,
                       show_progress=False, cancel: Cancel | None = None) -> torch.Tensor:
-        return encode_stream(self.vision, stream, frames_per_slice, self.device, show_progress, cancel)
+        return encode_stream(self.vision, stream, frames_per_slice, self.device, show_progress, cancel=cancel)
 
     def embed_prompt(self, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:
         return pipeline.embed_prompt(self.decoder, prompt, visual, end)

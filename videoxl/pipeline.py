@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from videoxl.cancel import Cancel
-from videoxl.cache.identity import VideoRef, content_id
+from videoxl.cache.identity import VideoRef, content_id_soon
 from videoxl.cache.store import DECODE_ROOM, VideoKey, VideoKV, VideoKVCache, chunking_key, prompt_dict
 from videoxl.config import FRAMES_PER_GROUP
 from videoxl.decoding import decode_step, generate_tokens
@@ -33,6 +33,7 @@ from videoxl.prefill.plan import BlockPlan, PrefillConfig
 from videoxl.prefill.run import prefill
 from videoxl.progress import close, progress
 from videoxl.settings import Settings
+from videoxl.timeline import Timeline
 from videoxl.video.sources import open_video
 from videoxl.vision.stream import encode_stream
 
@@ -86,15 +87,24 @@ def kv_layout(model) -> dict:
 
 # ---- the video's prefix KVs: from the cache, or built ---------------------------------------------------------
 def video_prefix(model, video, tokenizer, question, history, sampling: tuple, chunking: PrefillConfig | None,
-                 show_progress, cancel: Cancel | None = None, system: str | None = None) -> VideoKV:
-    """The video's prefix KVs: from memory, from disk, or by running vision and prefill (and kept)."""
+                 show_progress, timeline: Timeline | None = None, cancel: Cancel | None = None,
+                 system: str | None = None) -> VideoKV:
+    """The video's prefix KVs: from memory, from disk, or by running vision and prefill (and kept). A file's
+    content hash runs on a thread beside decoding unless an entry could match (the lookup then waits for it)."""
     cache: VideoKVCache = model.kv_cache
+    timeline = timeline or Timeline()
     cache.persist_pending()
-    ident = video.id if isinstance(video, VideoRef) else (
-        content_id(video) if isinstance(video, (str, os.PathLike)) else None)
+    pending = content_id_soon(video) if isinstance(video, (str, os.PathLike)) else None
+    ident = video.id if isinstance(video, VideoRef) else None
+    if pending is not None and (pending.done() or cache.disk is not None or cache.may_hold(pending.size)):
+        ident = pending.result()  # an entry could match: the lookup needs the hash now
+
+    def key_of(ident):
+        return VideoKey(model.weights_digest(), ident, tuple(sampling), chunking_key(chunking), system)
+
     key = None
     if ident is not None:
-        key = VideoKey(model.weights_digest(), ident, tuple(sampling), chunking_key(chunking), system)
+        key = key_of(ident)
         entry = cache.get(key, model.device, bool(chunking and chunking.offload),
                           accept=lambda p: same_prefix_tokens(model.config, tokenizer, p, system))
         if entry is not None:
@@ -106,9 +116,13 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple, ch
             raise VideoXLError(f"video {video.id!r} is not cached with these sampling and prefill settings; "
                                "send the video itself")
         video = video.path
-    entry = build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key, cancel,
-                         system)
-    if key is not None:
+    entry = build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key,
+                         timeline, cancel, system)
+    if key is None and pending is not None and (ident := pending.result()) is not None:  # hashed beside decoding
+        entry.key, entry.dirty = key_of(ident), True
+    if pending is not None and pending.span is not None:
+        timeline.add("hash", *pending.span)
+    if entry.key is not None:
         cache.put(entry)
     return entry
 
@@ -122,16 +136,17 @@ def same_prefix_tokens(config, tokenizer, prompt: VideoPrompt, system: str | Non
 
 
 def build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key,
-                 cancel: Cancel | None = None, system: str | None = None) -> VideoKV:
+                 timeline: Timeline | None = None, cancel: Cancel | None = None,
+                 system: str | None = None) -> VideoKV:
     """Vision and prefill: frames -> visual tokens -> prompt -> the KVs of everything up to the question."""
-    timer = StageTimer(model.device)
+    timer, timeline = StageTimer(model.device), timeline or Timeline()
     stream = open_video(video, *sampling, device=model.device)  # a CUDA model lets "auto" pick NVDEC
     model.kv_cache.make_room(VideoKVCache.bytes_for(kv_layout(model), prompt_tokens(model.config,
                                                                                      len(stream.planned))))
     per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
     check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice,
                len(stream.planned) if stream.source == "images" else 0)  # images are decoded all at once
-    visual = encode_stream(model.vision, stream, per_slice, model.device, show_progress, cancel)
+    visual = encode_stream(model.vision, stream, per_slice, model.device, show_progress, timeline, cancel)
     timer.lap("vision_s")  # video decoding included: it runs alongside
     frames = len(stream.kept)
     timestamps = stream.timestamps + [stream.timestamps[-1]] * (-frames % FRAMES_PER_GROUP)
@@ -142,7 +157,8 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
     store = model.decoder.new_cache(capacity=len(prompt) + DECODE_ROOM, offload=bool(chunking and chunking.offload))
     stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
              "video_tokens": prompt.video_end, **stream.stats}
-    stats.update(prefill(model.decoder, embeds, store, prompt, chunking, show_progress, cancel))
+    with timeline.gpu_span("prefill"):
+        stats.update(prefill(model.decoder, embeds, store, prompt, chunking, show_progress, cancel))
     timer.lap("prefill_s")
     stats.update(timer.report())
     model.kv_cache.built()
@@ -172,22 +188,25 @@ def answer_stats(prefix_stats: dict, cache_hit: bool, prompt_tokens: int) -> dic
 
 
 # ---- the question ----------------------------------------------------------------------------------------------
-def answer(model, tokenizer, r: Request, settings: Settings, stats: dict, show_progress=False,
+def answer(model, tokenizer, r: Request, settings: Settings, show_progress=False,
            cancel: Cancel | None = None) -> Iterator[str]:
-    """The answer's text, piece by piece; `stats` (the model's `last_stats`) is filled as it goes. The caller
-    holds the model's lock, the model's GPU as the current device and inference mode."""
+    """The answer's text, piece by piece; a new `model.last_stats` is filled as it goes (one dict per question:
+    a caller may keep the last one). The caller holds the model's lock, the model's GPU as the current device
+    and inference mode."""
+    timeline = Timeline(model.device)
     t_question = time.perf_counter()
     chunking, sparse, gen = settings.prefill, settings.sparse, settings.generation
     entry = video_prefix(model, r.video, tokenizer, r.question, r.history,
-                         (r.max_num_frames, r.sample_fps, r.max_sample_fps), chunking, show_progress, cancel,
-                         r.system)
+                         (r.max_num_frames, r.sample_fps, r.max_sample_fps), chunking, show_progress, timeline,
+                         cancel, r.system)
     prompt = build_prompt(tokenizer, r.question, entry.prompt.timestamps, model.config.tokens_per_group,
                           placeholder_id(model.config, tokenizer), r.history, r.system)
     store = entry.cache
     store.truncate(prompt.video_end)
     tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=model.device)
-    stats.clear()
-    stats.update(answer_stats(entry.stats, entry.stats["kv_cache"] != "miss", len(prompt)))
+    stats = model.last_stats = answer_stats(entry.stats, entry.stats["kv_cache"] != "miss", len(prompt))
+    timeline.resolve()  # vision and prefill, timed on the GPU
+    stats["timeline"] = timeline.events  # filled on until the last token
     if sparse is None:
         logits = model.decoder(model.decoder.embed_tokens(tail)[None], store)
     else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
@@ -196,12 +215,12 @@ def answer(model, tokenizer, r: Request, settings: Settings, stats: dict, show_p
         stats.update(info)
         model.kv_cache.trim()
     yield from generate(model, store, logits, tokenizer, gen, prompt.input_ids, stats, t_question, entry.decode,
-                        show_progress, cancel)
+                        show_progress, timeline, cancel)
     model.kv_cache.persist_pending()  # to disk, after the answer
 
 
 def generate(model, store, logits, tokenizer, gen, prompt_ids: list[int], stats: dict, t_question: float,
-             state, show_progress, cancel: Cancel | None = None) -> Iterator[str]:
+             state, show_progress, timeline: Timeline, cancel: Cancel | None = None) -> Iterator[str]:
     stop = {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
             if isinstance(i, int)}
     step = decode_step(model.decoder, store, gen.max_new_tokens, model.decode_mode, state)
@@ -209,13 +228,15 @@ def generate(model, store, logits, tokenizer, gen, prompt_ids: list[int], stats:
                  capture_s=None if step.capture_s is None else round(step.capture_s, 3))
     detok = Detokenizer(tokenizer)
     bar = progress(None, gen.max_new_tokens, "decode", show_progress)
-    first = True
+    first, t_start = True, time.perf_counter()
     try:
         for token in generate_tokens(step, logits, gen, prompt_ids, stop, model.config.text.vocab_size, stats,
                                      cancel):
             if first:
-                stats["ttft_s"] = round(time.perf_counter() - t_question, 3)
-                first = False
+                now = time.perf_counter()
+                stats["ttft_s"] = round(now - t_question, 3)
+                timeline.add("first_token", t_start, now)
+                first, t_start = False, now
             if bar is not None:
                 bar.update(1)
             piece = detok.add(token)
@@ -223,6 +244,8 @@ def generate(model, store, logits, tokenizer, gen, prompt_ids: list[int], stats:
                 yield piece
     finally:
         close(bar)
+        if not first:
+            timeline.add("answer", t_start, time.perf_counter())
     rest = detok.flush()
     if rest:
         yield rest

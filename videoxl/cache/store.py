@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from videoxl.cache.disk import KVDisk
+from videoxl.cache.identity import size_of
 from videoxl.decoding.state import DecodeState
 from videoxl.errors import VideoXLError
 from videoxl.language.kv_store import KVStore
@@ -136,6 +137,10 @@ class VideoKVCache:
         entry.stats["load_s"] = round(time.perf_counter() - t0, 3)
         self.put(entry)
         return entry
+
+    def may_hold(self, size: int | None) -> bool:
+        """Whether a kept entry could be of a file of `size` bytes (a cheap test before waiting for its hash)."""
+        return any(size_of(k.video) in (size, None) for k in self.entries)
 
     def put(self, entry: VideoKV) -> None:
         self.make_room(entry.nbytes)

@@ -74,7 +74,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
     if decoder in ("auto", "nvdec"):
         accel, why = _nvdec(header, device)
         if accel is None and decoder == "nvdec":
-            raise VideoXLError(f"decoder 'nvdec' is not available: {why}")
+            raise VideoXLError(f"decoder 'nvdec' is not available: {why or f'frames are wanted on {device}, not a GPU'}")
         if accel is not None:
             import torch
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from videoxl.cancel import Cancel
+from videoxl.cancel import Cancel, check
 from videoxl.config import DTS_GRID, FRAMES_PER_GROUP, VideoXLConfig
 from videoxl.vision.dts import DTS, frames_to_dts_input
 from videoxl.vision.siglip import SiglipVision
@@ -46,13 +46,8 @@ class VisionEncoder(nn.Module):
         self.projector = nn.Sequential(nn.Linear(cfg.mm_hidden_size, h), nn.GELU(), nn.Linear(h, h))
 
     def patch_features(self, pixels: torch.Tensor, cancel: Cancel | None = None) -> torch.Tensor:
-        """[n, 3, 384, 384] -> [n, c, 24, 24]: SigLIP, then bilinear resize of the patch grid in fp32. On a CPU
-        the tower runs a group of frames at a time (frames are independent in it, and a CPU gains nothing from a
-        bigger batch), so that `cancel` is seen every few hundred milliseconds, not once per slice."""
-        if pixels.device.type == "cpu":
-            feats = torch.cat([self.tower(p, cancel) for p in pixels.split(FRAMES_PER_GROUP)])
-        else:
-            feats = self.tower(pixels, cancel)
+        """[n, 3, 384, 384] -> [n, c, 24, 24]: SigLIP, then bilinear resize of the patch grid in fp32."""
+        feats = self.tower(pixels, cancel)
         n, p, c = feats.shape
         side = self.cfg.vision.grid
         grid = feats.view(n, side, side, c).permute(0, 3, 1, 2)
@@ -71,12 +66,17 @@ class VisionEncoder(nn.Module):
 
     def encode(self, frames: np.ndarray, frames_per_slice: int = 96,
                cancel: Cancel | None = None) -> Iterator[torch.Tensor]:
-        """Yield visual tokens slice by slice ([groups in slice, 144, hidden]) for uint8 frames
+        """Yield visual tokens slice by slice (on a CPU group by group) ([groups, 144, hidden]) for uint8 frames
         [n, 384, 384, 3]. `frames_per_slice` must be a multiple of 4 so that groups never straddle slices."""
         assert frames_per_slice % FRAMES_PER_GROUP == 0
         p = self.projector[0].weight
-        for start in range(0, len(frames), frames_per_slice):
-            pixels = normalise(frames[start:start + frames_per_slice], p.device, p.dtype)
+        # On a CPU a slice runs a group at a time: groups are independent here and a CPU gains nothing from a
+        # bigger batch, while `cancel` is then seen every fraction of a second (a 96-frame slice of the demo
+        # model took seconds on two cores), not once per slice.
+        step = FRAMES_PER_GROUP if p.device.type == "cpu" else frames_per_slice
+        for start in range(0, len(frames), step):
+            check(cancel)
+            pixels = normalise(frames[start:start + step], p.device, p.dtype)
             feats = pad_to_groups(self.patch_features(pixels, cancel))
             yield self.groups_to_tokens(feats)
 

@@ -8,21 +8,30 @@ import torch
 
 from videoxl.cancel import Cancel, next_batch
 from videoxl.progress import close, progress
+from videoxl.timeline import Timeline
 from videoxl.video.gpu import SideStream
 from videoxl.video.stream import FrameStream
 from videoxl.vision.encoder import VisionEncoder
 
 
 def encode_stream(vision: VisionEncoder, stream: FrameStream, frames_per_slice: int, device: torch.device,
-                  show_progress=False, cancel: Cancel | None = None) -> torch.Tensor:
+                  show_progress=False, timeline: Timeline | None = None,
+                  cancel: Cancel | None = None) -> torch.Tensor:
     """Frames -> visual tokens [groups, tokens_per_group, hidden], `frames_per_slice` at a time, while a thread
-    decodes the next slice (PyAV and PIL release the GIL while they work, so decoding and the GPU overlap)."""
+    decodes the next slice (PyAV and PIL release the GIL while they work, so decoding and the GPU overlap).
+    `timeline` records each batch's decoding and each slice's vision."""
+    timeline = timeline or Timeline()
     batches: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
     def decode():
         try:
-            for frames in stream.batches(frames_per_slice, cancel):
+            frames_in = iter(stream.batches(frames_per_slice, cancel))
+            while True:
+                with timeline.span("decode"):
+                    frames = next(frames_in, None)
+                if frames is None:
+                    break
                 while not stop.is_set():
                     try:
                         batches.put(frames, timeout=0.1)
@@ -43,7 +52,8 @@ def encode_stream(vision: VisionEncoder, stream: FrameStream, frames_per_slice: 
         while (item := next_batch(batches, cancel)) is not None:
             if isinstance(item, BaseException):
                 raise item
-            parts.extend(side.run(lambda f: vision.encode(f, frames_per_slice, cancel), item))
+            with timeline.gpu_span("vision", side.stream):
+                parts.extend(side.run(lambda f: vision.encode(f, frames_per_slice, cancel), item))
             if bar is not None:
                 bar.update(1)
     finally:
