@@ -26,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import signal
 import sys
 import time
 import zipfile
@@ -148,6 +149,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     budget = Budget(args.budget_s)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: the finally blocks end children
     args.devices = args.devices or (["cpu", "cpu,cpu"] if args.tiny else ["cuda:0", "cuda:0,cuda:1"])
     args.frames = max(1, int(args.minutes * 60))  # 1 frame a second, the longest file's extra seconds aside
     args.work = os.path.abspath(args.work)

@@ -36,9 +36,11 @@ def run_command(cmd: list[str], env: dict, budget: Budget, log_path: str) -> tup
         try:
             rc = p.wait(timeout=budget.left())
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
             rc = None
+        finally:  # at the budget, or this script stopped (Ctrl-C, SIGTERM): no command left running
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     return rc, time.perf_counter() - t
 
 
