@@ -114,6 +114,11 @@ def test_follow_ups_go_to_the_worker_holding_the_video(two):
     assert per_worker(m, "videoxl_kv_cache_memory_hits") == [1, 1]  # each follow-up on its video's worker
     assert per_worker(m, "videoxl_time_to_first_token_seconds_count") == [2, 2]
     assert m["videoxl_time_to_first_token_seconds_count"] == 4  # the helper's sum over the workers
+    # a uuid names the same content: its follow-ups, sent without the video, land on the same worker
+    assert server.post(request("Q?", video_part(f"file://{root}/b.mp4", uuid="bee"))).status_code == 200
+    r = server.post(request("What happens?", video_part(None, uuid="bee")))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == first_b
+    assert per_worker(server.metrics(), "videoxl_kv_cache_memory_hits") == [1, 3]
     # other sampling settings are another cache entry: a new video for the router, on the less loaded worker
     ask(server, root, "a.mp4", "What happens?", max_num_frames=4)
     assert sum(per_worker(server.metrics(), "videoxl_kv_cache_vision_runs")) == 3
@@ -149,3 +154,34 @@ def test_health_names_each_device(two):
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert [(d["device"], d["worker"], d["up"]) for d in r.json()["devices"]] == [("cpu", 0, True), ("cpu", 1, True)]
     assert server.metrics()['videoxl_worker_up{device="cpu",worker="1"}'] == 1
+
+
+def test_a_worker_that_is_down_is_skipped_and_health_says_so(two):
+    import httpx
+
+    server, root = two
+    before = server.metrics()
+    answer = ask(server, root, "b.mp4", "What happens?")[0]  # b's KVs are on worker 1 (the first test)
+    worker, alive = server.engine.pool[1], server.engine.pool[1].thread
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    worker.thread = dead  # as if its thread had died
+    try:
+        r = httpx.get(server.url + "/health")
+        assert r.status_code == 200 and r.json()["status"] == "degraded"
+        assert [d["up"] for d in r.json()["devices"]] == [True, False]
+        assert ask(server, root, "b.mp4", "What happens?")[0] == answer  # answered by worker 0
+        m = server.metrics()
+        assert m['videoxl_worker_up{device="cpu",worker="1"}'] == 0
+        done = per_worker(m, "videoxl_time_to_first_token_seconds_count")
+        was = per_worker(before, "videoxl_time_to_first_token_seconds_count")
+        assert done == [was[0] + 1, was[1] + 1]  # b's first ask above on worker 1, the one while it was down on 0
+    finally:
+        worker.thread = alive
+
+
+def test_metrics_print_every_digit():
+    from videoxl.serving.metrics import number
+
+    assert (number(1234567), number(0.25), number(3.0)) == ("1234567", "0.25", "3")
