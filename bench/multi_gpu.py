@@ -7,7 +7,8 @@
 1. A full-size checkpoint folder of random weights (bench/prefill.py random_checkpoint), written once into --work.
 2. N 1080p H.264 files: a 10-s testsrc2 chunk encoded once, its packets repeated; file i is i chunks longer than
    `--minutes` so every file has its own bytes (its own content id: no KV cache hit across files) and its own
-   time tokens. Questions name their video and their number, so every (video, question) answer is its own.
+   time tokens (the untimed warm-up files are shorter than all of them). Questions name their video and their
+   number, so every (video, question) answer is its own.
 3. batch: `videoxl batch` in a new process per setting (`cuda:0`, then `cuda:0,cuda:1`), model loads included;
    rows/s, and whether the answers equal the first setting's. `--ray local` too when Ray is installed (it is not
    on the lent GPU hosts, and its wheel is too large to carry: the run says it skipped it).
@@ -42,7 +43,9 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CHUNK_S = 10
 
 
-def make_videos(work: str, n: int, minutes: float, size: tuple[int, int], prefix: str = "v") -> list[str]:
+def make_videos(work: str, n: int, minutes: float, size: tuple[int, int], prefix: str = "v",
+                least: int = 1) -> list[str]:
+    """`n` files, file i of `minutes` (at least `least` chunks) plus i chunks: no two alike."""
     w, h = size
     chunk = os.path.join(work, f"chunk-{w}x{h}-{CHUNK_S}s.mp4")
     if not os.path.exists(chunk):
@@ -50,7 +53,7 @@ def make_videos(work: str, n: int, minutes: float, size: tuple[int, int], prefix
         os.replace(chunk + ".tmp.mp4", chunk)
     paths = []
     for i in range(n):
-        copies = max(1, round(minutes * 60 / CHUNK_S)) + i
+        copies = max(least, round(minutes * 60 / CHUNK_S)) + i
         path = os.path.join(work, f"{prefix}{i}-{w}x{h}-{copies * CHUNK_S}s.mp4")
         if not os.path.exists(path):
             repeat(chunk, path + ".tmp.mp4", copies, CHUNK_S * 30)
@@ -165,9 +168,10 @@ def main() -> int:
     results["checkpoint_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     size = (320, 240) if args.tiny else (1920, 1080)
-    videos = make_videos(args.work, args.videos, args.minutes, size)
+    warm = max(len(d.split(",")) for d in args.devices)  # warm-up files: 1, 2, ... chunks; the timed ones longer
+    videos = make_videos(args.work, args.videos, args.minutes, size, least=warm + 1)  # (a file alike is a KV hit)
     results["videos_s"] = round(time.perf_counter() - t, 1)
-    args.warm = make_videos(args.work, max(len(d.split(",")) for d in args.devices), 0, size, prefix="warm")
+    args.warm = make_videos(args.work, warm, 0, size, prefix="warm")
     log(f"checkpoint {results['checkpoint_s']} s, {len(videos)} videos {results['videos_s']} s")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     parts = args.parts.split(",")
