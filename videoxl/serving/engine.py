@@ -92,11 +92,12 @@ class Worker:
         return self.thread is not None and self.thread.is_alive()
 
 
-def affinity_key(job: Job) -> tuple:
+def affinity_key(job: Job) -> tuple | None:
     """What a follow-up on the same video shares with its first question, among the cache key's parts a request
-    chooses (the server's prefill settings are the same for every request)."""
+    chooses (the server's prefill settings are the same for every request); None: a video without a content id
+    (nothing to keep: the least loaded worker)."""
     r = job.request
-    return job.video.id, tuple(r.sampling), r.system
+    return None if job.video.id is None else (job.video.id, tuple(r.sampling), r.system)
 
 
 class Engine:
