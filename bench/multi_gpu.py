@@ -20,6 +20,13 @@ The whole run stops at --budget-s: a part that would start past it is skipped, a
 killed, and what finished is in --out (written after every step). Without fastapi/uvicorn installed, --wheels
 names a folder of their wheels, unpacked into --work/site for the server's process (pure Python + pydantic_core).
 --tiny: the tiny random model, 320x240 files of a few seconds, devices cpu and cpu,cpu (a check on a CPU).
+
+Expected on an H200 x2 with the defaults (estimates from bench/RESULTS.md's 10.6 s file -> first token for a
+10-min 1080p file with NVDEC, not measurements): checkpoint 30-60 s (once per machine: kept in --work), files
+~15 s, batch warm-up ~20 s, batch 1 GPU ~70 s and 2 GPUs ~45 s (model loads ~15-20 s each included), serve
+1 GPU ~70 s and 2 GPUs ~45 s (start-up included): ~5.5 min, inside the 340-s budget. The issue's own size
+(`--minutes 10`) doubles the question time: run it as two calls, `--parts batch` then `--parts serve`, each
+with `--budget-s 540`, on the same warm machine (the second reuses the checkpoint and files).
 """
 from __future__ import annotations
 
