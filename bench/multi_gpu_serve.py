@@ -128,7 +128,8 @@ def serve(args, ckpt, videos, env, budget, results) -> None:
         cmd = [sys.executable, "-m", "videoxl.cli.main", "serve", "--model", ckpt, "--devices", setting,
                "--port", str(port), "--served-model-name", "bench", "--allowed-local-media-path", args.work,
                "--max-queue", str(len(jobs) + args.clients), "--request-timeout", str(int(budget.left()) + 1),
-               "--max-frames", str(max(args.frames, 2048))]
+               "--max-frames", str(max(args.frames, 2048)),
+               "--kv-cache-gb", "32"]  # every video's KVs stay (10-min files: ~1.3 GB each): no setting re-builds
         log_path = os.path.join(args.work, f"serve-{setting.replace(',', '_').replace(':', '')}.log")
         url, t0 = f"http://127.0.0.1:{port}", time.perf_counter()
         with open(log_path, "w") as err:
