@@ -140,9 +140,6 @@ class Engine:
         for w in self.pool:
             w.model.kv_cache.flush()
 
-    def healthy(self) -> bool:
-        return all(w.up() for w in self.pool)
-
     def health(self) -> list[dict]:
         """Each worker: its device, whether its thread is up, and its requests waiting and running."""
         return [dict(w.labels, worker=w.index, up=w.up(), waiting=w.jobs.qsize(), running=w.running)
