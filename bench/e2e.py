@@ -35,11 +35,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import videoxl.pipeline as pipeline_module  # noqa: E402
 from cpu_ceiling import measure  # noqa: E402
 from e2e_plot import timeline_png  # noqa: E402
-from prefill import random_model  # noqa: E402
+from prefill import random_checkpoint, random_model  # noqa: E402
 from serve_cache import drop_page_cache  # noqa: E402
 from video_decode import encode_chunk, repeat  # noqa: E402
 from videoxl.cache import identity  # noqa: E402
-from videoxl.checkpoint.tiny import make_tokenizer, save_checkpoint  # noqa: E402
+from videoxl.checkpoint.tiny import make_tokenizer  # noqa: E402
 from videoxl.timeline import idle_waiting, merged  # noqa: E402
 from videoxl.video.sources import open_video  # noqa: E402
 
@@ -155,17 +155,7 @@ def questions(args, files, results) -> None:
 def launch(args, video, results) -> None:
     """`videoxl chat` from launch to first text, on a full-size checkpoint folder: cold, then from the page
     cache."""
-    folder = os.path.join(args.work, "tiny-ckpt" if args.tiny else "full-size-ckpt")
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        t = time.perf_counter()
-        model = random_model(torch.device("cpu" if args.tiny else "cuda"), args.tiny)
-        model.config.random_weights = True
-        save_checkpoint(folder + ".tmp", model.config, {k: v.cpu() for k, v in model.state_dict().items()},
-                        shards=4, dtype=torch.float32 if args.tiny else torch.bfloat16)
-        make_tokenizer(folder + ".tmp")
-        os.replace(folder + ".tmp", folder)
-        del model
-        log(f"checkpoint written in {time.perf_counter() - t:.1f} s")
+    folder = random_checkpoint(os.path.join(args.work, "tiny-ckpt" if args.tiny else "full-size-ckpt"), args.tiny)
     gb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**30
     minutes = args.minutes[0]
     cmd = [sys.executable, "-m", "videoxl.cli.main", "chat", "--model", folder, video, QUESTION, "--no-progress",

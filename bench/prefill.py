@@ -59,6 +59,26 @@ def random_model(device, tiny=False) -> VideoXL:
     return model.eval()
 
 
+def random_checkpoint(folder: str, tiny: bool = False) -> str:
+    """A checkpoint folder of random_model's weights (bf16 full-size, or the tiny fp32 one), written once: a
+    `videoxl` command loads it as a user's. Built on the GPU when there is one (filling 8 B parameters on the
+    CPU takes minutes)."""
+    from videoxl.checkpoint.tiny import save_checkpoint
+
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    t = time.perf_counter()
+    model = random_model(torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu"), tiny)
+    model.config.random_weights = True
+    save_checkpoint(folder + ".tmp", model.config, {k: v.cpu() for k, v in model.state_dict().items()},
+                    shards=4, dtype=torch.float32 if tiny else torch.bfloat16)
+    make_tokenizer(folder + ".tmp")
+    os.replace(folder + ".tmp", folder)
+    del model
+    log(f"checkpoint {folder} written in {time.perf_counter() - t:.1f} s")
+    return folder
+
+
 def hf_qwen2(model: VideoXL):
     """transformers' Qwen2ForCausalLM on the same weights (assigned, not copied)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -49,13 +49,18 @@ class LiveServer:
         return httpx.post(self.url + "/v1/chat/completions", json=body, timeout=120, **kw)
 
     def metrics(self) -> dict[str, float]:
+        """Every series as printed, and each per-worker series (labels device and worker only) also summed under
+        its bare name, as PromQL's `sum without (device, worker)` would."""
         text = httpx.get(self.url + "/metrics").text
-        out = {}
+        out, totals = {}, {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
                 out[name] = float(value)
-        return out
+                bare, _, labels = name.partition("{")
+                if labels and {kv.split("=")[0] for kv in labels.rstrip("}").split(",")} == {"device", "worker"}:
+                    totals[bare] = totals.get(bare, 0.0) + float(value)
+        return {**totals, **out}
 
     def healthy(self) -> bool:
         return httpx.get(self.url + "/health").status_code == 200

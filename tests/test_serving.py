@@ -177,9 +177,9 @@ BAD = [  # (what, body or raw bytes, status, words in the message)
         {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": [video_part("file:///x.mp4"), {"type": "text", "text": "Q?"}]}]}, 400,
      "first user message"),
-    ("custom system prompt", {"model": "tiny", "messages": [{"role": "system", "content": "Be a pirate."},
-                                                           *messages("Q?", video_part("file:///x.mp4"))]}, 400,
-     "system prompt"),
+    ("system message not first", {"model": "tiny", "messages": [*messages("Q?", video_part("file:///x.mp4")),
+                                                               {"role": "system", "content": "Be a pirate."}]},
+     400, "system message must be the first"),
 ]
 
 

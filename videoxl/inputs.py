@@ -18,10 +18,11 @@ import torch
 
 from videoxl.errors import VideoXLError
 from videoxl.cache.identity import VideoRef
+from videoxl.language import text_input
+from videoxl.language.text_input import MAX_TEXT_TOKENS  # noqa: F401  (re-exported: the README names it here)
+from videoxl.language.text_input import check_system, check_text, check_tokenizer, text_limit, text_tokens
+from videoxl.video.sources import check_readable
 
-# Question + chat history, in tokens. Far above any real question, far below the decoder's context (32,768 for
-# Qwen2.5-7B), and small enough that the question's prefill (its attention over the video) stays in memory.
-MAX_TEXT_TOKENS = 8192
 VIDEO_KINDS = "a video file, an image, a folder of images, or a list of images / HxWx3 frames"
 
 
@@ -33,22 +34,30 @@ class Request:
     max_num_frames: int
     sample_fps: float | None
     max_sample_fps: float | None
+    system: str | None = None  # a custom system message; None = the model's default
 
 
 def check_request(config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
-                  max_sample_fps) -> Request:
-    history = check_question(config, tokenizer, question, chat_history)
+                  max_sample_fps, system=None) -> Request:
+    history, system = check_question(config, tokenizer, question, chat_history, system)
     return Request(check_video(video_path), question, history, as_int(max_num_frames),
-                   as_float(sample_fps), as_float(max_sample_fps))
+                   as_float(sample_fps), as_float(max_sample_fps), system)
 
 
-def check_question(config, tokenizer, question, chat_history) -> list[tuple[str, str]]:
-    """A question and its chat history (returned as (question, answer) pairs), short enough for the decoder."""
+def check_question(config, tokenizer, question, chat_history, system=None) -> tuple[list[tuple[str, str]], str | None]:
+    """A question, its chat history (returned as (question, answer) pairs) and a system text: plain text, short
+    enough for the decoder."""
+    check_tokenizer(tokenizer)
     if not isinstance(question, str) or not question.strip():
         raise VideoXLError("question must be a non-empty string")
+    check_text("question", question)
+    system = check_system(system)
     history = check_history(chat_history)
-    check_text_length(config, tokenizer, question, history)
-    return history
+    for i, pair in enumerate(history):
+        for text in pair:
+            check_text(f"chat_history[{i}]", text)
+    check_text_length(config, tokenizer, question, history + ([(system, "")] if system else []))
+    return history, system
 
 
 # ---- numbers ----------------------------------------------------------------------------------------------------
@@ -96,16 +105,18 @@ def history_messages(pairs: list[tuple[str, str]]) -> list[dict]:
     return [m for q, a in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
+def fit_history(config, tokenizer, question: str, history) -> tuple[list, int]:
+    """`language.text_input.fit_history` for any history `chat` takes (pairs or messages)."""
+    return text_input.fit_history(config, tokenizer, question, check_history(history))
+
+
 def check_text_length(config, tokenizer, question: str, history: list[tuple[str, str]]) -> None:
-    limit = min(MAX_TEXT_TOKENS, getattr(config.text, "max_position_embeddings", MAX_TEXT_TOKENS))
-    texts = [question] + [t for pair in history for t in pair]
-    if sum(len(t.encode()) for t in texts) <= limit:  # byte-level BPE: a token is at least one UTF-8 byte
-        return
-    n = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    limit = text_limit(config)
+    n = text_tokens(tokenizer, [question] + [t for pair in history for t in pair], limit)
     if n > limit:
         what = "question + chat history" if history else "question"
-        raise VideoXLError(f"{what} is {n} tokens ({sum(map(len, texts))} characters); at most {limit} "
-                           f"are allowed: shorten it")
+        chars = len(question) + sum(len(t) for pair in history for t in pair)
+        raise VideoXLError(f"{what} is {n} tokens ({chars} characters); at most {limit} are allowed: shorten it")
 
 
 # ---- video ------------------------------------------------------------------------------------------------------
@@ -121,8 +132,14 @@ def check_video(video):
                                "pass its path")
         video = os.fsdecode(video)
     if isinstance(video, (str, os.PathLike)):
-        if not os.fspath(video):
+        path = os.fspath(video)
+        if not path:
             raise VideoXLError("video_path is an empty string")
+        if isinstance(path, str):
+            check_text("video_path", path)
+        if "\0" in path if isinstance(path, str) else b"\0" in path:
+            raise VideoXLError("video_path holds a NUL character: no file can have that name")
+        check_readable(path)
         return video
     if isinstance(video, (np.ndarray, torch.Tensor)):
         arr = _numpy(video)
@@ -143,7 +160,9 @@ def check_video(video):
                 items.append(to_uint8_frame(_numpy(item), f"video_path[{i}]"))
             elif isinstance(item, bytes):
                 items.append(check_video(item))
-            elif isinstance(item, (str, os.PathLike, Image.Image)):
+            elif isinstance(item, (str, os.PathLike)):
+                items.append(check_video(item))
+            elif isinstance(item, Image.Image):
                 items.append(item)
             else:
                 raise VideoXLError(f"video_path[{i}] is a {type(item).__name__}: list items must be image paths, "

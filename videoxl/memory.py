@@ -1,5 +1,5 @@
-"""Peak GPU memory of a question, estimated before any frame is decoded, and the check that stops a run that
-would not fit (with a setting that would).
+"""Peak GPU memory of a question (on a CPU: host RAM, against MemAvailable), estimated before any frame is
+decoded, and the check that stops a run that would not fit (with a setting that would).
 
 The estimate adds up the tensors the code holds at its two peaks, per token or per frame, from the config:
 
@@ -31,6 +31,7 @@ from videoxl.errors import VideoXLMemoryError
 from videoxl.language.prompt import SYSTEM_TOKENS, prompt_tokens
 from videoxl.prefill.plan import STREAM_TOKENS_PER_SLICE
 
+FRAME_BYTES = 384 * 384 * 3  # one decoded frame, uint8 at the model's size
 GiB = 2**30
 HEADROOM = 1.20  # on the working memory: allocator fragmentation, and the estimate runs up to 10% low in total
 MODES = ("dense", "mask", "streaming", "streaming+offload")
@@ -128,17 +129,38 @@ def mode_of(chunking) -> str:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory the next allocations can use on `device`: free on the card + what torch holds but does not use.
-    None on a CPU (host memory is shared and overcommitted: no estimate there would be trustworthy)."""
+    """Memory the next allocations can use on `device`: on a GPU, free on the card + what torch holds but does
+    not use; on a CPU, the kernel's MemAvailable (None where it cannot be read)."""
     if device.type != "cuda":
-        return None
+        return host_available()
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames_per_slice: int) -> Estimate | None:
-    """Stop before any frame is decoded when the estimate does not fit what the device has free; the message
-    gives the estimate and a setting that would fit. `texts`: the question and the history's turns."""
+def host_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """Host RAM that can be had without swapping (Linux's MemAvailable), in bytes; None elsewhere."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def host_kv_bytes(config: VideoXLConfig, tokens: int, dtype_bytes: int) -> int:
+    """Every layer's K and V for `tokens` tokens: what offload keeps in (pinned) host memory."""
+    t = config.text
+    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * tokens * dtype_bytes
+
+
+def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames_per_slice: int,
+               held_frames: int = 0) -> Estimate | None:
+    """Stop before any frame is decoded when the estimate does not fit what the device has free (on a CPU: the
+    host's available RAM, plus `held_frames` decoded frames held at once, as a folder of images is); with
+    offload on a GPU, also the host RAM the offloaded KVs take. The message gives the estimate and a setting that
+    would fit. `texts`: the question and the history's turns."""
     available = free_bytes(model.device)
     if available is None:
         return None
@@ -148,12 +170,22 @@ def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames
     mode = mode_of(chunking)
     tokens = prompt_tokens(model.config, frames, text_tokens)
     est = estimate(model.config, frames, mode, w, tokens, frames_per_slice, b)
-    if est.working * HEADROOM <= available:
-        return est
-    head = (f"{frames} frames need ~{gib(est.total)} in {mode} mode ({gib(est.weights)} weights + "
-            f"{gib(est.working)} working memory); {gib(available)} free on {model.device} besides the weights")
-    raise VideoXLMemoryError(head + "; " + suggestion(model.config, frames, text_tokens, w + available, b, w,
-                                                      mode, frames_per_slice))
+    cuda = model.device.type == "cuda"
+    frames_held = 0 if cuda else held_frames * FRAME_BYTES  # on a GPU, decoded frames wait in host memory
+    if est.working * HEADROOM + frames_held > available:
+        head = (f"{frames} frames need ~{gib(est.total + frames_held)} in {mode} mode ({gib(est.weights)} weights + "
+                f"{gib(est.working + frames_held)} working memory); {gib(available)} free on {model.device} besides "
+                "the weights")
+        if not cuda:  # chunking modes and offload save GPU memory, not RAM: fewer frames is the setting
+            most = max_frames(model.config, w + available - frames_held, mode, w, frames_per_slice, b)
+            raise VideoXLMemoryError(f"{head}; use at most {most} frames (--max-num-frames)")
+        raise VideoXLMemoryError(head + "; " + suggestion(model.config, frames, text_tokens, w + available, b, w,
+                                                          mode, frames_per_slice))
+    host = host_available()
+    if mode.endswith("+offload") and host is not None and host_kv_bytes(model.config, tokens, b) > host:
+        raise VideoXLMemoryError(f"{frames} frames offload ~{gib(host_kv_bytes(model.config, tokens, b))} of KVs "
+                                 f"to host RAM; {gib(host)} available: use fewer frames (--max-num-frames)")
+    return est
 
 
 def gib(x: int) -> str:

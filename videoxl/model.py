@@ -16,6 +16,7 @@ from torch import nn
 
 from videoxl import pipeline
 from videoxl.cache.identity import weights_digest
+from videoxl.cancel import Cancel
 from videoxl.cache.store import VideoKVCache
 from videoxl.config import VideoXLConfig
 from videoxl.errors import VideoXLError
@@ -66,17 +67,21 @@ class VideoXL(nn.Module):
     def chat(self, video_path, tokenizer, question: str, chat_history=None, return_history: bool = False,
              max_num_frames: int = 150, sample_fps: float | None = 1, max_sample_fps: float | None = None,
              generation_config: dict | None = None, show_progress: bool = False,
-             on_text: Callable[[str], None] | None = None, settings: Settings | None = None):
+             on_text: Callable[[str], None] | None = None, settings: Settings | None = None, *,
+             system: str | None = None, cancel: Cancel | None = None):
         """Answer `question` about a video (path, image, folder of images, or a list of images).
 
         `chat_history` is what a previous call returned with `return_history=True` (a list of
         {"role", "content"} messages), or a list of (question, answer) pairs. `on_text` receives the answer
         piece by piece as it is generated. `settings` (videoxl.settings.Settings) replaces the card's switches
         on `model.config` for this question; `generation_config`, when given, replaces its generation keys.
+        `system` replaces the default system message. `cancel` (videoxl.cancel.Cancel) stops the question at the
+        next stage check (frame batch, vision layer, prefill layer or block, token) with `Cancelled` / `TimedOut`.
         """
         pieces = []
         for piece in self.stream_chat(video_path, tokenizer, question, chat_history, max_num_frames, sample_fps,
-                                      max_sample_fps, generation_config, show_progress, settings=settings):
+                                      max_sample_fps, generation_config, show_progress, settings=settings,
+                                      system=system, cancel=cancel):
             pieces.append(piece)
             if on_text is not None:
                 on_text(piece)
@@ -88,7 +93,8 @@ class VideoXL(nn.Module):
     def stream_chat(self, video_path, tokenizer, question: str, chat_history=None, max_num_frames: int = 150,
                     sample_fps: float | None = 1, max_sample_fps: float | None = None,
                     generation_config: dict | None = None, show_progress: bool = False,
-                    settings: Settings | None = None) -> Iterator[str]:
+                    settings: Settings | None = None, *, system: str | None = None,
+                    cancel: Cancel | None = None) -> Iterator[str]:
         """`chat`, yielding the answer's text as it is generated."""
         if settings is None:
             settings = Settings.from_card(self.config, generation_config)
@@ -97,12 +103,12 @@ class VideoXL(nn.Module):
         else:
             settings = settings.with_generation(generation_config)
         r = check_request(self.config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
-                          max_sample_fps)
+                          max_sample_fps, system)
         # kernels launched without a device (Triton's) go to the current GPU: make it the model's
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with self._exclusive(), on_device, torch.inference_mode(), \
                 memory_errors(self.device, r.max_num_frames, bool(settings.prefill)):
-            yield from pipeline.answer(self, tokenizer, r, settings, show_progress)
+            yield from pipeline.answer(self, tokenizer, r, settings, show_progress, cancel)
 
     def open_live(self, tokenizer, sample_fps: float = 1.0, **settings):
         """A live session: frames appended as they are recorded, questions about everything so far
@@ -130,8 +136,8 @@ class VideoXL(nn.Module):
         return self.encode_stream(FrameStream.from_clip(clip), frames_per_slice, show_progress)
 
     def encode_stream(self, stream: FrameStream, frames_per_slice: int = pipeline.DEFAULT_FRAMES_PER_SLICE,
-                      show_progress=False) -> torch.Tensor:
-        return encode_stream(self.vision, stream, frames_per_slice, self.device, show_progress)
+                      show_progress=False, cancel: Cancel | None = None) -> torch.Tensor:
+        return encode_stream(self.vision, stream, frames_per_slice, self.device, show_progress, cancel=cancel)
 
     def embed_prompt(self, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:
         return pipeline.embed_prompt(self.decoder, prompt, visual, end)

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from videoxl.cancel import Cancel
 from videoxl.cache.identity import VideoRef, content_id_soon
 from videoxl.cache.store import DECODE_ROOM, VideoKey, VideoKV, VideoKVCache, chunking_key, prompt_dict
 from videoxl.config import FRAMES_PER_GROUP
@@ -91,7 +92,8 @@ def kv_layout(model) -> dict:
 
 # ---- the video's prefix KVs: from the cache, or built ---------------------------------------------------------
 def video_prefix(model, video, tokenizer, question, history, sampling: tuple, chunking: PrefillConfig | None,
-                 show_progress, timeline: Timeline | None = None) -> VideoKV:
+                 show_progress, timeline: Timeline | None = None, cancel: Cancel | None = None,
+                 system: str | None = None) -> VideoKV:
     """The video's prefix KVs: from memory, from disk, or by running vision and prefill (and kept). A file's
     content hash runs on a thread beside decoding unless an entry could match (the lookup then waits for it)."""
     cache: VideoKVCache = model.kv_cache
@@ -103,13 +105,13 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple, ch
         ident = pending.result()  # an entry could match: the lookup needs the hash now
 
     def key_of(ident):
-        return VideoKey(model.weights_digest(), ident, tuple(sampling), chunking_key(chunking))
+        return VideoKey(model.weights_digest(), ident, tuple(sampling), chunking_key(chunking), system)
 
     key = None
     if ident is not None:
         key = key_of(ident)
         entry = cache.get(key, model.device, bool(chunking and chunking.offload),
-                          accept=lambda p: same_prefix_tokens(model.config, tokenizer, p))
+                          accept=lambda p: same_prefix_tokens(model.config, tokenizer, p, system))
         if entry is not None:
             if chunking is not None and entry.cache.plan is None:  # read from disk: the pattern is not stored
                 entry.cache.plan = BlockPlan.from_prompt(entry.prompt, chunking)
@@ -120,7 +122,7 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple, ch
                                "send the video itself")
         video = video.path
     entry = build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key,
-                         timeline)
+                         timeline, cancel, system)
     if key is None and pending is not None and (ident := pending.result()) is not None:  # hashed beside decoding
         entry.key, entry.dirty = key_of(ident), True
     if pending is not None and pending.span is not None:
@@ -130,36 +132,38 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple, ch
     return entry
 
 
-def same_prefix_tokens(config, tokenizer, prompt: VideoPrompt) -> str | None:
+def same_prefix_tokens(config, tokenizer, prompt: VideoPrompt, system: str | None = None) -> str | None:
     """None when today's tokenizer gives the stored prefix's tokens (the KVs belong to those), else why not."""
     rebuilt = build_prompt(tokenizer, "?", prompt.timestamps, config.tokens_per_group,
-                           placeholder_id(config, tokenizer))
+                           placeholder_id(config, tokenizer), system=system)
     return None if rebuilt.input_ids[:rebuilt.video_end] == prompt.input_ids else \
         "this tokenizer gives other prefix tokens"
 
 
 def build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key,
-                 timeline: Timeline | None = None) -> VideoKV:
+                 timeline: Timeline | None = None, cancel: Cancel | None = None,
+                 system: str | None = None) -> VideoKV:
     """Vision and prefill: frames -> visual tokens -> prompt -> the KVs of everything up to the question."""
     timer, timeline = StageTimer(model.device), timeline or Timeline()
     stream = take(model, video, sampling) or open_video(video, *sampling, device=model.device)  # CUDA: NVDEC
     model.kv_cache.make_room(VideoKVCache.bytes_for(kv_layout(model), prompt_tokens(model.config,
                                                                                      len(stream.planned))))
     per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
-    check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice)
-    visual = encode_stream(model.vision, stream, per_slice, model.device, show_progress, timeline)
+    check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice,
+               len(stream.planned) if stream.source == "images" else 0)  # images are decoded all at once
+    visual = encode_stream(model.vision, stream, per_slice, model.device, show_progress, timeline, cancel)
     timer.lap("vision_s")  # video decoding included: it runs alongside
     frames = len(stream.kept)
     timestamps = stream.timestamps + [stream.timestamps[-1]] * (-frames % FRAMES_PER_GROUP)
     prompt = build_prompt(tokenizer, question, timestamps, model.config.tokens_per_group,
-                          placeholder_id(model.config, tokenizer), history)
+                          placeholder_id(model.config, tokenizer), history, system)
     embeds = embed_prompt(model.decoder, prompt, visual, prompt.video_end)
     del visual
     store = model.decoder.new_cache(capacity=len(prompt) + DECODE_ROOM, offload=bool(chunking and chunking.offload))
     stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
              "video_tokens": prompt.video_end, **stream.stats}
     with timeline.gpu_span("prefill"):
-        stats.update(prefill(model.decoder, embeds, store, prompt, chunking, show_progress))
+        stats.update(prefill(model.decoder, embeds, store, prompt, chunking, show_progress, cancel))
     timer.lap("prefill_s")
     stats.update(timer.report())
     model.kv_cache.built()
@@ -189,7 +193,8 @@ def answer_stats(prefix_stats: dict, cache_hit: bool, prompt_tokens: int) -> dic
 
 
 # ---- the question ----------------------------------------------------------------------------------------------
-def answer(model, tokenizer, r: Request, settings: Settings, show_progress=False) -> Iterator[str]:
+def answer(model, tokenizer, r: Request, settings: Settings, show_progress=False,
+           cancel: Cancel | None = None) -> Iterator[str]:
     """The answer's text, piece by piece; a new `model.last_stats` is filled as it goes (one dict per question:
     a caller may keep the last one). The caller holds the model's lock, the model's GPU as the current device
     and inference mode."""
@@ -197,19 +202,20 @@ def answer(model, tokenizer, r: Request, settings: Settings, show_progress=False
     t_question = time.perf_counter()
     entry = video_prefix(model, r.video, tokenizer, r.question, r.history,
                          (r.max_num_frames, r.sample_fps, r.max_sample_fps), settings.prefill, show_progress,
-                         timeline)
+                         timeline, cancel, r.system)
     prompt = build_prompt(tokenizer, r.question, entry.prompt.timestamps, model.config.tokens_per_group,
-                          placeholder_id(model.config, tokenizer), r.history)
+                          placeholder_id(model.config, tokenizer), r.history, r.system)
     stats = model.last_stats = answer_stats(entry.stats, entry.stats["kv_cache"] != "miss", len(prompt))
     timeline.resolve()  # vision and prefill, timed on the GPU
     stats["timeline"] = timeline.events  # filled on until the last token
     yield from answer_over(model, tokenizer, entry.cache, prompt, settings, stats, t_question, entry.decode,
-                           show_progress, timeline)
+                           show_progress, timeline, cancel)
     model.kv_cache.persist_pending()  # to disk, after the answer
 
 
 def answer_over(model, tokenizer, store, prompt: VideoPrompt, settings: Settings, stats: dict, t_question: float,
-                state, show_progress=False, timeline: Timeline | None = None) -> Iterator[str]:
+                state, show_progress=False, timeline: Timeline | None = None,
+                cancel: Cancel | None = None) -> Iterator[str]:
     """The question (`prompt`'s tokens after `video_end`) over `store`, the KVs of the prompt up to `video_end`
     (a previous question's tokens after it are dropped), dense or bi-level, then the answer's text into `stats`.
     `state`: the video's DecodeState. A live session (live/session.py) calls this over its growing store."""
@@ -221,15 +227,15 @@ def answer_over(model, tokenizer, store, prompt: VideoPrompt, settings: Settings
     else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
         store, logits, info = bilevel_question(model.decoder, store, tail, settings.sparse, prompt.timestamps,
                                                settings.prefill.groups_per_block,
-                                               settings.generation.max_new_tokens, state)
+                                               settings.generation.max_new_tokens, state, cancel)
         stats.update(info)
         model.kv_cache.trim()
     yield from generate(model, store, logits, tokenizer, settings.generation, prompt.input_ids, stats, t_question,
-                        state, show_progress, timeline)
+                        state, show_progress, timeline, cancel)
 
 
 def generate(model, store, logits, tokenizer, gen, prompt_ids: list[int], stats: dict, t_question: float,
-             state, show_progress, timeline: Timeline) -> Iterator[str]:
+             state, show_progress, timeline: Timeline, cancel: Cancel | None = None) -> Iterator[str]:
     stop = {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
             if isinstance(i, int)}
     step = decode_step(model.decoder, store, gen.max_new_tokens, model.decode_mode, state)
@@ -239,7 +245,8 @@ def generate(model, store, logits, tokenizer, gen, prompt_ids: list[int], stats:
     bar = progress(None, gen.max_new_tokens, "decode", show_progress)
     first, t_start = True, time.perf_counter()
     try:
-        for token in generate_tokens(step, logits, gen, prompt_ids, stop, model.config.text.vocab_size, stats):
+        for token in generate_tokens(step, logits, gen, prompt_ids, stop, model.config.text.vocab_size, stats,
+                                     cancel):
             if first:
                 now = time.perf_counter()
                 stats["ttft_s"] = round(now - t_question, 3)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from videoxl.errors import VideoXLError
-from videoxl.video.sources import check_sampling
+from videoxl.video.sources import check_readable, check_sampling
 
 ROW_KEYS = ("id", "video", "question", "max_num_frames", "sample_fps", "max_sample_fps")
 
@@ -77,6 +77,10 @@ def parse_row(line: str, n: int, folder: str, default_sampling: tuple) -> Job:
     path = video if os.path.isabs(video) else os.path.join(folder, video)
     if not os.path.exists(path):
         raise bad(f"video not found: {path}")
+    try:
+        check_readable(path)  # a FIFO or /dev/zero would hang the run
+    except VideoXLError as e:
+        raise bad(str(e)) from None
     frames, fps, max_fps = default_sampling
     sampling = (row.get("max_num_frames", frames), row.get("sample_fps", fps), row.get("max_sample_fps", max_fps))
     try:
@@ -94,6 +98,21 @@ def by_video(jobs: list[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
+def lock(f, path: str) -> None:
+    """An exclusive lock on the open output file for the life of this process (the kernel drops it when the
+    process dies, even by SIGKILL): a second run on the same output would write every row twice."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise VideoXLError(f"another videoxl batch is writing to {path}: wait for it to finish, or use another "
+                           "-o") from None
+
+
 class Output:
     """The output file: what earlier runs answered, and appending, a flushed line per answer."""
 
@@ -102,13 +121,15 @@ class Output:
             raise VideoXLError(f"the batch output must be a path, got {type(path).__name__}")
         if os.path.isdir(path):
             raise VideoXLError(f"the batch output is a folder: {path}")
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise VideoXLError(f"the batch output is not a regular file (a FIFO or device?): {path}")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise VideoXLError(f"the batch output's folder does not exist: {parent}")
         self.path, self.answered = path, set()
-        if os.path.exists(path):
-            self._read_earlier()
         self._file = open(path, "a", encoding="utf-8")
+        lock(self._file, path)
+        self._read_earlier()
 
     def _read_earlier(self) -> None:
         with open(self.path, "rb") as f:

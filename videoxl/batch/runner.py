@@ -21,6 +21,7 @@ from videoxl.errors import VideoXLError
 from videoxl.settings import Settings as QuestionSettings
 from videoxl.batch.jobs import Job
 
+PARENT_POLL_S = 0.5  # how often a worker process checks that the batch process is still there
 STAT_KEYS = ("ttft_s", "decode_tokens_per_s", "generated_tokens", "prompt_tokens", "cached_tokens", "kv_cache",
              "frames", "vision_s", "prefill_s", "kept_share")
 
@@ -77,7 +78,31 @@ def run(settings: Settings, groups: list[list[Job]], devices: list[str | None], 
 
 
 # ---- several devices on this machine ------------------------------------------------------------------------
-def _serve(settings: Settings, device: str, tasks, results) -> None:
+def die_with_parent(parent: int) -> None:
+    """End this worker process when the batch process that started it dies (SIGKILL included), instead of
+    waiting on its task queue: the kernel's parent-death signal on Linux, and a watch on the parent's pid."""
+    import signal
+    import threading
+    import time
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # not Linux: the watch below does it
+
+    def watch():
+        while os.getppid() == parent:  # reparented (to init or a subreaper): the parent is gone
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="videoxl-parent-watch", daemon=True).start()
+
+
+def _serve(settings: Settings, device: str, tasks, results, parent: int | None = None) -> None:
+    if parent is not None:
+        die_with_parent(parent)
     try:
         if device.startswith("cuda:"):  # this process sees its GPU alone, as cuda:0 (as Ray does for actors)
             os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
@@ -100,7 +125,8 @@ def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str
     tasks, results = ctx.Queue(), ctx.Queue()
     for item in enumerate(groups):
         tasks.put(item)
-    procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results), daemon=True) for d in devices]
+    procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results, os.getpid()), daemon=True)
+             for d in devices]
     for p in procs:
         tasks.put(None)
         p.start()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import blake3
 import torch
 
-from videoxl.video.sources import IMAGE_EXTENSIONS
+from videoxl.video.sources import regular_files
 
 PREFIX = "blake3:"
 SETTLED_NS = 2 * 10**9  # far above any file system's timestamp tick (Linux: one jiffy, <= 10 ms)
@@ -52,11 +53,13 @@ def digest_of(h) -> str:
 
 
 def _files(path: str) -> list[tuple[str, str]]:
-    """(name hashed, file) pairs: the file itself, or a folder's images in name order."""
+    """(name hashed, file) pairs: the file itself, or a folder's images in name order. Only regular files: a
+    FIFO or a device could be read for ever (OSError: not hashed; open_video refuses it)."""
     if not os.path.isdir(path):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OSError(f"not a regular file: {path}")
         return [("", path)]
-    names = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-    return [(name, os.path.join(path, name)) for name in names]
+    return [(os.path.basename(f), f) for f in regular_files(path)]
 
 
 def _stat_key(path: str) -> tuple | None:

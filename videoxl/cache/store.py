@@ -44,10 +44,14 @@ class VideoKey:
     video: str  # content id
     sampling: tuple  # (max_num_frames, sample_fps, max_sample_fps)
     chunking: tuple | None  # the PrefillConfig fields that change the KVs; None = dense
+    system: str | None = None  # a custom system message (the prefix's KVs depend on it); None = the default
 
     def as_dict(self) -> dict:
-        return {"weights": self.weights, "video": self.video, "sampling": list(self.sampling),
-                "chunking": None if self.chunking is None else list(self.chunking)}
+        d = {"weights": self.weights, "video": self.video, "sampling": list(self.sampling),
+             "chunking": None if self.chunking is None else list(self.chunking)}
+        if self.system is not None:  # absent for the default: entries written before custom systems still match
+            d["system"] = self.system
+        return d
 
     @property
     def digest(self) -> str:

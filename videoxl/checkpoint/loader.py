@@ -187,7 +187,16 @@ def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLCo
     return model.eval()
 
 
+_tokenizer_lock = threading.Lock()  # transformers' lazy imports are not thread-safe (serve loads a model per GPU
+# in threads: two first imports at once fail with "cannot import name 'AutoTokenizer'")
+
+
 def load_tokenizer(model_dir: str):
+    with _tokenizer_lock:
+        return _load_tokenizer(model_dir)
+
+
+def _load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
     if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.json")):

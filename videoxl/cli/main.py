@@ -14,6 +14,7 @@ from videoxl.cli.options import (HelpFormatter, add_chunk_args, add_generation_a
                        check_before_load)
 from videoxl.cli.console import AnswerTimer, Loading, err, json_line, questions, report, show_warnings_as_lines
 from videoxl.errors import VideoXLError, VideoXLMemoryError
+from videoxl.inputs import check_video, fit_history, text_limit
 
 DEFAULT_QUESTION = "Describe this video."
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def progress_stages(args) -> set[str]:
-    if args.no_progress or args.json:
+    if args.no_progress or args.json or not sys.stderr.isatty():  # off a terminal, bars would fill the logs
         return set()
     # On a terminal the streamed answer is the decoding progress; a bar would write over it.
     return {"vision", "prefill"} if sys.stdout.isatty() else {"vision", "prefill", "decode"}
@@ -96,8 +97,8 @@ def cmd_chat(args) -> int:
                                                 dtype=None if args.dtype == "auto" else args.dtype)
             quiz(model, tokenizer, seed=args.seed, questions=[args.question] if args.question else None)
             return 0
-        if args.question is None:
-            args.question = QUESTIONS["needle"]  # the model knows nothing else
+        if args.question is None and not (args.interactive or not sys.stdin.isatty()):
+            args.question = QUESTIONS["needle"]  # nothing asked, nothing piped: the question the model knows
     else:
         if not args.model:
             raise VideoXLError("give --model DIR (a Video-XL-2 checkpoint folder), or --demo")
@@ -106,6 +107,7 @@ def cmd_chat(args) -> int:
         model_dir, video = args.model, args.video
     if isinstance(video, str) and not os.path.exists(video):
         raise VideoXLError(f"video not found: {video}")  # before the (slow) model load
+    check_video(video)  # a FIFO or device, a NUL in the name: refused before the load too
     settings = check_before_load(args, video)
     from videoxl.checkpoint.loader import parse_device
     from videoxl.video.prefetch import Prefetch
@@ -119,9 +121,13 @@ def cmd_chat(args) -> int:
         err(f"note: {model_dir} holds RANDOM weights (made by `videoxl make-tiny`): the answers are noise")
     if args.offload and model.device.type != "cuda":
         err("note: --offload has no effect on a CPU (the KVs are in CPU memory already)")
-    interactive = args.interactive or (args.question is None and not args.demo)
+    interactive = args.interactive or args.question is None
     history = []
     for question in questions(args.question) if interactive else [args.question]:
+        history, dropped = fit_history(model.config, tokenizer, question, history)
+        if dropped:
+            err(f"note: question + chat history would pass the {text_limit(model.config)}-token cap: dropped the "
+                f"oldest {dropped} turn(s) of the history")
         timer = AnswerTimer(None if args.json else write)
         answer, history = model.chat(video, tokenizer, question, chat_history=history, return_history=True,
                                      max_num_frames=args.max_num_frames, sample_fps=args.sample_fps,

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 from videoxl.cli.options import add_chunk_args, add_sparse_args, optional_float, parse_devices, settings_from_args
 from videoxl.errors import VideoXLError
@@ -14,7 +16,8 @@ from videoxl.errors import VideoXLError
 def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible server (POST /v1/chat/completions with video_url)",
                        formatter_class=formatter_class)
-    p.add_argument("--model", required=True, help="checkpoint folder (required: no default)")
+    p.add_argument("--model", default=None, help="checkpoint folder (needed unless --demo; no default)")
+    p.add_argument("--demo", action="store_true", help="serve the tiny demo model shipped in the package")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
@@ -60,8 +63,17 @@ def build(args):
     from videoxl.serving.metrics import Metrics
     from videoxl.serving.protocol import ServerDefaults
 
+    if args.demo == bool(args.model):
+        raise VideoXLError("give --model DIR (a checkpoint folder) or --demo, one of them")
+    if args.demo:
+        from videoxl.demo import demo_model_path
+
+        args.model = demo_model_path()
     if not os.path.isdir(args.model):
         raise VideoXLError(f"--model must be a checkpoint folder: {args.model}")
+    if not 1 <= args.port <= 65535:
+        raise VideoXLError(f"--port must be in 1..65535, got {args.port}")
+    check_port_free(args.host, args.port)
     for name in ("max_media_mb", "max_base64_mb", "max_request_mb", "max_duration_s", "request_timeout",
                  "kv_cache_gb"):
         if not getattr(args, name) >= 0:
@@ -69,17 +81,23 @@ def build(args):
     for name in ("live_max_gb", "live_idle_s"):
         if not getattr(args, name) > 0:
             raise VideoXLError(f"--{name.replace('_', '-')} must be a number > 0")
-    for name in ("live_max_sessions", "live_max_frames", "max_queue", "max_frames", "max_tokens", "max_num_frames", "default_max_tokens", "port"):
+    for name in ("live_max_sessions", "live_max_frames", "max_queue", "max_frames", "max_tokens", "max_num_frames",
+                 "default_max_tokens"):
         if getattr(args, name) < 1:
             raise VideoXLError(f"--{name.replace('_', '-')} must be at least 1")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise VideoXLError(f"--allowed-local-media-path is not a folder: {args.allowed_local_media_path}")
     question_settings = settings_from_args(args)  # the same options and checks as `videoxl chat`
-    replicas = []
-    for device in parse_devices(args.devices or "auto"):
-        model, tok = videoxl.load(args.model, device=device, dtype=args.dtype,
-                                  kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
-        replicas.append((model, tok))
+    devices = parse_devices(args.devices or "auto")
+
+    def load(device):
+        return videoxl.load(args.model, device=device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+                            kv_cache_dir=args.kv_cache_dir)
+
+    # one thread per device: the loads (file reads, copies to each GPU) overlap, so two GPUs start in about the
+    # time of one; the loader serialises its one shared step (patching torch.nn.init)
+    with ThreadPoolExecutor(len(devices), thread_name_prefix="videoxl-load") as pool:
+        replicas = list(pool.map(load, devices))
     mb = 2**20
     limits = MediaLimits(args.allowed_local_media_path, tuple(args.allowed_media_domains),
                          int(args.max_media_mb * mb), int(args.max_base64_mb * mb), int(args.max_request_mb * mb),
@@ -97,6 +115,25 @@ def build(args):
     return create_app(engine, settings, metrics), engine, settings
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind the address once before the (slow) model load, as uvicorn will: a busy port or a bad host is one
+    line and exit code 2 now, not a "serving on" line followed by uvicorn's exit."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise VideoXLError(f"cannot listen on {host}:{port}: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT does not count
+        try:
+            sock.bind(address)
+        except OSError as e:
+            why = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+            raise VideoXLError(f"cannot listen on {host}:{port}: {why}") from None
+
+
 def serve(args) -> int:
     try:
         import uvicorn
@@ -105,9 +142,11 @@ def serve(args) -> int:
     app, engine, settings = build(args)
     engine.start()
     print(f"videoxl: serving {args.model} on http://{args.host}:{args.port}/v1 "
-          f"({len(engine.workers)} worker(s))", file=sys.stderr)
+          f"(workers on {', '.join(w.device for w in engine.pool)})", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    except SystemExit:  # uvicorn exits when it cannot bind (taken since the check): our line, our exit code
+        raise VideoXLError(f"cannot listen on {args.host}:{args.port} (is the port in use?)") from None
     finally:
         engine.stop()
         shutil.rmtree(settings.tmp_dir, ignore_errors=True)

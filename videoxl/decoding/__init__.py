@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from videoxl.cancel import Cancel, check
 from videoxl.language.decoder import Qwen2Decoder
 from videoxl.decoding.generation import GenerationConfig
 from videoxl.language.kv_store import KVStore
@@ -64,7 +65,7 @@ def decode_step(decoder: Qwen2Decoder, cache: KVStore, max_new_tokens: int, mode
 
 
 def generate_tokens(step, logits: torch.Tensor, gen: GenerationConfig, prompt_ids: list[int], stop_ids: set[int],
-                    vocab_size: int, stats: dict | None = None) -> Iterator[int]:
+                    vocab_size: int, stats: dict | None = None, cancel: Cancel | None = None) -> Iterator[int]:
     """Token ids of the answer, the first sampled from `logits` (the prompt's last position). The next step is
     queued before the host reads the current token, so the GPU never waits for Python."""
     device = logits.device
@@ -77,6 +78,7 @@ def generate_tokens(step, logits: torch.Tensor, gen: GenerationConfig, prompt_id
     token = sampler(logits.reshape(-1, logits.shape[-1])[-1])
     try:
         for i in range(gen.max_new_tokens):
+            check(cancel)
             host.copy_(token, non_blocking=cuda)
             if cuda:
                 ready.record()

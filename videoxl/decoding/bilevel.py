@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from videoxl.cancel import Cancel, check
 from videoxl.prefill.plan import BlockPlan
 from videoxl.language.decoder import Qwen2Decoder, apply_rope, rope_cos_sin
 from videoxl.language.kv_store import KVStore
@@ -83,7 +84,7 @@ def block_times(plan: BlockPlan, timestamps: list[float], groups_per_block: int)
 
 
 def mixed_store(decoder: Qwen2Decoder, store: KVStore, level: SparseLevel | None, dense: set[int],
-                extra: int, reuse: KVStore | None = None) -> tuple:
+                extra: int, reuse: KVStore | None = None, cancel: Cancel | None = None) -> tuple:
     """A GPU store [prefix, blocks dense or sparse in time order] (step 3), with room for `extra` tokens, and the
     block of each of its positions (-1: text before the video). `level` may be None if all are dense. `reuse`:
     a store to overwrite if it is large enough (the previous question's: its captured decode graph stays valid)."""
@@ -123,6 +124,7 @@ def mixed_store(decoder: Qwen2Decoder, store: KVStore, level: SparseLevel | None
         s_src, s_dst = (torch.from_numpy(np.concatenate(a)).to(device) for a in (sparse_src, sparse_dst))
         s_cos, s_sin = rope_cos_sin(s_dst, cfg.head_dim, cfg.rope_theta, torch.float32)
     for layer in range(cfg.num_hidden_layers):
+        check(cancel)
         k_out, v_out = mixed.layer_slot(layer, at)
         k, v = store.gather(layer, spans, device)
         # a dense key moves by (new - old) positions; where they agree the rotation is by 0 and exact
@@ -194,12 +196,14 @@ def prepare_bilevel(decoder: Qwen2Decoder, store: KVStore, cfg: SparseConfig, ma
 
 def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, cfg: SparseConfig,
                      timestamps: list[float], groups_per_block: int, max_new_tokens: int,
-                     state: DecodeState | None = None):
+                     state: DecodeState | None = None, cancel: Cancel | None = None):
     """Forward the question's tokens `tail` [n] over the bi-level cache of `store` (a prefilled video: prefix
     and blocks only). Returns (mixed store, logits of the last position, stats). `state` is the video's decode
     state (its cache entry's), which keeps the pooled level and mixed store for its next question."""
     state = DecodeState() if state is None else state
+    check(cancel)
     prepare_s = prepare_bilevel(decoder, store, cfg, max_new_tokens, state)
+    check(cancel)
     t0 = time.perf_counter()
     plan = store.plan
     n_blocks = len(plan.blocks)
@@ -221,16 +225,18 @@ def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, 
         level = sparse_level(decoder, store, cfg.compression, state)
         if mixed is not None and mixed.capacity < _mixed_size(plan, level, forced) + len(tail):
             mixed = None  # freed before a larger one is made
-        mixed, owner = mixed_store(decoder, store, level, forced, len(tail), mixed)
+        mixed, owner = mixed_store(decoder, store, level, forced, len(tail), mixed, cancel)
         layers = decoder.cfg.num_hidden_layers
         mass = AttentionMass(owner, n_blocks, range(layers // 2, layers))
+        check(cancel)
         decoder(embeds, mixed, mask=mass, logits_for="none")
+        check(cancel)
         scores = mass.scores[:n_blocks].float().cpu()
         ranked = [b for b in scores.argsort(descending=True).tolist() if b not in forced]
         dense = forced | set(ranked[:want - len(forced)])
     if mixed is not None and mixed.capacity < _mixed_size(plan, level, dense) + extra:
         mixed = None
-    mixed, _ = mixed_store(decoder, store, level, dense, extra, mixed)
+    mixed, _ = mixed_store(decoder, store, level, dense, extra, mixed, cancel)
     state.mixed = mixed
     kept = mixed.length / plan.length
     logits = decoder(embeds, mixed)

@@ -4,6 +4,7 @@ Semantics follow `transformers`' generation keys so the model card's `generation
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 
@@ -44,16 +45,18 @@ class GenerationConfig:
             bad("num_beams", "must be a positive integer")
         if self.num_beams > 1:
             raise VideoXLError("generation_config: num_beams > 1 (beam search) is not supported; use num_beams=1")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not isinstance(self.do_sample, bool):  # "yes" or 0 would silently pick a decoding method
+            bad("do_sample", "must be True or False")
+        if not _is_number(self.temperature) or self.temperature < 0:
             bad("temperature", "must be a number >= 0")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be a number > 0")
-        if self.seed is not None and not _is_int(self.seed):
-            bad("seed", "must be an integer")
+        if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**64):
+            bad("seed", "must be an integer in [-2**63, 2**64) (a 64-bit seed)")
 
     @property
     def greedy(self) -> bool:
@@ -62,3 +65,7 @@ class GenerationConfig:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+

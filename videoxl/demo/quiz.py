@@ -13,9 +13,21 @@ from videoxl.demo import shapes
 from videoxl.demo import cache_dir
 from videoxl.errors import VideoXLError
 
+KEEP_VIDEOS = 8  # demo videos kept in the cache folder
 NOTICE = ("[demo] a TINY model (2M parameters) trained on a synthetic task (coloured shapes, one star; questions "
           "about colours, shapes, the star's digit, rings and times), NOT Video-XL-2: it only knows that task's seven "
           "questions.")
+
+
+def prune(folder: str, keep: int) -> None:
+    """Delete all but the `keep` newest demo videos: each quiz run draws a new one (a random seed)."""
+    try:
+        videos = sorted((e for e in os.scandir(folder) if e.name.startswith("shapes-") and e.name.endswith(".mp4")),
+                        key=lambda e: e.stat().st_mtime, reverse=True)
+        for old in videos[keep:]:
+            os.unlink(old.path)
+    except OSError:  # a cache that cannot be tidied is not worth failing the demo over
+        pass
 
 
 def quiz(model, tokenizer, seconds: int = 64, seed: int | None = None, out=None,
@@ -31,6 +43,7 @@ def quiz(model, tokenizer, seconds: int = 64, seed: int | None = None, out=None,
             os.replace(path + ".part.mp4", path)
         except OSError as e:
             raise VideoXLError(f"cannot write the demo video in {cache_dir()}: {e}") from None
+        prune(cache_dir(), keep=KEEP_VIDEOS)
     print(f"video: {path} ({seconds} s, seed {seed}; scenes: "
           + ", ".join(f"{s.colour} {s.shape}" for s in video.scenes) + ")", file=out)
     right, kinds = 0, {q: k for k, q in video.questions.items()}

@@ -30,6 +30,7 @@ from videoxl import pipeline
 from videoxl.config import FRAMES_PER_GROUP
 from videoxl.decoding.state import DecodeState
 from videoxl.errors import VideoXLError
+from videoxl.cancel import Cancel
 from videoxl.inputs import check_question
 from videoxl.language.prompt import VideoPrompt, add_group, question_ids, start_prompt
 from videoxl.live.frames import Sampler, as_frames, check_timestamps, frame_time, prepare, whole_groups
@@ -210,11 +211,15 @@ class LiveSession:
         return "".join(self.stream_ask(question, generation_config, chat_history, follow_up))
 
     def stream_ask(self, question: str, generation_config: dict | None = None, chat_history=None,
-                   follow_up: bool = False, show_progress=False):
-        """`ask`, yielding the answer's text as it is generated."""
+                   follow_up: bool = False, show_progress=False, system: str | None = None,
+                   cancel: Cancel | None = None):
+        """`ask`, yielding the answer's text as it is generated. `cancel` stops it at the next token; a live
+        session's prefix was prefilled with the default system text, so another one is refused."""
         self._check_open()
         model, tok = self.model, self.tokenizer
-        history = check_question(model.config, tok, question, chat_history)
+        history, system = check_question(model.config, tok, question, chat_history, system)
+        if system is not None:
+            raise VideoXLError("a live session answers with the model's default system message; send none")
         settings = self.settings.with_generation(generation_config)
         if follow_up and not history:
             history = list(self.history)
@@ -231,7 +236,7 @@ class LiveSession:
             stats = model.last_stats = self._question_stats(len(prompt))  # one dict per question, as `chat`
             pieces = []
             for piece in pipeline.answer_over(model, tok, self.prefill.store, prompt, settings, stats, t_question,
-                                              self.decode, show_progress):
+                                              self.decode, show_progress, cancel=cancel):
                 pieces.append(piece)
                 yield piece
             self.history.append((question, "".join(pieces)))

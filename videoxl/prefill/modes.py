@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from videoxl.cancel import Cancel, check
 from videoxl.prefill.plan import STREAM_TOKENS_PER_SLICE, BlockPlan
 from videoxl.language.decoder import Qwen2Decoder, apply_rope, attend, flex_attention, rope_cos_sin
 from videoxl.language.kv_store import KVStore
@@ -75,31 +76,36 @@ def whole_layer_attention(mask=None):
     return attention
 
 
-def dense_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, on_layer=None) -> None:
+def dense_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, on_layer=None,
+                  cancel: Cancel | None = None) -> None:
     """Plain causal prefill, a layer at a time (flash attention over the whole sequence, MLP in slices)."""
-    layerwise_prefill(decoder, embeds, store, whole_layer_attention(), on_layer)
+    layerwise_prefill(decoder, embeds, store, whole_layer_attention(), on_layer, cancel)
 
 
-def mask_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, plan: BlockPlan) -> None:
+def mask_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, plan: BlockPlan,
+                 cancel: Cancel | None = None) -> None:
+    """One forward pass: `cancel` is looked at before and after it (the demo and tests use 'streaming')."""
     assert store.length == 0 and embeds.shape[1] == plan.length
     device = embeds.device
     mask = BlockSparseAttention(plan, device) if flex_available(device) else plan.dense_mask(device)
+    check(cancel)
     decoder(embeds, store, mask=mask, logits_for="none")
+    check(cancel)
 
 
 def streaming_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, plan: BlockPlan,
-                      on_layer=None) -> None:
+                      on_layer=None, cancel: Cancel | None = None) -> None:
     assert embeds.shape[1] == plan.length
     if flex_available(embeds.device):  # one block-sparse kernel over the whole layer
         attention = whole_layer_attention(BlockSparseAttention(plan, embeds.device))
     else:
         def attention(queries, k_all, v_all, slices):
-            return [block_attention(plan, queries, k_all, v_all, s) for s in slices]
-    layerwise_prefill(decoder, embeds, store, attention, on_layer)
+            return [block_attention(plan, queries, k_all, v_all, s, cancel) for s in slices]
+    layerwise_prefill(decoder, embeds, store, attention, on_layer, cancel)
 
 
 def layerwise_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStore, attention,
-                      on_layer=None) -> None:
+                      on_layer=None, cancel: Cancel | None = None) -> None:
     """Run the decoder a layer at a time over all tokens: that layer's K/V for every token (in slices), then
     `attention(queries, k_all, v_all, slices)` -> outputs per slice, then the MLP in slices. Only one layer's
     K/V must be on the GPU at a time; `store.commit` sends it home (CPU with offload) behind the next layer."""
@@ -110,6 +116,7 @@ def layerwise_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStor
     cos, sin = rope_cos_sin(torch.arange(n, device=device), cfg.head_dim, cfg.rope_theta, h.dtype)
     slices = [slice(s, min(s + STREAM_TOKENS_PER_SLICE, n)) for s in range(0, n, STREAM_TOKENS_PER_SLICE)]
     for i, layer in enumerate(decoder.layers):
+        check(cancel)
         attn = layer.self_attn
         k_all, v_all = store.layer_slot(i, n)
         for s in slices:
@@ -136,7 +143,7 @@ def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(1, x.shape[1], n_heads, -1).transpose(1, 2)
 
 
-def block_attention(plan: BlockPlan, queries, k_all, v_all, rows: slice) -> torch.Tensor:
+def block_attention(plan: BlockPlan, queries, k_all, v_all, rows: slice, cancel: Cancel | None = None) -> torch.Tensor:
     """Attention output [1, heads, rows, d] for the rows in `rows`, the pattern applied block by block with
     SDPA: each block's rows against only the columns it may see (gathered), timestamp rows against all."""
     q = queries(rows)
@@ -144,6 +151,7 @@ def block_attention(plan: BlockPlan, queries, k_all, v_all, rows: slice) -> torc
     device = q.device
     spans = [(0, plan.video_start, None)] + [(s, e, b) for b, (s, e) in enumerate(plan.blocks)]
     for s, e, b in spans:
+        check(cancel)
         s, e = max(s, rows.start), min(e, rows.stop)
         if s >= e:
             continue

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from videoxl.serving.body import BodyBudget, Reservation, read_json
 from videoxl.serving.engine import Engine, Job
 from videoxl.serving.errors import APIError, error_body
 from videoxl.serving.live import SCHEME, LiveLimits, LiveSessions, add_live_routes
@@ -40,10 +41,11 @@ class Settings:
     tmp_dir: str = "/tmp"
     registry_path: str | None = None  # where uuids are remembered across restarts (in the KV cache folder)
     live: LiveLimits = field(default_factory=LiveLimits)
+    body_budget_bytes: int = 1 << 30  # request bodies held at once, all requests together (see body.py)
 
     @property
     def max_body_bytes(self) -> int:
-        return max(self.limits.max_request_bytes, self.limits.max_base64_bytes + (1 << 20))
+        return self.limits.max_request_bytes
 
 
 class UuidRegistry:
@@ -69,11 +71,47 @@ class UuidRegistry:
             os.replace(tmp, self.path)
 
 
+class AnswerBugs:
+    """ASGI middleware: a bug becomes a 500 with no exception text, answered here so the connection stays open
+    (Starlette's own handler for Exception re-raises after answering, and the server then drops a keep-alive
+    connection). A response already started is left as it is."""
+
+    def __init__(self, app, respond):
+        self.app, self.respond = app, respond
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            log.exception("unhandled error")
+            if started:
+                raise
+            await self.respond()(scope, receive, send)
+
+
 def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
     app = FastAPI(title="videoxl", docs_url=None, redoc_url=None, openapi_url=None)
     registry = UuidRegistry(settings.registry_path)
     live = app.state.live = LiveSessions(engine.replicas, settings.live, engine.settings)
-    add_live_routes(app, live, settings, read_json)
+    budget = BodyBudget(settings.body_budget_bytes)
+
+    async def read_body(request, limit):  # the live routes' bodies count against the same budget
+        reservation = Reservation(budget)
+        try:
+            return await read_json(request, limit, reservation)
+        finally:
+            reservation.release()
+
+    add_live_routes(app, live, settings, read_body)
 
     def error_response(e: APIError):
         metrics.count("videoxl_requests_total", status=str(e.status))
@@ -85,21 +123,21 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException):
-        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+        return error_response(APIError(e.status_code, str(e.detail)))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_, e):
-        return JSONResponse(error_body(400, str(e)), status_code=400)
+        return error_response(APIError(400, "the request does not match the endpoint's parameters"))
 
-    @app.exception_handler(Exception)
-    async def internal_error(_, e: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(error_body(500, "internal server error"), status_code=500)
+    app.add_middleware(AnswerBugs, respond=lambda: error_response(APIError(500, "internal server error")))
 
     @app.get("/health")
     async def health():
-        ok = engine.healthy()
-        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
+        """Each device's worker, up or not; 503 only when none is up (the router skips a worker that is down)."""
+        devices = engine.health()
+        up = sum(d["up"] for d in devices)
+        status = "ok" if up == len(devices) else "degraded" if up else "unhealthy"
+        return JSONResponse({"status": status, "devices": devices}, status_code=200 if up else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -113,15 +151,20 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await read_json(request, settings.max_body_bytes)
-        req = parse_request(body, settings.served_model, settings.defaults)
+        deadline = time.monotonic() + settings.request_timeout_s
+        reservation = Reservation(budget)
         media = Media()
         try:
+            req = parse_request(await read_json(request, settings.max_body_bytes, reservation),
+                                settings.served_model, settings.defaults)
             video = await video_ref(req, media)
-            job = Job(req, video, time.monotonic() + settings.request_timeout_s, asyncio.get_running_loop(),
-                      release=media.release)
+            for part in req.media:  # a data: URL's string can be as large as the body: not kept with the job
+                part.url = None
+            reservation.release()
+            job = Job(req, video, deadline, asyncio.get_running_loop(), release=media.release)
             engine.submit(job)
         except BaseException:
+            reservation.release()
             media.release()
             raise
         try:
@@ -150,13 +193,17 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
         cancels the job."""
         loop = asyncio.get_running_loop()
         while True:
+            if time.monotonic() >= job.deadline:  # the worker stops at its next check; the client hears now
+                job.cancelled.set()
+                raise APIError(504, "the answer took longer than the server's time limit")
             if loop.time() >= job.next_check:
                 job.next_check = loop.time() + POLL_S
                 if await request.is_disconnected():
                     job.cancelled.set()
                     raise APIError(499, "client closed the request")
             try:
-                return await asyncio.wait_for(job.events.get(), max(0.0, job.next_check - loop.time()))
+                wait = min(job.next_check - loop.time(), job.deadline - time.monotonic())
+                return await asyncio.wait_for(job.events.get(), max(0.0, wait))
             except asyncio.TimeoutError:
                 continue
 
@@ -225,18 +272,3 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
 
     return app
 
-
-async def read_json(request, limit: int):
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body over the {limit / 2**20:.0f} MiB cap")
-    chunks, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise APIError(413, f"request body over the {limit / 2**20:.0f} MiB cap")
-        chunks.append(part)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON") from None

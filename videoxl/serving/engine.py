@@ -1,7 +1,8 @@
-"""Engine workers: one thread per model replica (one per GPU), fed by one bounded queue.
+"""Engine workers: one thread per model replica (one per GPU), each fed by its own queue.
 
-A request becomes a `Job` and waits in the queue (full queue: HTTP 429). A worker runs the model's own
-`stream_chat` (the same path as the Python API and the CLI: no second engine) and hands events back to the
+A request becomes a `Job`; the router (router.py) picks its worker (the one holding its video's KVs, else the
+least loaded) and it waits in that worker's queue (`max_queue` waiting in all: HTTP 429). A worker runs the
+model's own `stream_chat` (the same path as the Python API and the CLI: no second engine) and hands events back to the
 request's event loop: ("delta", text), ("done", usage, finish_reason), ("error", status, message). Between
 tokens it checks whether the client went away or the time limit passed, and stops generating if so.
 """
@@ -19,8 +20,10 @@ import torch
 
 from videoxl.serving.errors import APIError
 from videoxl.serving.metrics import Metrics
+from videoxl.serving.router import Router
 from videoxl.serving.protocol import ChatRequest
-from videoxl.errors import VideoXLError
+from videoxl.cancel import Cancel, Cancelled, TimedOut
+from videoxl.errors import VideoXLError, VideoXLMemoryError
 from videoxl.live.session import LiveSession
 from videoxl.settings import Settings
 from videoxl.cache.identity import VideoRef
@@ -35,10 +38,14 @@ class Job:
     deadline: float  # time.monotonic() by which the answer must be done
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: Cancel = None  # set when the client goes away; times out at `deadline`: every stage checks it
     release: Callable[[], None] = lambda: None  # delete the request's temporary media
     arrived: float = field(default_factory=time.perf_counter)
     next_check: float = 0.0  # loop time of the next check that the client is still connected
+
+    def __post_init__(self):
+        if self.cancelled is None:
+            self.cancelled = Cancel(deadline=self.deadline)
 
     def emit(self, *event) -> None:
         try:
@@ -59,67 +66,128 @@ def held_back(text: str, stops: list[str]) -> int:
                default=0)
 
 
+@dataclass
+class Worker:
+    """One model replica and the thread that runs its jobs, fed by its own queue (the router chooses it)."""
+    index: int
+    model: object
+    tokenizer: object
+    jobs: queue.Queue = field(default_factory=queue.Queue)
+    running: int = 0
+    thread: threading.Thread | None = None
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Metric labels: the device, and the worker's index (two workers may share a device, e.g. cpu,cpu)."""
+        return {"device": self.device, "worker": str(self.index)}
+
+    @property
+    def load(self) -> int:
+        return self.jobs.qsize() + self.running
+
+    def up(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+def affinity_key(job: Job) -> tuple | None:
+    """What a follow-up on the same video shares with its first question, among the cache key's parts a request
+    chooses (the server's prefill settings are the same for every request); None: a video without a content id
+    (nothing to keep: the least loaded worker)."""
+    r = job.request
+    return None if job.video.id is None else (job.video.id, tuple(r.sampling), r.system)
+
+
 class Engine:
     def __init__(self, replicas: list[tuple], max_queue: int, metrics: Metrics, settings: Settings | None = None):
-        self.replicas, self.metrics = replicas, metrics
+        self.metrics, self.max_queue = metrics, max_queue
         self.settings = settings or Settings()  # prefill and bi-level settings; generation comes per request
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.running = 0
-        self._running_lock = threading.Lock()
-        self.workers = [threading.Thread(target=self._work, args=(model, tok), name=f"videoxl-engine-{i}",
-                                         daemon=True) for i, (model, tok) in enumerate(replicas)]
+        self.pool = [Worker(i, model, tok) for i, (model, tok) in enumerate(replicas)]
+        for w in self.pool:
+            w.thread = threading.Thread(target=self._work, args=(w,), name=f"videoxl-engine-{w.index}", daemon=True)
+        self.router = Router(len(self.pool))
+        self._lock = threading.Lock()  # the waiting count's check and the put, together
+
+    @property
+    def replicas(self) -> list[tuple]:
+        return [(w.model, w.tokenizer) for w in self.pool]
+
+    @property
+    def workers(self) -> list[threading.Thread]:
+        return [w.thread for w in self.pool]
 
     def start(self) -> None:
-        for w in self.workers:
-            w.start()
+        for w in self.pool:
+            w.thread.start()
 
     def stop(self) -> None:
         """Finish the running jobs, refuse the waiting ones, write pending KV cache entries to disk."""
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.emit("error", 503, "the server is shutting down")
-                job.release()
-        for _ in self.workers:
-            self.jobs.put(None)
-        for w in self.workers:
-            w.join()
-        for model, _ in self.replicas:
-            model.kv_cache.flush()
+        for w in self.pool:
+            while True:
+                try:
+                    job = w.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.emit("error", 503, "the server is shutting down")
+                    job.release()
+            w.jobs.put(None)
+        for w in self.pool:
+            if w.thread.ident is not None:  # started
+                w.thread.join()
+        for w in self.pool:
+            w.model.kv_cache.flush()
 
-    def healthy(self) -> bool:
-        return all(w.is_alive() for w in self.workers)
+    def health(self) -> list[dict]:
+        """Each worker: its device, whether its thread is up, and its requests waiting and running."""
+        return [dict(w.labels, worker=w.index, up=w.up(), waiting=w.jobs.qsize(), running=w.running)
+                for w in self.pool]
 
-    def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise APIError(429, f"the server is busy ({self.jobs.maxsize} requests waiting); retry later") from None
+    def waiting(self) -> int:
+        return sum(w.jobs.qsize() for w in self.pool)
 
-    def _work(self, model, tokenizer) -> None:
+    def submit(self, job: Job) -> Worker:
+        """Queue the job on its worker (the video's, else the least loaded); 429 past `max_queue` waiting."""
+        with self._lock:
+            if self.waiting() >= self.max_queue:
+                raise APIError(429, f"the server is busy ({self.max_queue} requests waiting); retry later")
+            worker = self.pool[self.router.pick(affinity_key(job), [w.load for w in self.pool],
+                                                [w.up() for w in self.pool])]
+            worker.jobs.put_nowait(job)
+        return worker
+
+    def _work(self, worker: Worker) -> None:
+        model = worker.model
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)  # per thread: kernels launched without a device go to this GPU
-        while (job := self.jobs.get()) is not None:
-            with self._running_lock:
-                self.running += 1
+        while (job := worker.jobs.get()) is not None:
+            with self._lock:
+                worker.running += 1
             try:
-                self._run(model, tokenizer, job)
+                self._run(worker, job)
+            except TimedOut:
+                job.emit("error", 504, "the answer took longer than the server's time limit")
+            except Cancelled:
+                pass  # the client went away: the HTTP side counts it
+            except VideoXLMemoryError:
+                job.emit("error", 503, "out of memory on the server; ask with fewer frames")
             except VideoXLError as e:
                 job.emit("error", 400, str(e))
             except Exception as e:  # a bug or out of memory: this request fails, the worker carries on
                 log.exception("request failed")
-                oom = "out of memory" in str(e)
+                oom = "out of memory" in str(e)  # never the exception's text: it may hold paths or internals
                 job.emit("error", 503 if oom else 500,
-                         "out of memory on the server; ask with fewer frames" if oom else f"internal error: {e}")
+                         "out of memory on the server; ask with fewer frames" if oom else "internal error")
             finally:
                 job.release()
-                with self._running_lock:
-                    self.running -= 1
+                with self._lock:
+                    worker.running -= 1
 
-    def _run(self, model, tokenizer, job: Job) -> None:
+    def _run(self, worker: Worker, job: Job) -> None:
+        model, tokenizer = worker.model, worker.tokenizer
         if job.cancelled.is_set():
             return
         if time.monotonic() > job.deadline:
@@ -128,10 +196,12 @@ class Engine:
         r, start = job.request, time.perf_counter()
         if isinstance(job.video, LiveSession):  # its own model (any worker may run it: the model's lock holds)
             model = job.video.model
-            stream = job.video.stream_ask(r.question, r.generation, r.history)
+            stream = job.video.stream_ask(r.question, r.generation, r.history, system=r.system,
+                                          cancel=job.cancelled)
         else:
             stream = model.stream_chat(job.video, tokenizer, r.question, r.history, *r.sampling,
-                                       generation_config=r.generation, settings=self.settings)
+                                       generation_config=r.generation, settings=self.settings, system=r.system,
+                                       cancel=job.cancelled)
         text, sent, first, finish = "", 0, None, None
         try:
             for piece in stream:
@@ -169,32 +239,35 @@ class Engine:
         usage = {"prompt_tokens": stats.get("prompt_tokens", 0), "completion_tokens": completion,
                  "total_tokens": stats.get("prompt_tokens", 0) + completion,
                  "prompt_tokens_details": {"cached_tokens": stats.get("cached_tokens", 0)}}
-        self._record(job, stats, usage, start, first, end)
+        self._record(worker, job, stats, usage, start, first, end)
         job.emit("done", usage, finish)
 
-    def _record(self, job, stats, usage, start, first, end) -> None:
-        m = self.metrics
-        m.observe("videoxl_time_to_first_token_seconds", first - job.arrived)
-        m.observe("videoxl_prefill_seconds", first - start)
+    def _record(self, worker: Worker, job, stats, usage, start, first, end) -> None:
+        m, on = self.metrics, worker.labels
+        m.observe("videoxl_time_to_first_token_seconds", first - job.arrived, **on)
+        m.observe("videoxl_prefill_seconds", first - start, **on)
         if "vision_s" in stats:
-            m.observe("videoxl_vision_seconds", stats["vision_s"])
-        m.observe("videoxl_decode_seconds", end - first)
-        m.count("videoxl_prompt_tokens_total", usage["prompt_tokens"])
-        m.count("videoxl_cached_tokens_total", usage["prompt_tokens_details"]["cached_tokens"])
-        m.count("videoxl_completion_tokens_total", usage["completion_tokens"])
+            m.observe("videoxl_vision_seconds", stats["vision_s"], **on)
+        m.observe("videoxl_decode_seconds", end - first, **on)
+        m.count("videoxl_prompt_tokens_total", usage["prompt_tokens"], **on)
+        m.count("videoxl_cached_tokens_total", usage["prompt_tokens_details"]["cached_tokens"], **on)
+        m.count("videoxl_completion_tokens_total", usage["completion_tokens"], **on)
         if end > first and usage["completion_tokens"] > 1:
-            m.set("videoxl_decode_tokens_per_second", (usage["completion_tokens"] - 1) / (end - first))
+            m.set("videoxl_decode_tokens_per_second", (usage["completion_tokens"] - 1) / (end - first), **on)
 
-    def gauges(self) -> dict[str, float]:
-        out = {"videoxl_queue_depth": self.jobs.qsize(), "videoxl_running_requests": self.running}
-        for model, _ in self.replicas:
-            cache = model.kv_cache
+    def gauges(self) -> dict[tuple, float]:
+        """Read at scrape time, one series per worker ((name, labels) -> value)."""
+        out = {}
+        for w in self.pool:
+            on = tuple(sorted(w.labels.items()))
+            cache = w.model.kv_cache
             entries = list(cache.entries.values())  # one C call: safe against the worker changing the dict
-            for name, value in dict(cache.counts).items():
-                key = f"videoxl_kv_cache_{name}"
-                out[key] = out.get(key, 0) + value
-            for key, value in (("bytes", sum(e.nbytes for e in entries)), ("entries", len(entries)),
-                               ("disk_writes", cache.disk.writes if cache.disk else 0),
-                               ("disk_rejected", cache.disk.rejected if cache.disk else 0)):
-                out[f"videoxl_kv_cache_{key}"] = out.get(f"videoxl_kv_cache_{key}", 0) + value
+            values = {"videoxl_queue_depth": w.jobs.qsize(), "videoxl_running_requests": w.running,
+                      "videoxl_worker_up": int(w.up()),
+                      **{f"videoxl_kv_cache_{name}": value for name, value in dict(cache.counts).items()},
+                      "videoxl_kv_cache_bytes": sum(e.nbytes for e in entries),
+                      "videoxl_kv_cache_entries": len(entries),
+                      "videoxl_kv_cache_disk_writes": cache.disk.writes if cache.disk else 0,
+                      "videoxl_kv_cache_disk_rejected": cache.disk.rejected if cache.disk else 0}
+            out.update(((name, on), value) for name, value in values.items())
         return out

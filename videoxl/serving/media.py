@@ -104,7 +104,10 @@ def local_file(url: str, limits: MediaLimits) -> MediaFile:
     parsed = urllib.parse.urlparse(url)
     if parsed.netloc not in ("", "localhost"):
         raise bad(f"file:// URL with a host ({parsed.netloc!r}); use file:///absolute/path")
-    path = os.path.realpath(urllib.parse.unquote(parsed.path))
+    path = urllib.parse.unquote(parsed.path)
+    if "\0" in path:  # %00: no file has that name (and os functions raise on it)
+        raise bad("file:// URL with a NUL character (%00) in its path")
+    path = os.path.realpath(path)
     root = limits.allowed_local_path
     if os.path.commonpath([path, root]) != root:
         raise APIError(403, f"file path is outside the allowed media folder {root}", param="messages")
@@ -124,13 +127,15 @@ def check_size(size: int, limits: MediaLimits) -> None:
 
 
 def data_url(url: str, limits: MediaLimits, tmp_dir: str) -> MediaFile:
-    head, sep, payload = url.partition(",")
+    comma = url.find(",")  # the payload is read in slices of the URL: a copy of it would double the memory
+    head, sep = (url[:comma], ",") if comma >= 0 else (url, "")
     if not sep or not head.endswith(";base64"):
         raise bad("data URLs must look like data:video/mp4;base64,<payload>")
     mime = head[5:-7].lower()
     if not mime.startswith(("video/", "image/", "application/octet-stream")):
         raise bad(f"data URL media type {mime!r} is not a video or image type")
-    if len(payload) > limits.max_base64_bytes:
+    start, end = comma + 1, len(url)
+    if end - start > limits.max_base64_bytes:
         raise APIError(413, f"data URL payload is over the {limits.max_base64_bytes / 2**20:.0f} MiB base64 cap",
                        param="messages")
     h = new_hasher()
@@ -138,9 +143,9 @@ def data_url(url: str, limits: MediaLimits, tmp_dir: str) -> MediaFile:
     try:
         with os.fdopen(fd, "wb") as f:
             step = 4 * CHUNK  # a multiple of 4 base64 characters: decodes chunk by chunk
-            for start in range(0, len(payload), step):
+            for at in range(start, end, step):
                 try:
-                    raw = base64.b64decode(payload[start:start + step], validate=True)
+                    raw = base64.b64decode(url[at:min(at + step, end)], validate=True)
                 except (binascii.Error, ValueError):
                     raise bad("data URL payload is not valid base64") from None
                 h.update(raw)

@@ -17,10 +17,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from videoxl.errors import VideoXLError
+from videoxl.inputs import MAX_TEXT_TOKENS, check_text
 from videoxl.serving.errors import APIError
-from videoxl.language.prompt import SYSTEM
 
-DEFAULT_SYSTEM = SYSTEM.removeprefix("<|im_start|>system\n").removesuffix("<|im_end|>\n")
+
+MAX_TEXT_CHARS = 64 * MAX_TEXT_TOKENS
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    system: str | None = None  # the client's system message; None: the model's default
 
 
 def bad(message: str, param: str | None = None) -> APIError:
@@ -73,13 +76,14 @@ def parse_request(body, served_model: str, defaults: ServerDefaults) -> ChatRequ
     model = body.get("model")
     if not isinstance(model, str):
         raise bad("model must be a string (see GET /v1/models)", "model")
+    text_ok(model, "model", "model")
     if model != served_model:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {served_model!r}", "model")
     if body.get("n", 1) != 1:
         raise bad("n must be 1", "n")
     if body.get("logprobs") or body.get("top_logprobs"):
         raise bad("logprobs are not supported", "logprobs")
-    question, history, media = parse_messages(body.get("messages"))
+    question, history, media, system = parse_messages(body.get("messages"))
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -92,21 +96,30 @@ def parse_request(body, served_model: str, defaults: ServerDefaults) -> ChatRequ
         raise bad(f"{len(media)} images: over the {defaults.frame_cap} frame cap", "messages")
     return ChatRequest(model, question, history, media, parse_sampling(body, defaults),
                        parse_generation(body, defaults), parse_stop(body.get("stop")), stream,
-                       bool(options.get("include_usage", False)))
+                       bool(options.get("include_usage", False)), system)
 
 
-def parse_messages(messages) -> tuple[str, list[tuple[str, str]], list[MediaPart]]:
+def text_ok(text: str, where: str, param: str = "messages") -> str:
+    """JSON can carry lone surrogates ("\\ud800"), which no tokenizer, file name or log line takes: a 400."""
+    try:
+        check_text(where, text)
+    except VideoXLError as e:
+        raise bad(str(e), param) from None
+    return text
+
+
+def parse_messages(messages) -> tuple[str, list[tuple[str, str]], list[MediaPart], str | None]:
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
-    turns, media = [], []
+    turns, media, system = [], [], None
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise bad(f"messages[{i}] must be an object with role system, user or assistant", "messages")
         text, parts = message_content(m.get("content"), i)
-        if m["role"] in ("system", "developer"):
-            if i != 0 or text.strip() != DEFAULT_SYSTEM:
-                raise bad(f"messages[{i}]: only the model's own system prompt ({DEFAULT_SYSTEM!r}) is supported, "
-                          "as the first message", "messages")
+        if m["role"] in ("system", "developer"):  # replaces the model's default system line
+            if i != 0 or parts:
+                raise bad(f"messages[{i}]: a system message must be the first message, and text only", "messages")
+            system = text
             continue
         if parts and (m["role"] != "user" or turns):
             raise bad(f"messages[{i}]: media parts go in the first user message only", "messages")
@@ -116,6 +129,10 @@ def parse_messages(messages) -> tuple[str, list[tuple[str, str]], list[MediaPart
     if not roles or roles[-1] != "user" or any(r != ("user", "assistant")[k % 2] for k, r in enumerate(roles)):
         raise bad("messages must alternate user and assistant, starting and ending with a user message",
                   "messages")
+    chars = sum(len(text) for _, text, _ in turns) + len(system or "")
+    if chars > MAX_TEXT_CHARS:  # far past the token cap in any tokenisation: refused before a worker counts it
+        raise bad(f"the messages' text is {chars} characters; at most {MAX_TEXT_CHARS} (the model takes "
+                  f"{MAX_TEXT_TOKENS} tokens of question and history)", "messages")
     for role, text, i in turns:
         if role == "user" and not text.strip():
             raise bad(f"messages[{i}] has no text: ask a question", "messages")
@@ -125,12 +142,12 @@ def parse_messages(messages) -> tuple[str, list[tuple[str, str]], list[MediaPart
     if len(kinds) > 1 or (kinds == {"video_url"} and len(media) > 1):
         raise bad("give one video_url, or image_url parts, not both or several videos", "messages")
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
-    return turns[-1][1], history, media
+    return turns[-1][1], history, media, system
 
 
 def message_content(content, i: int) -> tuple[str, list[MediaPart]]:
     if isinstance(content, str):
-        return content, []
+        return text_ok(content, f"messages[{i}].content"), []
     if not isinstance(content, list):
         raise bad(f"messages[{i}].content must be a string or a list of parts", "messages")
     texts, media = [], []
@@ -140,7 +157,7 @@ def message_content(content, i: int) -> tuple[str, list[MediaPart]]:
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise bad(f"{where}.text must be a string", "messages")
-            texts.append(part["text"])
+            texts.append(text_ok(part["text"], f"{where}.text"))
         elif kind in ("video_url", "image_url"):
             media.append(media_part(part, kind, where))
         else:
@@ -156,6 +173,9 @@ def media_part(part: dict, kind: str, where: str) -> MediaPart:
     url = ref.get("url") if isinstance(ref, dict) else ref
     if url is not None and (not isinstance(url, str) or not url):
         raise bad(f"{where}.{kind} must be {{\"url\": \"...\"}}", "messages")
+    for name, value in (("uuid", uuid), ("url", url)):
+        if value is not None:
+            text_ok(value, f"{where}.{name}")
     if url is None and uuid is None:
         raise bad(f"{where}: give {kind}.url, or the uuid of a video this server has seen", "messages")
     return MediaPart(kind, url, uuid)
@@ -209,4 +229,4 @@ def parse_stop(stop) -> list[str]:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise bad("stop must be a non-empty string or a list of up to 4", "stop")
-    return stop
+    return [text_ok(s, "stop", "stop") for s in stop]

@@ -18,10 +18,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from videoxl.cancel import Either, check
 from videoxl.errors import VideoXLError
 from videoxl.video.index import Job, Probe
 from videoxl.video.stream import resize_frame
 
+CANCEL_POLL_S = 0.05  # how often a consumer waiting for a frame looks at its Cancel
 SEEK_MIN_PACKETS = 300  # a gap this long is skipped with a container seek; shorter ones are read through
 
 
@@ -170,8 +172,9 @@ class JobReader:
     queue: each takes the next run when it is free, so the faster does more."""
 
     def __init__(self, probe: Probe, jobs: list[Job], engines: list[Engine], stack: Callable,
-                 on_damage: str = "error"):
+                 on_damage: str = "error", cancel=None):
         self.runs = chain(jobs)
+        self.cancel = cancel  # a videoxl.cancel.Cancel: the decoding threads stop on it, the consumer raises
         self.engines = engines[:max(1, len(self.runs))]
         self.workers = len(self.engines)
         self.probe, self.stack, self.on_damage = probe, stack, on_damage
@@ -183,7 +186,7 @@ class JobReader:
         frames: dict[int, object] = {}
         done = threading.Condition()
         finished, errors = [0], []
-        stop = threading.Event()
+        stop = Either(threading.Event(), self.cancel)
         reports = [WorkerReport() for _ in range(self.workers)]
         handed, hand = [0], threading.Lock()
 
@@ -220,7 +223,8 @@ class JobReader:
             for pos, k in enumerate(order):
                 with done:
                     while k not in frames and finished[0] < len(workers) and not errors:
-                        done.wait()
+                        done.wait(CANCEL_POLL_S)
+                        check(self.cancel)
                     if errors:
                         raise errors[0]
                     if k not in frames:

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from videoxl.cancel import check
 from videoxl.errors import VideoXLError
 from videoxl.video.index import plan, probe
 from videoxl.video.decode import Engine, JobReader, chain, cpu_convert, keyframe_jobs
@@ -113,7 +114,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
         if info.index is None:  # no timestamps to find frames by (raw streams): count them in one decode
             if mode != "exact":
                 raise VideoXLError(f"mode {mode!r} needs packet timestamps, which this video lacks: {path}")
-            yield from _sequential(path, sampled, size, stats)
+            yield from _sequential(path, sampled, size, stats, stream.cancel)
             return
         wanted = [k for k in sampled if k < len(info.index)]
         if not wanted:
@@ -127,7 +128,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
             stats["video_approx_max_error_s"] = round(worst, 3)
         else:
             jobs = plan(info.index, wanted)
-        reader = JobReader(info, jobs, engines(len(chain(jobs))), stack, on_damage)
+        reader = JobReader(info, jobs, engines(len(chain(jobs))), stack, on_damage, stream.cancel)
         stats.update(video_workers=reader.workers, video_threads_per_decoder=reader.engines[0].threads)
         try:
             for numbers, frames in reader.batches(size):
@@ -210,7 +211,7 @@ def _open_decord(path, sampler) -> FrameStream:
     return FrameStream(path, indices, fps, len(vr), read, stats={"video_decoder": "decord"})
 
 
-def _sequential(path, wanted, size, stats):
+def _sequential(path, wanted, size, stats, cancel=None):
     """Decode every frame in order and keep the n-th ones: frame numbers by definition, for files whose
     packets carry no timestamps (raw H.264 and the like), where nothing can be skipped."""
     import av
@@ -222,6 +223,7 @@ def _sequential(path, wanted, size, stats):
         with av.open(path) as c:
             c.streams.video[0].thread_type = "AUTO"
             for n, frame in enumerate(c.decode(video=0)):
+                check(cancel)
                 if n in keep:
                     numbers.append(n)
                     frames.append(convert(frame))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 
 import numpy as np
 from PIL import Image
@@ -17,6 +18,27 @@ from videoxl.video.stream import IMAGE_SIZE, Clip, FrameStream, resize_frame  # 
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 GREY = (127, 127, 127)  # LLaVA's square padding: the image mean 0.5 in 8 bits
+
+
+def check_readable(path) -> None:
+    """Only regular files (and folders of them) are read: a FIFO, /dev/zero or /dev/urandom would block or
+    never end (hashing it for the KV cache, or decoding it). A missing path is left to the caller's message."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode) else
+            "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise VideoXLError(f"{path} is {kind}: videos and images are read from regular files only")
+
+
+def regular_files(folder: str) -> list[str]:
+    """The image files of a folder, sorted; anything that is not a regular file is left out."""
+    names = (os.path.join(folder, f) for f in os.listdir(folder))
+    return sorted(f for f in names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(f)
+                  and stat.S_ISREG(os.stat(f).st_mode))
 
 
 def check_sampling(max_num_frames, sample_fps, max_sample_fps) -> None:
@@ -71,6 +93,7 @@ def load_images(images: list, max_num_frames: int) -> Clip:
         item = images[i]
         try:
             if isinstance(item, (str, os.PathLike)):
+                check_readable(item)
                 with Image.open(item) as f:
                     img = f.convert("RGB")
             elif isinstance(item, np.ndarray):
@@ -102,9 +125,9 @@ def open_video(path, max_num_frames: int = 150, sample_fps: float | None = 1,
     path = os.fspath(path)
     if not os.path.exists(path):
         raise VideoXLError(f"video not found: {path}")
+    check_readable(path)
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        files = regular_files(path)
         if not files:
             raise VideoXLError(f"folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): {path}")
         return FrameStream.from_clip(load_images(files, max_num_frames))

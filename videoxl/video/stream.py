@@ -45,9 +45,15 @@ class FrameStream:
     timestamps_override: list[float] | None = None  # still images: 0.0, 1.0, ... whatever their number
     stats: dict = field(default_factory=dict)  # decoder, decode_s, source_frames_read, ... once read
     seconds: Callable[[int], float] | None = None  # real time of frame k (variable-rate files)
+    cancel: object = None  # a videoxl.cancel.Cancel while `batches` runs: decoders inside stop on it too
 
-    def batches(self, size: int) -> Iterator[np.ndarray]:
+    def batches(self, size: int, cancel=None) -> Iterator[np.ndarray]:
+        from videoxl.cancel import check
+
+        self.cancel = cancel
+        check(cancel)
         for numbers, frames in self._read(size):
+            check(cancel)
             self.kept += numbers
             yield frames
 

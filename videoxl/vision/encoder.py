@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from videoxl.cancel import Cancel, check
 from videoxl.config import DTS_GRID, FRAMES_PER_GROUP, VideoXLConfig
 from videoxl.vision.dts import DTS, frames_to_dts_input
 from videoxl.vision.siglip import SiglipVision
@@ -44,9 +45,9 @@ class VisionEncoder(nn.Module):
         h = cfg.text.hidden_size
         self.projector = nn.Sequential(nn.Linear(cfg.mm_hidden_size, h), nn.GELU(), nn.Linear(h, h))
 
-    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def patch_features(self, pixels: torch.Tensor, cancel: Cancel | None = None) -> torch.Tensor:
         """[n, 3, 384, 384] -> [n, c, 24, 24]: SigLIP, then bilinear resize of the patch grid in fp32."""
-        feats = self.tower(pixels)
+        feats = self.tower(pixels, cancel)
         n, p, c = feats.shape
         side = self.cfg.vision.grid
         grid = feats.view(n, side, side, c).permute(0, 3, 1, 2)
@@ -63,14 +64,20 @@ class VisionEncoder(nn.Module):
         pooled = F.avg_pool2d(grid, self.cfg.mm_spatial_pool_stride)
         return pooled.permute(0, 2, 3, 1).reshape(g, -1, hid)
 
-    def encode(self, frames: np.ndarray, frames_per_slice: int = 96) -> Iterator[torch.Tensor]:
-        """Yield visual tokens slice by slice ([groups in slice, 144, hidden]) for uint8 frames
+    def encode(self, frames: np.ndarray, frames_per_slice: int = 96,
+               cancel: Cancel | None = None) -> Iterator[torch.Tensor]:
+        """Yield visual tokens slice by slice (on a CPU group by group) ([groups, 144, hidden]) for uint8 frames
         [n, 384, 384, 3]. `frames_per_slice` must be a multiple of 4 so that groups never straddle slices."""
         assert frames_per_slice % FRAMES_PER_GROUP == 0
         p = self.projector[0].weight
-        for start in range(0, len(frames), frames_per_slice):
-            pixels = normalise(frames[start:start + frames_per_slice], p.device, p.dtype)
-            feats = pad_to_groups(self.patch_features(pixels))
+        # On a CPU a slice runs a group at a time: groups are independent here and a CPU gains nothing from a
+        # bigger batch, while `cancel` is then seen every fraction of a second (a 96-frame slice of the demo
+        # model took seconds on two cores), not once per slice.
+        step = FRAMES_PER_GROUP if p.device.type == "cpu" else frames_per_slice
+        for start in range(0, len(frames), step):
+            check(cancel)
+            pixels = normalise(frames[start:start + step], p.device, p.dtype)
+            feats = pad_to_groups(self.patch_features(pixels, cancel))
             yield self.groups_to_tokens(feats)
 
     def forward(self, frames: np.ndarray, frames_per_slice: int = 96) -> torch.Tensor:

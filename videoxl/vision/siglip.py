@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from videoxl.cancel import Cancel, check
 from videoxl.config import VisionConfig
 
 
@@ -76,8 +77,9 @@ class SiglipVision(nn.Module):
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = SiglipEncoder(cfg)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, cancel: Cancel | None = None) -> torch.Tensor:
         x = self.embeddings(pixels)
         for layer in self.encoder.layers:
+            check(cancel)
             x = layer(x)
         return x

@@ -6,6 +6,7 @@ import threading
 
 import torch
 
+from videoxl.cancel import Cancel, next_batch
 from videoxl.progress import close, progress
 from videoxl.timeline import Timeline
 from videoxl.video.gpu import SideStream
@@ -14,7 +15,8 @@ from videoxl.vision.encoder import VisionEncoder
 
 
 def encode_stream(vision: VisionEncoder, stream: FrameStream, frames_per_slice: int, device: torch.device,
-                  show_progress=False, timeline: Timeline | None = None) -> torch.Tensor:
+                  show_progress=False, timeline: Timeline | None = None,
+                  cancel: Cancel | None = None) -> torch.Tensor:
     """Frames -> visual tokens [groups, tokens_per_group, hidden], `frames_per_slice` at a time, while a thread
     decodes the next slice (PyAV and PIL release the GIL while they work, so decoding and the GPU overlap).
     `timeline` records each batch's decoding and each slice's vision."""
@@ -24,7 +26,7 @@ def encode_stream(vision: VisionEncoder, stream: FrameStream, frames_per_slice: 
 
     def decode():
         try:
-            frames_in = iter(stream.batches(frames_per_slice))
+            frames_in = iter(stream.batches(frames_per_slice, cancel))
             while True:
                 with timeline.span("decode"):
                     frames = next(frames_in, None)
@@ -47,11 +49,11 @@ def encode_stream(vision: VisionEncoder, stream: FrameStream, frames_per_slice: 
     bar = progress(None, -(-len(stream.planned) // frames_per_slice), "vision", show_progress)
     parts, side = [], SideStream(device)
     try:
-        while (item := batches.get()) is not None:
+        while (item := next_batch(batches, cancel)) is not None:
             if isinstance(item, BaseException):
                 raise item
             with timeline.gpu_span("vision", side.stream):
-                parts.extend(side.run(lambda f: vision.encode(f, frames_per_slice), item))
+                parts.extend(side.run(lambda f: vision.encode(f, frames_per_slice, cancel), item))
             if bar is not None:
                 bar.update(1)
     finally:
