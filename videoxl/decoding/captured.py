@@ -114,7 +114,11 @@ class CapturedStep:
         # our own capture stream on the store's GPU: torch.cuda.graph's default one is made once per process, on
         # whichever GPU was current then, so a model on another GPU captured on a stream of the first (an empty
         # graph, and Triton refusing the other GPU's pointers: the second-GPU bug)
-        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.pos.device)):
+        # thread_local: a server runs one worker thread per GPU, and another worker's synchronising calls during
+        # this capture invalidated it under the default "global" mode (cudaErrorStreamCaptureUnsupported, seen
+        # with serve --devices cuda:0,cuda:1 on an H200 x2)
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.pos.device),
+                              capture_error_mode="thread_local"):
             self.logits = self._body()
         torch.cuda.synchronize(self.pos.device)
         self.capture_s = time.perf_counter() - t0
