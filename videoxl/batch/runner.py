@@ -33,6 +33,7 @@ class Settings:
     prefill_config: dict | None = None
     sparse_config: dict | None = None
     kv_cache_dir: str | None = None
+    quantize: str | None = None
 
 
 class Worker:
@@ -40,7 +41,7 @@ class Worker:
         import videoxl
 
         self.model, self.tokenizer = videoxl.load(settings.model_dir, device=device, dtype=settings.dtype,
-                                                  kv_cache_dir=settings.kv_cache_dir)
+                                                  kv_cache_dir=settings.kv_cache_dir, quantize=settings.quantize)
         cfg = self.model.config
         if settings.prefill_config:
             cfg.enable_chunk_prefill, cfg.prefill_config = True, settings.prefill_config

@@ -9,8 +9,8 @@ import argparse
 import os
 import sys
 
-from videoxl.cli.options import (HelpFormatter, add_chunk_args, add_generation_args, add_sampling_args, add_sparse_args,
-                       check_before_load, generation_config)
+from videoxl.cli.options import (HelpFormatter, add_chunk_args, add_generation_args, add_quantize_arg, add_sampling_args,
+                                 add_sparse_args, check_before_load, generation_config)
 from videoxl.cli.console import AnswerTimer, Loading, err, json_line, questions, report, show_warnings_as_lines
 from videoxl.errors import VideoXLError, VideoXLMemoryError
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true",
                       help="print one JSON object per answer ({question, answer, stats}) instead of the text")
     chat.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_quantize_arg(chat)
     add_sampling_args(chat)
     add_generation_args(chat)
     add_chunk_args(chat)
@@ -88,7 +89,8 @@ def cmd_chat(args) -> int:
 
             with Loading(model_dir):
                 model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
-                                                dtype=None if args.dtype == "auto" else args.dtype)
+                                                dtype=None if args.dtype == "auto" else args.dtype,
+                                                quantize=args.quantize)
             quiz(model, tokenizer, seed=args.seed, questions=[args.question] if args.question else None)
             return 0
         if args.question is None:
@@ -104,7 +106,8 @@ def cmd_chat(args) -> int:
     prefill_config, sparse_config = check_before_load(args, video)
     with Loading(model_dir):
         model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
-                                        dtype=None if args.dtype == "auto" else args.dtype)
+                                        dtype=None if args.dtype == "auto" else args.dtype,
+                                        quantize=args.quantize)
     if model.config.random_weights and not args.demo:
         err(f"note: {model_dir} holds RANDOM weights (made by `videoxl make-tiny`): the answers are noise")
     if prefill_config:

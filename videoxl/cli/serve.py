@@ -7,7 +7,7 @@ import shutil
 import sys
 import tempfile
 
-from videoxl.cli.options import optional_float, parse_devices
+from videoxl.cli.options import add_quantize_arg, optional_float, parse_devices
 from videoxl.errors import VideoXLError
 
 
@@ -21,6 +21,7 @@ def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
     p.add_argument("--devices", default=None,
                    help="one engine worker per device, comma-separated (default: every GPU, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU)")
+    add_quantize_arg(p)
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond these get HTTP 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queueing included")
     cache = p.add_argument_group("video KV cache")
@@ -78,7 +79,7 @@ def build(args):
         PrefillConfig.from_dict(prefill)
     replicas = []
     for device in parse_devices(args.devices or "auto"):
-        model, tok = videoxl.load(args.model, device=device, dtype=args.dtype,
+        model, tok = videoxl.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize,
                                   kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
         if prefill:
             model.config.enable_chunk_prefill, model.config.prefill_config = True, dict(prefill)
