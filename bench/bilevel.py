@@ -31,6 +31,7 @@ from prefill import log, prompt_for, random_model  # noqa: E402
 
 from videoxl.prefill.plan import PrefillConfig  # noqa: E402
 from videoxl.decoding import decode_step, generate_tokens  # noqa: E402
+from videoxl.decoding.state import DecodeState
 from videoxl.decoding.bilevel import bilevel_question, prepare_bilevel  # noqa: E402
 from videoxl.decoding.sparse_config import SparseConfig  # noqa: E402
 from videoxl.decoding.generation import GenerationConfig  # noqa: E402
@@ -41,9 +42,9 @@ CHUNKING = PrefillConfig(chunk_prefill_mode="streaming", chunk_size=16, step_siz
                          chunk_size_for_vision_tower=96)
 
 
-def answer(model, cache, logits, steps: int, mode: str, t_question: float) -> dict:
+def answer(model, cache, logits, steps: int, mode: str, t_question: float, state=None) -> dict:
     gen = GenerationConfig(max_new_tokens=steps)
-    step = decode_step(model.decoder, cache, steps, mode)
+    step = decode_step(model.decoder, cache, steps, mode, state)
     stats = {}
     first = None
     for _ in generate_tokens(step, logits, gen, [11], set(), model.config.text.vocab_size, stats):
@@ -84,7 +85,8 @@ def run(model, tokenizer, frames_u8, budget: float, dense_steps: int, steps: int
         store.truncate(prompt.video_end)
         cfg = SparseConfig.from_dict({"budget": budget})
         t_p = time.perf_counter()
-        prepare_bilevel(model.decoder, store, cfg, steps)  # once per video: sparse level, mixed store, graph
+        state = DecodeState()
+        prepare_bilevel(model.decoder, store, cfg, steps, state)  # once per video: sparse level, mixed store, graph
         torch.cuda.synchronize()
         base["bilevel_prepare_s"] = round(time.perf_counter() - t_p, 3)
         for i, question in enumerate(("What happens?", "Which colour is the car at the end?")):
@@ -94,10 +96,10 @@ def run(model, tokenizer, frames_u8, budget: float, dense_steps: int, steps: int
             torch.cuda.synchronize()
             t_q = time.perf_counter()
             mixed, logits, info = bilevel_question(model.decoder, store, tail, cfg, prompt.timestamps,
-                                                   CHUNKING.groups_per_block, steps)
+                                                   CHUNKING.groups_per_block, steps, state)
             torch.cuda.synchronize()
             built = time.perf_counter() - t_q
-            r = answer(model, mixed, logits, steps, "captured", t_q)
+            r = answer(model, mixed, logits, steps, "captured", t_q, state)
             out.append(dict(base, way=f"bilevel {budget:.0%}" + (" (2nd question)" if i else ""), **r,
                             bilevel_s=round(built, 3), kept_share=info["kept_share"],
                             dense_blocks=len(info["dense_blocks"]), blocks=info["blocks"],

@@ -101,7 +101,7 @@ def main():
     model.kv_cache = VideoKVCache(int(gb * 2**30), kv_dir)
     digest_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model.kv_cache.weights_digest(model)
+    model.weights_digest()
     digest_s += time.perf_counter() - t0
     runs = {}
     runs["fresh"] = ask(model, tokenizer, video, "What happens in this video?", args.frames, args.tokens)

@@ -116,6 +116,7 @@ def test_output_must_be_a_file_in_an_existing_folder(batch, tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_worker_processes_answer_alike(batch):
     folder, inp, reference = batch
     out = str(folder / "two.jsonl")
@@ -123,6 +124,7 @@ def test_two_worker_processes_answer_alike(batch):
     assert answers(out) == reference and len(records(out)) == 8
 
 
+@pytest.mark.slow
 def test_ray_actors_answer_alike(batch):
     ray = pytest.importorskip("ray")
     folder, inp, reference = batch

@@ -164,6 +164,22 @@ def test_dense_times_force_blocks(tiny, video):
     assert [t[0] for t in stats["dense_blocks"]] == [prompt.timestamps[i] for i in (0, 24, 32)]
 
 
+def test_random_selection_draws_the_rest_of_the_budget(tiny, video):
+    """select='random' (a baseline for the quality bench): first, last and forced blocks, then seeded draws."""
+    model, _ = tiny
+    _, prompt, store, tail = video
+    chosen = set()
+    for seed in range(8):
+        _, _, stats = question(model, store, tail, prompt, budget=3, select="random", seed=seed)
+        firsts = [t[0] for t in stats["dense_blocks"]]
+        assert len(firsts) == 3 and firsts[0] == prompt.timestamps[0] and firsts[-1] == prompt.timestamps[32]
+        assert "block_scores" not in stats  # no relevance pass
+        chosen.add(firsts[1])
+        again = question(model, store, tail, prompt, budget=3, select="random", seed=seed)[2]["dense_blocks"]
+        assert again == stats["dense_blocks"]  # the seed decides
+    assert len(chosen) == 3  # blocks 1, 2 and 3 all drawn over the seeds
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"budget": 0}, "budget as a number of blocks must be >= 1"),
     ({"budget": 1.5}, r"budget as a share must be in \(0, 1\]"),
@@ -174,6 +190,8 @@ def test_dense_times_force_blocks(tiny, video):
     ({"dense_times": [[5, 2]]}, "each dense_times entry"),
     ({"dense_times": "0-10"}, "dense_times must be a list"),
     ({"budget_share": 0.2}, "unknown sparse_config key"),
+    ({"select": "oracle"}, "select must be 'model' or 'random'"),
+    ({"select": "random", "seed": 1.5}, "seed must be an integer"),
 ])
 def test_bad_sparse_config(tiny, clip_path, settings, message):
     model, tokenizer = tiny

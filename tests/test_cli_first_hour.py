@@ -98,6 +98,13 @@ def test_report_of_engine_counts_and_a_cut_video():
                              "answer 2.00s, 57 tokens generated at 41.2 tokens/s (captured decode)]")
 
 
+def test_report_shows_frames_decoded_and_encoded_with_their_rates():
+    stats = {"frames": 8, "groups": 2, "prompt_tokens": 300, "prefill": "dense",
+             "timeline": [("decode", 0.0, 1.0), ("vision", 1.0, 1.5), ("decode", 1.0, 2.0), ("vision", 2.5, 3.0)]}
+    assert ("8 frames decoded in 2.00s (4.0/s), 8 encoded at 8.0/s while encoding (waited 1.00s for frames)"
+            in report(stats))
+
+
 def test_cut_video_warns_on_the_command_line(tiny_dir, cut_video, capsys):
     assert main(["chat", cut_video, "q", "--model", tiny_dir, "--max-num-frames", "40", "--sample-fps", "none",
                  *FAST]) == 0

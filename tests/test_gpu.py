@@ -144,20 +144,25 @@ def test_chat_captured_follow_up_matches_eager(gpu_model, long_video):
 
 
 def test_captured_steps_do_not_keep_stores_alive(gpu_model):
+    """A video's decode state keeps its captured step for follow-ups, but the step must not keep its store."""
     import gc
 
-    import videoxl.decoding as decoding
+    from videoxl.decoding import decode_step
+    from videoxl.decoding.state import DecodeState
 
     model, _ = gpu_model
     store = model.decoder.new_cache(capacity=256)
+    state = DecodeState()
     with torch.inference_mode():
         model.decoder(model.decoder.embed_tokens(torch.randint(0, 100, (1, 50), device="cuda")), store)
-    _decode(model, store, "captured", {}, n=4)
-    assert store in decoding._captured
-    before = len(decoding._captured)
+        step = decode_step(model.decoder, store, 4, "captured", state)
+        step.finish(0)
+        assert state.captured_step(store) is step
+        assert decode_step(model.decoder, store, 4, "captured", state) is step  # reused, not captured again
+        step.finish(0)
     del store
     gc.collect()
-    assert len(decoding._captured) == before - 1
+    assert step.cache_ref() is None
 
 
 def test_bilevel_on_gpu(gpu_model, long_video):

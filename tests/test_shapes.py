@@ -40,7 +40,8 @@ def test_rendered_shapes_stay_inside_and_have_the_right_colour_and_height(size):
         scene = next(s for s in v.scenes if s.start * 2 <= idx < s.end * 2)
         fg = np.any(f != bg, axis=-1)
         assert not fg[0].any() and not fg[-1].any() and not fg[:, 0].any() and not fg[:, -1].any()
-        assert (f[fg] == np.array(shapes.COLOURS[scene.colour])).all()
+        colour = (f[fg] == np.array(shapes.COLOURS[scene.colour])).all(-1)
+        assert (colour | ((f[fg] == 0).all(-1) & (scene.shape == "star"))).all()  # the star's digit is black
         rows = np.nonzero(fg.any(1))[0]
         height = rows[-1] - rows[0] + 1
         assert abs(height - scene.size) <= 3.0 and 0.3 * size[1] <= height <= 0.5 * size[1]
@@ -77,16 +78,44 @@ def demo():
     return videoxl.load(videoxl.demo_model_path(), device="cpu", dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_shipped_model_finds_the_needle(demo):
-    """Proof that the shipped weights load through `videoxl.load` and work: 9 of 10 fixed 64-s videos."""
+    """Proof that the shipped weights load through `videoxl.load` and work: 9 of 10 fixed 64-s version 1 videos."""
     model, tok = demo
     right = 0
     for seed in range(10):
-        v = shapes.make_video(900_000 + seed, 64)
+        v = shapes.make_video(900_000 + seed, 64, version=1)
         answer = model.chat(shapes.model_frames(v), tok, shapes.QUESTIONS["needle"], max_num_frames=64,
                             sample_fps=1, generation_config={"max_new_tokens": 4})
         right += shapes.is_correct(answer, v.answers["needle"])
     assert right >= 9, right
+
+
+@pytest.fixture(scope="module")
+def every_kind(demo):
+    """The shipped model's answers to the seven questions of 6 fixed 64-s version 2 videos: kind -> [right?]."""
+    from videoxl.cache.identity import VideoRef
+
+    model, tok = demo
+    right = {k: [] for k in shapes.KINDS}
+    for seed in range(6):
+        v = shapes.make_video(910_000 + seed, 64)
+        source = VideoRef(f"every-kind-{seed}", tuple(shapes.model_frames(v)))  # one prefill, seven questions
+        for kind, question in v.questions.items():
+            answer = model.chat(source, tok, question, max_num_frames=64, sample_fps=1,
+                                generation_config={"max_new_tokens": 4})
+            right[kind].append(shapes.is_correct(answer, v.answers[kind]))
+    return right
+
+
+NOT_YET = pytest.mark.xfail(strict=False, reason="the shipped weights were trained on version 1 (no rings, no digit, "
+                            "no time question): they pass once the retrained weights of issue 21 ship")
+
+
+@pytest.mark.parametrize("kind", [k if k in ("needle", "first", "last") else pytest.param(k, marks=NOT_YET)
+                                  for k in shapes.KINDS])  # 'after' may now be 'ring', a word v1 never answered
+def test_shipped_model_answers_every_kind(every_kind, kind):
+    assert sum(every_kind[kind]) >= 5, every_kind[kind]
 
 
 def test_cli_demo_quiz_writes_only_to_the_cache(tmp_path, monkeypatch, capsys):
@@ -96,12 +125,12 @@ def test_cli_demo_quiz_writes_only_to_the_cache(tmp_path, monkeypatch, capsys):
     assert main(["chat", "--demo", "--device", "cpu", "--seed", "11"]) == 0
     out, err = capsys.readouterr()
     assert "NOT Video-XL-2" in err
-    assert out.count("expected:") == 4 and "/4 right" in out
+    assert out.count("expected:") == 7 and "/7 right" in out
     assert os.listdir(tmp_path / "cache" / "demo") == ["shapes-64s-seed11.mp4"]
 
 
 def test_training_forward_matches_the_inference_path(demo):
-    """The training forward (TrainCache, all four questions at once) gives chat's first-token logits."""
+    """The training forward (TrainCache, all seven questions at once) gives chat's first-token logits."""
     from videoxl.language.prompt import build_prompt
     from videoxl.demo.train_tiny import Task, forward
 
@@ -112,7 +141,7 @@ def test_training_forward_matches_the_inference_path(demo):
         _, pred, _ = forward(model, Task(tok, model.config), 16, [v], torch.from_numpy(frames))
     with torch.no_grad():
         visual = model.vision(frames)
-    for i, (kind, q) in enumerate(shapes.QUESTIONS.items()):
+    for i, (kind, q) in enumerate(v.questions.items()):
         ts = [float(t) for t in range(16)]
         p = build_prompt(tok, q, ts, model.config.tokens_per_group, model._placeholder_id(tok))
         with torch.no_grad():
@@ -130,3 +159,26 @@ def test_training_is_deterministic_on_the_cpu(tmp_path):
     a, b = (load_blob(str(tmp_path / n / "ckpt" / "state.pt")) for n in ("a", "b"))
     assert a["step"] == b["step"] == 1 and a["opt"]["state"]  # a real optimizer step was taken
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_training_from_the_shipped_weights_exports_and_reports_every_kind(tmp_path, capsys):
+    """The lead's GPU command, on the CPU for one step: --init, a wall-clock limit, export, final per-kind eval."""
+    import json
+
+    from videoxl.demo.train_tiny import main
+
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--init", videoxl.demo_model_path(), "--minutes", "5", "--total-steps", "1",
+                 "--frames", "16", "--device", "cpu", "--eval-lengths", "16", "--eval-scale", "0.01",
+                 "--head-warmup", "1", "--export"]) == 0
+    final = json.load(open(out / "train_log.json"))["eval"][-1]
+    assert final["step"] == 1 and set(final["acc"]) == set(shapes.KINDS)
+    assert "eval step 1 len 16" in capsys.readouterr().out
+    size = sum(os.path.getsize(out / "model" / f) for f in os.listdir(out / "model"))
+    assert size <= 25 * 2**20
+    model, tok = videoxl.load(str(out / "model"), device="cpu", dtype=torch.float32)
+    shipped, shipped_tok = videoxl.load(videoxl.demo_model_path(), device="cpu", dtype=torch.float32)
+    assert tok.backend_tokenizer.to_str() == shipped_tok.backend_tokenizer.to_str()  # the shipped tokenizer
+    # --head-warmup 1: the one step trained only the read-outs, so the exported weights are the shipped ones
+    assert all(torch.equal(v, shipped.state_dict()[k]) for k, v in model.state_dict().items())

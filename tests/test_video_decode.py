@@ -292,3 +292,4 @@ def test_nv12_path_turns_frames_like_the_cpu_path(files):
     ours = nv12_to_model_input(frame.reformat(format="nv12"), 3).numpy()  # a -90 degree tag: clockwise
     ref = resize_frame(np.rot90(frame.to_ndarray(format="rgb24"), 3))
     assert np.abs(ours.astype(int) - ref).max() <= 3
+

@@ -118,8 +118,6 @@ def test_bad_cache_settings_are_one_line_errors(tiny_dir, tmp_path):
 def test_bilevel_extras_count_against_the_budget(tiny_dir, clip_path, second_clip):
     """Bi-level decoding's sparse level and mixed store grow a cached video after it was put: the budget counts
     them, and the older video is evicted (never the one being answered)."""
-    from videoxl.decoding.bilevel import held_bytes
-
     model, tok = videoxl.load(tiny_dir, device="cpu", dtype="float32", kv_cache_gb=0.01)
     model.config.enable_chunk_prefill = True
     model.config.prefill_config = {"chunk_prefill_mode": "mask", "chunk_size": 4, "step_size": 1}
@@ -129,6 +127,6 @@ def test_bilevel_extras_count_against_the_budget(tiny_dir, clip_path, second_cli
     model.kv_cache.max_bytes = a.nbytes + b.nbytes  # both fit, with no room for more
     model.config.enable_sparse, model.config.sparse_config = True, {"budget": 0.5}
     model.chat(second_clip, tok, "What happens?", **ASK)
-    assert model.last_stats["kv_cache"] == "memory" and held_bytes(b.cache) > 0
-    assert b.nbytes == b.cache.nbytes + held_bytes(b.cache)
+    assert model.last_stats["kv_cache"] == "memory" and b.decode.nbytes > 0
+    assert b.nbytes == b.cache.nbytes + b.decode.nbytes
     assert list(model.kv_cache.entries.values()) == [b] and model.kv_cache.counts["evictions"] == 1

@@ -3,23 +3,20 @@
 `check_request` turns the model card's arguments into a `Request` the pipeline can trust: the video as a path
 or a list of images / uint8 HxWx3 frames (a [T, H, W, 3] array or tensor is split into frames, float images in
 [0, 1] are scaled to 0..255), numpy numbers as Python numbers, the history as (question, answer) pairs, and a
-question + history short enough for the decoder (checked before any frame is decoded). `memory_errors` turns
-an out-of-memory anywhere in a call into one line naming what to lower.
+question + history short enough for the decoder (checked before any frame is decoded). (An out-of-memory
+anywhere in a call becomes one line in memory.py; what a question reports, in the pipeline.)
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from videoxl.errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
-from videoxl.decoding.generation import GenerationConfig
+from videoxl.errors import VideoXLError
 from videoxl.cache.identity import VideoRef
 
 # Question + chat history, in tokens. Far above any real question, far below the decoder's context (32,768 for
@@ -36,20 +33,16 @@ class Request:
     max_num_frames: int
     sample_fps: float | None
     max_sample_fps: float | None
-    gen: GenerationConfig
 
 
 def check_request(config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
-                  max_sample_fps, generation_config) -> Request:
+                  max_sample_fps) -> Request:
     if not isinstance(question, str) or not question.strip():
         raise VideoXLError("question must be a non-empty string")
-    if generation_config is not None and not isinstance(generation_config, Mapping):
-        raise VideoXLError(f"generation_config must be a dict (or None), got {type(generation_config).__name__}")
-    gen = GenerationConfig.from_dict(dict(generation_config or {}))
     history = check_history(chat_history)
     check_text_length(config, tokenizer, question, history)
     return Request(check_video(video_path), question, history, as_int(max_num_frames),
-                   as_float(sample_fps), as_float(max_sample_fps), gen)
+                   as_float(sample_fps), as_float(max_sample_fps))
 
 
 # ---- numbers ----------------------------------------------------------------------------------------------------
@@ -187,53 +180,3 @@ def to_uint8_frame(arr: np.ndarray, name: str) -> np.ndarray:
 def _short(x) -> str:
     text = repr(x)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-# ---- what the video gave -----------------------------------------------------------------------------------------
-def frame_stats(stream) -> dict:
-    """Frames read against frames planned, and their timestamps. A file cut off mid-way decodes fewer frames
-    than its header promised: the answer then rests on fewer frames, which the caller should hear about."""
-    read, expected = len(stream.kept), len(stream.planned)
-    if read < expected:
-        warnings.warn(f"video ended early: {read} of {expected} expected frames read from {stream.source} "
-                      f"(file cut off or damaged?); answering from those", VideoXLWarning, stacklevel=4)
-    return {"frames_expected": expected, "timestamps": list(stream.timestamps)}
-
-
-def answer_stats(prefix_stats: dict, cache_hit: bool, prompt_tokens: int) -> dict:
-    """`last_stats` of one question. A follow-up that reused the video's KVs reports that, not the times and
-    memory of the question that built them."""
-    stats = dict(prefix_stats, prompt_tokens=prompt_tokens, cache_hit=cache_hit)
-    if cache_hit:
-        for key in ("vision_s", "prefill_s", "peak_gpu_gb", "video_decode_s", "video_frames_read"):
-            stats.pop(key, None)
-    return stats
-
-
-# ---- out of memory ------------------------------------------------------------------------------------------------
-def is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-@contextlib.contextmanager
-def memory_errors(device: torch.device, max_num_frames, chunked: bool):
-    """Any out-of-memory inside becomes one line that names what to lower."""
-    try:
-        yield
-    except Exception as e:
-        if not is_out_of_memory(e):
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        # the exception tells which memory ran out: with offload, a GPU run can run out of (pinned) host memory
-        where = "GPU" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e) else "CPU"
-        fix = [f"fewer frames (max_num_frames, now {max_num_frames})"]
-        if not chunked:
-            fix.append("chunk prefill 'streaming' with offload (CLI: --chunk-prefill streaming --offload)")
-        fix.append("a smaller vision batch (chunk_size_for_vision_tower / --vision-chunk, e.g. 8)")
-        raise VideoXLMemoryError(f"out of {where} memory while answering; try {', or '.join(fix)}, or a "
-                                 "shorter question") from None
-

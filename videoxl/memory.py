@@ -20,6 +20,7 @@ within 10% from 256 to 10,000 frames in all three modes (`tests/test_memory.py` 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -27,10 +28,10 @@ import torch
 
 from videoxl.config import FRAMES_PER_GROUP, VideoXLConfig
 from videoxl.errors import VideoXLMemoryError
+from videoxl.language.prompt import SYSTEM_TOKENS, prompt_tokens
+from videoxl.prefill.plan import STREAM_TOKENS_PER_SLICE
 
 GiB = 2**30
-SLICE_TOKENS = 16384  # prefill.STREAM_TOKENS_PER_SLICE (not imported: prefill pulls in the attention kernels)
-TIME_TOKENS = 9  # tokens of one `Time 123.5s:` string (Qwen2 splits digits)
 HEADROOM = 1.20  # on the working memory: allocator fragmentation, and the estimate runs up to 10% low in total
 MODES = ("dense", "mask", "streaming", "streaming+offload")
 CLI_FLAGS = {"dense": "no --chunk-prefill", "mask": "--chunk-prefill mask",
@@ -56,18 +57,12 @@ class Estimate:
         return self.total - self.weights
 
 
-def video_tokens(config: VideoXLConfig, frames: int, text_tokens: int = 40) -> int:
-    """Prompt tokens up to the end of the video (system prompt + per group `Time …s:` and visual tokens)."""
-    groups = math.ceil(frames / FRAMES_PER_GROUP)
-    return text_tokens + groups * (config.tokens_per_group + TIME_TOKENS)
-
-
 def estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, tokens: int | None = None,
              frames_per_slice: int = 96, dtype_bytes: int = 2) -> Estimate:
     """Peak memory of vision + prefill for `frames` frames with `weights` bytes of parameters; `tokens` =
     prompt tokens through the video when known, else from the frame count."""
     t, v, b = config.text, config.vision, dtype_bytes
-    n = tokens if tokens is not None else video_tokens(config, frames)
+    n = tokens if tokens is not None else prompt_tokens(config, frames)
     hidden, mlp = t.hidden_size, t.intermediate_size
     kv_token = t.num_key_value_heads * t.head_dim  # one layer's K (or V) per token, elements
     all_kv = 2 * t.num_hidden_layers * kv_token * b
@@ -80,11 +75,11 @@ def estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, tokens
     kv = 4 * kv_token * b if offload else all_kv  # offload: two GPU staging slots of one layer
     if base == "dense":
         attention = n * (all_kv + 4 * hidden * b + rope)
-        mlp_phase = n * (all_kv + 3 * hidden * b + rope) + min(n, SLICE_TOKENS) * 3 * mlp * b
+        mlp_phase = n * (all_kv + 3 * hidden * b + rope) + min(n, STREAM_TOKENS_PER_SLICE) * 3 * mlp * b
         prefill = max(attention, mlp_phase)
     elif base == "streaming":
         attention = n * (kv + (5 * hidden + 2 * kv_token) * b + rope)
-        mlp_phase = n * (kv + 3 * hidden * b + rope) + min(n, SLICE_TOKENS) * 3 * mlp * b
+        mlp_phase = n * (kv + 3 * hidden * b + rope) + min(n, STREAM_TOKENS_PER_SLICE) * 3 * mlp * b
         prefill = max(attention, mlp_phase)
     elif base == "mask":
         prefill = n * (kv + (3 * hidden + 3 * mlp) * b + rope)
@@ -144,12 +139,12 @@ def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames
     available = free_bytes(model.device)
     if available is None:
         return None
-    text_tokens = 40 + sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    text_tokens = SYSTEM_TOKENS + sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     b = model.dtype.itemsize
     w = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # resident (quantized:
     # the weights are buffers)
     mode = mode_of(chunking)
-    tokens = video_tokens(model.config, frames, text_tokens)
+    tokens = prompt_tokens(model.config, frames, text_tokens)
     est = estimate(model.config, frames, mode, w, tokens, frames_per_slice, b)
     if est.working * HEADROOM <= available:
         return est
@@ -165,7 +160,7 @@ def gib(x: int) -> str:
 
 def suggestion(config, frames, text_tokens, budget, b, w, mode, frames_per_slice) -> str:
     def fits(m, per_slice):
-        e = estimate(config, frames, m, w, video_tokens(config, frames, text_tokens), per_slice, b)
+        e = estimate(config, frames, m, w, prompt_tokens(config, frames, text_tokens), per_slice, b)
         return e.weights + e.working * HEADROOM <= budget
 
     for m in ("mask", "dense", "streaming", "streaming+offload"):
@@ -180,3 +175,31 @@ def suggestion(config, frames, text_tokens, budget, b, w, mode, frames_per_slice
     if most == 0:
         return "the weights alone leave no room: use a card with more memory"
     return f"use --max-num-frames {most} with --chunk-prefill streaming --offload --vision-chunk 8"
+
+
+# ---- out of memory ------------------------------------------------------------------------------------------------
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@contextlib.contextmanager
+def memory_errors(device: torch.device, max_num_frames, chunked: bool):
+    """Any out-of-memory inside becomes one line that names what to lower."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        # the exception tells which memory ran out: with offload, a GPU run can run out of (pinned) host memory
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e) else "CPU"
+        fix = [f"fewer frames (max_num_frames, now {max_num_frames})"]
+        if not chunked:
+            fix.append("chunk prefill 'streaming' with offload (CLI: --chunk-prefill streaming --offload)")
+        fix.append("a smaller vision batch (chunk_size_for_vision_tower / --vision-chunk, e.g. 8)")
+        raise VideoXLMemoryError(f"out of {where} memory while answering; try {', or '.join(fix)}, or a "
+                                 "shorter question") from None

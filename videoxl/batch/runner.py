@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from videoxl.errors import VideoXLError
+from videoxl.settings import Settings as QuestionSettings
 from videoxl.batch.jobs import Job
 
 STAT_KEYS = ("ttft_s", "decode_tokens_per_s", "generated_tokens", "prompt_tokens", "cached_tokens", "kv_cache",
@@ -42,12 +43,7 @@ class Worker:
 
         self.model, self.tokenizer = videoxl.load(settings.model_dir, device=device, dtype=settings.dtype,
                                                   kv_cache_dir=settings.kv_cache_dir, quantize=settings.quantize)
-        cfg = self.model.config
-        if settings.prefill_config:
-            cfg.enable_chunk_prefill, cfg.prefill_config = True, settings.prefill_config
-        if settings.sparse_config:
-            cfg.enable_sparse, cfg.sparse_config = True, settings.sparse_config
-        self.generation = settings.generation
+        self.settings = QuestionSettings.build(settings.prefill_config, settings.sparse_config, settings.generation)
         self.device = str(self.model.device)
 
     def answer(self, jobs: list[Job]) -> list[dict]:
@@ -56,7 +52,7 @@ class Worker:
             frames, fps, max_fps = job.sampling
             try:
                 answer = self.model.chat(job.video, self.tokenizer, job.question, max_num_frames=frames,
-                                         sample_fps=fps, max_sample_fps=max_fps, generation_config=self.generation)
+                                         sample_fps=fps, max_sample_fps=max_fps, settings=self.settings)
             except VideoXLError as e:  # this row's problem (its video, its length): the batch goes on
                 out.append(job.record(error=str(e)))
                 continue

@@ -7,7 +7,7 @@ import os
 import time
 
 from videoxl.cli.options import (add_chunk_args, add_generation_args, add_quantize_arg, add_sampling_args, add_sparse_args,
-                                check_before_load, generation_config, parse_devices)
+                                card_dicts, check_before_load, generation_config, parse_devices)
 from videoxl.cli.console import err
 from videoxl.errors import VideoXLError
 
@@ -51,7 +51,7 @@ def cmd_batch(args) -> int:
         raise VideoXLError("--workers only applies with --ray (on this machine, --devices sets the workers)")
     if args.model and not os.path.isdir(args.model):
         raise VideoXLError(f"model folder not found: {args.model}")
-    prefill, sparse = check_before_load(args, None)
+    prefill, sparse = card_dicts(check_before_load(args, None))
     jobs = read_jobs(args.input, (args.max_num_frames, args.sample_fps, args.max_sample_fps))
     devices = parse_devices(args.devices) if args.ray is None else [None]
     out = Output(args.output)

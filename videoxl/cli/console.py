@@ -8,6 +8,7 @@ import time
 import warnings
 
 from videoxl.errors import VideoXLWarning
+from videoxl.timeline import idle_waiting, merged
 
 PROMPT = "question> "
 QUIT = {"exit", "quit", ":q"}
@@ -89,6 +90,7 @@ def report(s: dict, device_type: str = "cuda") -> str:
         if "video_decode_s" in s:
             parts.append(f"video: {s['video_decoder']} read {s['video_frames_read']} source frames in "
                          f"{s['video_decode_s']:.2f}s")
+        parts += frame_rates(s)
         for key, name in (("vision_s", "frame decoding + vision"), ("prefill_s", "prefill")):
             if key in s:
                 parts.append(f"{name} {s[key]:.2f}s")
@@ -109,6 +111,21 @@ def report(s: dict, device_type: str = "cuda") -> str:
     if "peak_gpu_gb" in s:
         parts.append(f"peak GPU {s['peak_gpu_gb']:.1f} GiB")
     return "[" + ", ".join(parts) + "]"
+
+
+def frame_rates(s: dict) -> list[str]:
+    """Frames decoded and frames encoded, each with its rate over its own stage's span (from the question's
+    timeline), and how long the vision tower waited for frames: which side held the other up."""
+    events, frames = s.get("timeline") or [], s.get("frames")
+    decode = [(a, b) for stage, a, b in events if stage == "decode"]
+    vision = merged(events, ["vision"])
+    if not frames or not decode or not vision:
+        return []
+    took = max(b for _, b in decode) - decode[0][0]
+    busy = sum(b - a for a, b in vision)
+    return [f"{frames} frames decoded in {took:.2f}s ({frames / max(took, 1e-9):.1f}/s)",
+            f"{frames} encoded at {frames / max(busy, 1e-9):.1f}/s while encoding "
+            f"(waited {idle_waiting(events):.2f}s for frames)"]
 
 
 def json_line(question: str, answer: str, stats: dict) -> str:

@@ -10,7 +10,7 @@ import os
 import sys
 
 from videoxl.cli.options import (HelpFormatter, add_chunk_args, add_generation_args, add_quantize_arg, add_sampling_args,
-                                 add_sparse_args, check_before_load, generation_config)
+                                 add_sparse_args, check_before_load)
 from videoxl.cli.console import AnswerTimer, Loading, err, json_line, questions, report, show_warnings_as_lines
 from videoxl.errors import VideoXLError, VideoXLMemoryError
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--demo (default: none)")
     chat.add_argument("--demo", action="store_true",
                       help="use the tiny model trained on the synthetic 'shapes' task, shipped in the package "
-                           "(no VIDEO: it draws a task video and asks its four questions)")
+                           "(no VIDEO: it draws a task video and asks its seven questions)")
     chat.add_argument("--device", default="auto", help="cuda, cuda:1, cpu; auto = cuda if available, else cpu")
     chat.add_argument("--dtype", default="auto",
                       help="bfloat16, float16, float32; auto = bfloat16 on a GPU, float32 on a CPU")
@@ -82,6 +82,8 @@ def cmd_chat(args) -> int:
 
         model_dir, video = args.model or demo_model_path(), args.video
         if video and not os.path.exists(video) and args.question is None:
+            if looks_like_a_path(video):  # `chat --demo typo.mp4` is a missing file, not a question
+                raise VideoXLError(f"video not found: {video}")
             video, args.question = None, video  # `videoxl chat --demo "question"`
         print(NOTICE, file=sys.stderr)
         if video is None:  # draw a task video into the cache folder and ask about it
@@ -103,32 +105,43 @@ def cmd_chat(args) -> int:
         model_dir, video = args.model, args.video
     if isinstance(video, str) and not os.path.exists(video):
         raise VideoXLError(f"video not found: {video}")  # before the (slow) model load
-    prefill_config, sparse_config = check_before_load(args, video)
-    with Loading(model_dir):
-        model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
-                                        dtype=None if args.dtype == "auto" else args.dtype,
+    settings = check_before_load(args, video)
+    from videoxl.checkpoint.loader import parse_device
+    from videoxl.video.prefetch import Prefetch
+
+    device = parse_device(None if args.device == "auto" else args.device)
+    prefetch = Prefetch(video, (args.max_num_frames, args.sample_fps, args.max_sample_fps), device)
+    with Loading(model_dir):  # the first question's frames are decoded meanwhile
+        model, tokenizer = videoxl.load(model_dir, device=device, dtype=None if args.dtype == "auto" else args.dtype,
                                         quantize=args.quantize)
+    model.prefetched = prefetch
     if model.config.random_weights and not args.demo:
         err(f"note: {model_dir} holds RANDOM weights (made by `videoxl make-tiny`): the answers are noise")
-    if prefill_config:
-        if args.offload and model.device.type != "cuda":
-            err("note: --offload has no effect on a CPU (the KVs are in CPU memory already)")
-        model.config.enable_chunk_prefill = True
-        model.config.prefill_config = prefill_config
-    if sparse_config:
-        model.config.enable_sparse, model.config.sparse_config = True, sparse_config
+    if args.offload and model.device.type != "cuda":
+        err("note: --offload has no effect on a CPU (the KVs are in CPU memory already)")
     interactive = args.interactive or (args.question is None and not args.demo)
     history = []
     for question in questions(args.question) if interactive else [args.question]:
         timer = AnswerTimer(None if args.json else write)
         answer, history = model.chat(video, tokenizer, question, chat_history=history, return_history=True,
                                      max_num_frames=args.max_num_frames, sample_fps=args.sample_fps,
-                                     max_sample_fps=args.max_sample_fps, generation_config=generation_config(args),
+                                     max_sample_fps=args.max_sample_fps, settings=settings,
                                      show_progress=progress_stages(args), on_text=timer)
         stats = timer.finish(model.last_stats)
         write(json_line(question, answer, stats) + "\n" if args.json else "\n")
         err(report(stats, model.device.type))
     return 0
+
+
+VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".flv", ".wmv", ".ts", ".mpg", ".mpeg"}
+
+
+def looks_like_a_path(text: str) -> bool:
+    """A name with a video or image file's extension, or with a folder in it: meant as a file."""
+    from videoxl.video.sources import IMAGE_EXTENSIONS
+
+    ext = os.path.splitext(text)[1].lower()
+    return os.sep in text or (ext in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS and " " not in text)
 
 
 def write(piece: str) -> None:

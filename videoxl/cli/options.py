@@ -1,13 +1,16 @@
 """The command line's shared options (sampling, generation, chunk prefill, bi-level decoding) and their checks,
-used by `videoxl chat` and `videoxl batch`. Every setting is checked here, before the (slow) model load."""
+used by `videoxl chat`, `serve` and `batch`: each builds one `videoxl.settings.Settings` here, checked before the
+(slow) model load, and passes it down (nothing is written into the checkpoint's config)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from videoxl.prefill.plan import PrefillConfig
 from videoxl.decoding.sparse_config import SparseConfig
 from videoxl.errors import VideoXLError
+from videoxl.settings import Settings
 
 CHUNK_DEFAULTS = PrefillConfig()  # what --chunk-size etc. are with --chunk-prefill when not given
 SPARSE_DEFAULTS = SparseConfig()  # what --sparse-budget etc. are with --sparse when not given
@@ -107,14 +110,21 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
                         help="seconds that must stay dense, e.g. '10-25,300-320' (default: none)")
 
 
-def check_before_load(args, video) -> tuple[dict | None, dict | None]:
+def check_before_load(args, video) -> Settings:
     """Every setting, and the video file's header, checked before the (slow) model load; returns the
-    prefill_config (None: dense prefill) and the sparse_config (None: dense decoding)."""
-    from videoxl.decoding.generation import GenerationConfig
+    question settings (prefill, bi-level decoding and, where the command has them, generation)."""
     from videoxl.video.sources import IMAGE_EXTENSIONS, check_sampling, open_video
 
     check_sampling(args.max_num_frames, args.sample_fps, args.max_sample_fps)
-    GenerationConfig.from_dict(generation_config(args))
+    settings = settings_from_args(args)
+    if isinstance(video, str) and os.path.isfile(video) and \
+            os.path.splitext(video)[1].lower() not in IMAGE_EXTENSIONS:
+        open_video(video, args.max_num_frames, args.sample_fps, args.max_sample_fps)  # reads the header only
+    return settings
+
+
+def settings_from_args(args) -> Settings:
+    """The chunk-prefill, bi-level and generation options as one validated `Settings`."""
     only_with("--chunk-prefill streaming|mask", args.chunk_prefill,
               {"--chunk-size": args.chunk_size, "--step-size": args.step_size, "--vision-chunk": args.vision_chunk,
                "--offload": args.offload or None})
@@ -124,25 +134,30 @@ def check_before_load(args, video) -> tuple[dict | None, dict | None]:
     only_with("--sparse", args.sparse, {"--sparse-budget": args.sparse_budget,
                                         "--sparse-compression": args.sparse_compression,
                                         "--dense-times": args.dense_times})
-    if isinstance(video, str) and os.path.isfile(video) and \
-            os.path.splitext(video)[1].lower() not in IMAGE_EXTENSIONS:
-        open_video(video, args.max_num_frames, args.sample_fps, args.max_sample_fps)  # reads the header only
+    generation = generation_config(args) if hasattr(args, "max_new_tokens") else None
     if not args.chunk_prefill:
-        return None, None
+        return Settings.build(None, None, generation)
     d = CHUNK_DEFAULTS
     prefill = {"chunk_prefill_mode": args.chunk_prefill,
                "chunk_size": d.chunk_size if args.chunk_size is None else args.chunk_size,
                "step_size": d.step_size if args.step_size is None else args.step_size, "offload": args.offload,
                "chunk_size_for_vision_tower": d.chunk_size_for_vision_tower if args.vision_chunk is None
                else args.vision_chunk}
-    PrefillConfig.from_dict(prefill)
-    if not args.sparse:
-        return prefill, None
-    sparse = {"budget": SPARSE_DEFAULTS.budget if args.sparse_budget is None else args.sparse_budget,
-              "compression": SPARSE_DEFAULTS.compression if args.sparse_compression is None
-              else args.sparse_compression, "dense_times": args.dense_times}
-    SparseConfig.from_dict(dict(sparse))
-    return prefill, sparse
+    sparse = None
+    if args.sparse:
+        sparse = {"budget": SPARSE_DEFAULTS.budget if args.sparse_budget is None else args.sparse_budget,
+                  "compression": SPARSE_DEFAULTS.compression if args.sparse_compression is None
+                  else args.sparse_compression, "dense_times": args.dense_times}
+    return Settings.build(prefill, sparse, generation)
+
+
+def card_dicts(settings: Settings) -> tuple[dict | None, dict | None]:
+    """The settings as the model card's `prefill_config` / `sparse_config` dicts (plain data for workers in
+    other processes; `Settings.build` reads them back)."""
+    def as_dict(cfg):
+        return None if cfg is None else {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+    return as_dict(settings.prefill), as_dict(settings.sparse)
 
 
 def only_with(needed: str, present, options: dict) -> None:

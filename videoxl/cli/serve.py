@@ -7,7 +7,8 @@ import shutil
 import sys
 import tempfile
 
-from videoxl.cli.options import add_quantize_arg, optional_float, parse_devices
+from videoxl.cli.options import (add_chunk_args, add_quantize_arg, add_sparse_args, optional_float, parse_devices,
+                                 settings_from_args)
 from videoxl.errors import VideoXLError
 
 
@@ -41,19 +42,14 @@ def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
     sampling.add_argument("--sample-fps", type=optional_float, default=1.0, help="frames per second; 'none' = uniform")
     sampling.add_argument("--max-sample-fps", type=optional_float, default=None, help="raise the rate up to this")
     sampling.add_argument("--default-max-tokens", type=int, default=256, help="answer tokens when max_tokens is unset")
-    chunk = p.add_argument_group("chunk-based prefill (as `videoxl chat`)")
-    chunk.add_argument("--chunk-prefill", choices=["streaming", "mask"], default=None, help="chunk prefill mode")
-    chunk.add_argument("--chunk-size", type=int, default=4, help="attention window, in groups of 4 frames")
-    chunk.add_argument("--step-size", type=int, default=1, help="groups of 4 frames per block")
-    chunk.add_argument("--offload", action="store_true", help="keep the KVs in CPU memory")
-    chunk.add_argument("--vision-chunk", type=int, default=24, help="frames per vision-tower batch")
+    add_chunk_args(p)
+    add_sparse_args(p)
     return p
 
 
 def build(args):
     """Options -> (app, engine): models loaded, workers not started. Checks come before the slow loads."""
     import videoxl
-    from videoxl.prefill.plan import PrefillConfig
     from videoxl.serving.app import Settings, create_app
     from videoxl.serving.engine import Engine
     from videoxl.serving.media import MediaLimits
@@ -71,18 +67,11 @@ def build(args):
             raise VideoXLError(f"--{name.replace('_', '-')} must be at least 1")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise VideoXLError(f"--allowed-local-media-path is not a folder: {args.allowed_local_media_path}")
-    prefill = None
-    if args.chunk_prefill:
-        prefill = {"chunk_prefill_mode": args.chunk_prefill, "chunk_size": args.chunk_size,
-                   "step_size": args.step_size, "offload": args.offload,
-                   "chunk_size_for_vision_tower": args.vision_chunk}
-        PrefillConfig.from_dict(prefill)
+    question_settings = settings_from_args(args)  # the same options and checks as `videoxl chat`
     replicas = []
     for device in parse_devices(args.devices or "auto"):
         model, tok = videoxl.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize,
                                   kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
-        if prefill:
-            model.config.enable_chunk_prefill, model.config.prefill_config = True, dict(prefill)
         replicas.append((model, tok))
     mb = 2**20
     limits = MediaLimits(args.allowed_local_media_path, tuple(args.allowed_media_domains),
@@ -95,7 +84,7 @@ def build(args):
     tmp_dir = tempfile.mkdtemp(prefix="videoxl-media-")
     settings = Settings(name, limits, defaults, args.request_timeout, tmp_dir, registry)
     metrics = Metrics()
-    engine = Engine(replicas, args.max_queue, metrics)
+    engine = Engine(replicas, args.max_queue, metrics, question_settings)
     return create_app(engine, settings, metrics), engine, settings
 
 

@@ -9,7 +9,6 @@ The captured step (`captured.py`) is a CUDA graph over Triton kernels (`kernels.
 from __future__ import annotations
 
 import time
-import weakref
 from typing import Iterator
 
 import torch
@@ -19,9 +18,9 @@ from videoxl.decoding.generation import GenerationConfig
 from videoxl.language.kv_store import KVStore
 from videoxl.decoding.eager import EagerStep
 from videoxl.decoding.sampling import Sampler
+from videoxl.decoding.state import DecodeState
 
 CAPACITY_BUCKET = 8192  # KV capacity grows in these steps, so a follow-up question rarely reallocates
-_captured: "weakref.WeakKeyDictionary[KVStore, object]" = weakref.WeakKeyDictionary()
 
 
 def bucketed(tokens: int) -> int:
@@ -39,9 +38,10 @@ def fast_path_available(cache: KVStore) -> bool:
     return True
 
 
-def decode_step(decoder: Qwen2Decoder, cache: KVStore, max_new_tokens: int, mode: str = "auto"):
-    """The step object for `cache`: 'captured' (a CUDA graph, kept per store for its follow-up questions),
-    'eager', or 'auto' (captured where it can run)."""
+def decode_step(decoder: Qwen2Decoder, cache: KVStore, max_new_tokens: int, mode: str = "auto",
+                state: DecodeState | None = None):
+    """The step object for `cache`: 'captured' (a CUDA graph, kept in `state` for the video's follow-up
+    questions; without a state, captured afresh), 'eager', or 'auto' (captured where it can run)."""
     if mode == "auto":
         mode = "captured" if fast_path_available(cache) else "eager"
     if mode == "eager":
@@ -51,11 +51,12 @@ def decode_step(decoder: Qwen2Decoder, cache: KVStore, max_new_tokens: int, mode
     need = cache.length + max_new_tokens + 1
     if need > cache.capacity:
         cache.reserve(bucketed(need))
-    step = _captured.get(cache)
+    step = None if state is None else state.captured_step(cache)
     if step is None or not step.valid_for(cache):
         step = CapturedStep(decoder, cache)
         step.capture()
-        _captured[cache] = step
+        if state is not None:
+            state.keep_step(cache, step)
     else:
         step.capture_s = 0.0
     step.start()

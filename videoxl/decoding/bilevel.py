@@ -10,16 +10,16 @@ Per question, from the prefilled video's store (on the GPU or offloaded) and its
    the layers (the lower layers attend mostly by position and to nearby text; the upper ones retrieve by
    content), so it uses the model's own queries and keys at the positions it will see them.
 3. Dense: the first and the last block, the blocks overlapping `dense_times`, then the best-scored blocks until
-   the budget is reached. The mixed cache is [text before the video, each block dense or sparse in time order],
-   renumbered compactly from 0 with every key rotated to its new position; only the dense blocks' KVs are
-   read from the store (from CPU memory if offloaded), so the GPU holds the budget's share, not the video.
+   the budget is reached (`select="random"`: blocks drawn at random instead, a baseline for measuring step 2).
+   The mixed cache is [text before the video, each block dense or sparse in time order], renumbered compactly
+   from 0 with every key rotated to its new position; only the dense blocks' KVs are read from the store
+   (from CPU memory if offloaded), so the GPU holds the budget's share, not the video.
 4. The question is forwarded over the mixed cache; decoding goes on from there with the usual step.
 With every block dense the mixed cache is the store itself, position for position.
 """
 from __future__ import annotations
 
 import time
-import weakref
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from videoxl.language.decoder import Qwen2Decoder, apply_rope, rope_cos_sin
 from videoxl.language.kv_store import KVStore
 from videoxl.decoding import bucketed, decode_step
 from videoxl.decoding.sparse_config import SparseConfig
+from videoxl.decoding.state import DecodeState
 
 QUESTION_ROOM = 512  # tokens a prepared mixed store keeps for the question (a longer one reallocates it)
 
@@ -50,6 +51,7 @@ class SparseLevel:
             np.searchsorted(self.slot_block, np.arange(len(plan.blocks)), "left"),
             np.searchsorted(self.slot_block, np.arange(len(plan.blocks)), "right"))]
         self.slots = len(self.slot_block)
+        self.compression = compression
         device = decoder.embed_tokens.weight.device
         slot_t = torch.from_numpy(slot).to(device)
         counts = torch.bincount(slot_t, minlength=self.slots).float()[None, :, None]
@@ -65,24 +67,11 @@ class SparseLevel:
             self.v.append((torch.zeros(shape, device=device).index_add_(1, slot_t, v.float()) / counts).to(v.dtype))
 
 
-_levels: "weakref.WeakKeyDictionary[KVStore, dict]" = weakref.WeakKeyDictionary()
-_mixed: "weakref.WeakKeyDictionary[KVStore, KVStore]" = weakref.WeakKeyDictionary()
-
-
-def held_bytes(store: KVStore) -> int:
-    """What bi-level decoding keeps for `store` between questions (its sparse level and its mixed store): the
-    video KV cache counts it against its byte budget."""
-    levels = _levels.get(store, {}).values()
-    mixed = _mixed.get(store)
-    return sum(t.nbytes for level in levels for t in level.k + level.v) + (mixed.nbytes if mixed else 0)
-
-
-def sparse_level(decoder, store: KVStore, compression: int) -> SparseLevel:
-    per_store = _levels.setdefault(store, {})
-    if compression not in per_store:
-        per_store.clear()  # one compression at a time: the level is a quarter of the video's KVs
-        per_store[compression] = SparseLevel(decoder, store, store.plan, compression)
-    return per_store[compression]
+def sparse_level(decoder, store: KVStore, compression: int, state: DecodeState) -> SparseLevel:
+    if state.level is None or state.level.compression != compression:
+        state.level = None  # one compression at a time: the level is a quarter of the video's KVs
+        state.level = SparseLevel(decoder, store, store.plan, compression)
+    return state.level
 
 
 def block_times(plan: BlockPlan, timestamps: list[float], groups_per_block: int) -> list[tuple[float, float]]:
@@ -176,37 +165,41 @@ def _mixed_size(plan: BlockPlan, level: SparseLevel | None, dense: set[int]) -> 
                                   for b, (s, e) in enumerate(plan.blocks))
 
 
-def prepare_bilevel(decoder: Qwen2Decoder, store: KVStore, cfg: SparseConfig, max_new_tokens: int) -> float:
+def prepare_bilevel(decoder: Qwen2Decoder, store: KVStore, cfg: SparseConfig, max_new_tokens: int,
+                    state: DecodeState) -> float:
     """What does not depend on the question, done once per video: the sparse level, a mixed store large enough
     for the budget's biggest blocks, and (on CUDA) its captured decode step, so that a question pays only for
     its relevance pass, its blocks' copies and its tokens. Returns the seconds it took (0: already done)."""
     plan = store.plan
     n_blocks = len(plan.blocks)
     want = cfg.dense_count(n_blocks)
-    if store in _mixed and (want >= n_blocks or cfg.compression in _levels.get(store, {})):
+    if state.mixed is not None and (want >= n_blocks or (state.level and state.level.compression == cfg.compression)):
         return 0.0
     t0 = time.perf_counter()
     if want >= n_blocks:
         size = plan.length
     else:
-        level = sparse_level(decoder, store, cfg.compression)
+        level = sparse_level(decoder, store, cfg.compression, state)
         growth = sorted(((e - s) - (level.block_slots[b][1] - level.block_slots[b][0])
                          for b, (s, e) in enumerate(plan.blocks)), reverse=True)
         size = _mixed_size(plan, level, set()) + sum(growth[:want])
-    _mixed.pop(store, None)
+    state.drop_mixed()
     dc = decoder.cfg
     mixed = KVStore(dc.num_hidden_layers, dc.num_key_value_heads, dc.head_dim, store.dtype,
                     decoder.embed_tokens.weight.device, bucketed(size + QUESTION_ROOM + max_new_tokens + 1))
-    _mixed[store] = mixed
-    decode_step(decoder, mixed, max_new_tokens)  # captures the graph now, on the store every question reuses
+    state.mixed = mixed
+    decode_step(decoder, mixed, max_new_tokens, state=state)  # the graph captured now, on the store questions reuse
     return time.perf_counter() - t0
 
 
 def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, cfg: SparseConfig,
-                     timestamps: list[float], groups_per_block: int, max_new_tokens: int):
+                     timestamps: list[float], groups_per_block: int, max_new_tokens: int,
+                     state: DecodeState | None = None):
     """Forward the question's tokens `tail` [n] over the bi-level cache of `store` (a prefilled video: prefix
-    and blocks only). Returns (mixed store, logits of the last position, stats)."""
-    prepare_s = prepare_bilevel(decoder, store, cfg, max_new_tokens)
+    and blocks only). Returns (mixed store, logits of the last position, stats). `state` is the video's decode
+    state (its cache entry's), which keeps the pooled level and mixed store for its next question."""
+    state = DecodeState() if state is None else state
+    prepare_s = prepare_bilevel(decoder, store, cfg, max_new_tokens, state)
     t0 = time.perf_counter()
     plan = store.plan
     n_blocks = len(plan.blocks)
@@ -217,11 +210,15 @@ def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, 
     embeds = decoder.embed_tokens(tail)[None]
     extra = len(tail) + max_new_tokens + 1
     scores, level = None, None
-    mixed = _mixed.pop(store, None)  # reused for the relevance pass, then for the answer's cache
+    mixed = state.drop_mixed()  # reused for the relevance pass, then for the answer's cache
     if want >= n_blocks:
         dense = set(range(n_blocks))
+    elif cfg.select == "random":  # a baseline: no relevance pass, the rest of the budget drawn at random
+        level = sparse_level(decoder, store, cfg.compression, state)
+        ranked = [b for b in np.random.default_rng(cfg.seed).permutation(n_blocks).tolist() if b not in forced]
+        dense = forced | set(ranked[:want - len(forced)])
     else:
-        level = sparse_level(decoder, store, cfg.compression)
+        level = sparse_level(decoder, store, cfg.compression, state)
         if mixed is not None and mixed.capacity < _mixed_size(plan, level, forced) + len(tail):
             mixed = None  # freed before a larger one is made
         mixed, owner = mixed_store(decoder, store, level, forced, len(tail), mixed)
@@ -234,7 +231,7 @@ def bilevel_question(decoder: Qwen2Decoder, store: KVStore, tail: torch.Tensor, 
     if mixed is not None and mixed.capacity < _mixed_size(plan, level, dense) + extra:
         mixed = None
     mixed, _ = mixed_store(decoder, store, level, dense, extra, mixed)
-    _mixed[store] = mixed
+    state.mixed = mixed
     kept = mixed.length / plan.length
     logits = decoder(embeds, mixed)
     stats = {"dense_blocks": [list(times[b]) for b in sorted(dense)], "blocks": n_blocks,

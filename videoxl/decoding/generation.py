@@ -1,4 +1,4 @@
-"""Token generation settings and incremental detokenisation (the next-token choice: `decoding/sampling.py`).
+"""Token generation settings (the next-token choice: `decoding/sampling.py`; text: `decoding/detokenize.py`).
 
 Semantics follow `transformers`' generation keys so the model card's `generation_config` dicts work unchanged.
 """
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import torch
 
 from videoxl.errors import VideoXLError
 
@@ -63,24 +62,3 @@ class GenerationConfig:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-class Detokenizer:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
-
-    def flush(self) -> str:
-        """What is still held back at the end (an incomplete byte sequence shows as U+FFFD, as decode does)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece

@@ -16,6 +16,10 @@ class SparseConfig:
     budget: float | int = 0.25
     compression: int = 4  # visual KVs of a sparse block are averaged over windows of this many tokens
     dense_times: list | None = None  # [[start, end], ...] seconds that must stay dense
+    # How the rest of the budget is chosen: "model" (the question's attention, the model card's way) or "random"
+    # (blocks drawn with `seed`: the baseline that tells whether in-model choice finds anything)
+    select: str = "model"
+    seed: int = 0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SparseConfig":
@@ -47,6 +51,10 @@ class SparseConfig:
                 raise VideoXLError(f"sparse_config: each dense_times entry must be [start, end] seconds with "
                                    f"0 <= start <= end, got {span!r}")
         self.dense_times = [[float(s), float(e)] for s, e in spans]
+        if self.select not in ("model", "random"):
+            raise VideoXLError(f"sparse_config: select must be 'model' or 'random', got {self.select!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise VideoXLError(f"sparse_config: seed must be an integer, got {self.seed!r}")
 
     def dense_count(self, blocks: int) -> int:
         if isinstance(self.budget, int):

@@ -1,5 +1,6 @@
 """The synthetic "shapes" task (see the developers' `synthetic-task.md`): seeded videos of coloured shapes, one
-star as the needle, and the answers to its four questions.
+star as the needle, and the answers to its questions: version 1's four, and version 2's rings, the
+seven-segment digit on the star and three more kinds (digit, count, time).
 
 A video is a list of `Scene`s (whole seconds, one filled shape each, drifting a little); `render` draws any of its
 frames with torch (vectorised over frames and pixels, CPU or GPU), `write_video` encodes a file with PyAV,
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,14 +22,22 @@ BACKGROUND = (32, 32, 32)
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230), "yellow": (240, 220, 40),
            "white": (240, 240, 240), "magenta": (220, 60, 220), "cyan": (40, 210, 220), "orange": (245, 140, 30)}
 PLAIN_SHAPES = ("circle", "square", "triangle")
-SHAPES = PLAIN_SHAPES + ("star",)
-QUESTIONS = {"needle": "What colour is the star?",
+SHAPES = PLAIN_SHAPES + ("star", "ring")  # the index is the drawing code of `shape_masks`
+QUESTIONS = {"needle": "What colour is the star?",  # version 1: fixed texts
              "first": "What colour is the shape at the start of the video?",
              "last": "What colour is the shape at the end of the video?",
              "after": "What shape comes right after the star?"}
-KINDS = tuple(QUESTIONS)
-ANSWER_WORDS = tuple(COLOURS) + SHAPES
+V2_QUESTIONS = {"digit": "What number is on the star?", "count": "How many rings are there?"}
+TIME_QUESTION = "What colour is the shape at {n} seconds?"
+V1_KINDS = tuple(QUESTIONS)
+KINDS = V1_KINDS + tuple(V2_QUESTIONS) + ("time",)
+DIGITS = tuple(str(d) for d in range(10))
+ANSWER_WORDS = tuple(COLOURS) + SHAPES + DIGITS
 MAX_DRIFT = 2.0  # px per file frame
+RING_STROKE = 0.15  # of the outer diameter
+DIGIT_HEIGHT, DIGIT_BAR = 0.36, 0.18  # of the star's box height; of the digit's height (its width is half that)
+SEGMENTS = {0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc",
+            8: "abcdefg", 9: "abcdfg"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class Scene:
     vx: float  # drift, px per file frame
     vy: float
     star_inner: float = 0.45  # star: inner / outer radius
+    digit: int = -1  # version 2's star: the digit drawn on it
 
 
 @dataclass
@@ -53,12 +63,51 @@ class ShapesVideo:
     scenes: list[Scene]
     noise: float  # sigma of the per-pixel Gaussian noise, 8-bit units
     seed: int = 0
+    version: int = 2
+    time_n: int = -1  # version 2: N of the time question (-1: no second fits the rule; no time question)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return V1_KINDS if self.version == 1 else KINDS if self.time_n >= 0 else KINDS[:-1]
+
+    @property
+    def questions(self) -> dict[str, str]:
+        """kind -> the question's exact text, for the kinds this video has."""
+        out = dict(QUESTIONS)
+        if self.version >= 2:
+            out.update(V2_QUESTIONS)
+            if self.time_n >= 0:
+                out["time"] = TIME_QUESTION.format(n=self.time_n)
+        return out
+
+    def scene_at(self, second: float) -> Scene:
+        return next(s for s in self.scenes if s.start <= second < s.end)
+
+    @property
+    def star(self) -> int:
+        return next(i for i, s in enumerate(self.scenes) if s.shape == "star")
 
     @property
     def answers(self) -> dict[str, str]:
-        star = next(i for i, s in enumerate(self.scenes) if s.shape == "star")
-        return {"needle": self.scenes[star].colour, "first": self.scenes[0].colour,
-                "last": self.scenes[-1].colour, "after": self.scenes[star + 1].shape}
+        star = self.star
+        out = {"needle": self.scenes[star].colour, "first": self.scenes[0].colour,
+               "last": self.scenes[-1].colour, "after": self.scenes[star + 1].shape}
+        if self.version >= 2:
+            out["digit"] = str(self.scenes[star].digit)
+            out["count"] = str(sum(s.shape == "ring" for s in self.scenes))
+            if self.time_n >= 0:
+                out["time"] = self.scene_at(self.time_n).colour
+        return out
+
+    def evidence(self, kind: str) -> list[tuple[int, int]]:
+        """[(first, last) second, ...] of the scenes that hold `kind`'s answer (what an oracle keeps dense)."""
+        star = self.star
+        rings = [i for i, s in enumerate(self.scenes) if s.shape == "ring"]
+        scenes = {"needle": [star], "digit": [star], "after": [star, star + 1], "first": [0],
+                  "last": [len(self.scenes) - 1], "count": rings}.get(kind)
+        if scenes is None:  # time: the four seconds asked about
+            return [(self.time_n, self.time_n + 3)]
+        return [(self.scenes[i].start, self.scenes[i].end - 1) for i in scenes]
 
 
 def scene_lengths(rng: np.random.Generator, seconds: int) -> list[int]:
@@ -74,8 +123,27 @@ def scene_lengths(rng: np.random.Generator, seconds: int) -> list[int]:
             return lengths
 
 
+def time_seconds(scenes: list[Scene]) -> list[int]:
+    """The Ns of the time question: multiples of 4 with the seconds N..N+3 all inside one scene."""
+    return [n for s in scenes for n in range(-(-s.start // 4) * 4, s.end - 3, 4)]
+
+
+def add_version2(rng: np.random.Generator, scenes: list[Scene]) -> tuple[list[Scene], int]:
+    """Rings (0..min(3, scenes-3) of them, never first, last or the star), the star's digit, and N. Drawn after
+    everything version 1 draws, so a version 2 video is its version 1 twin with rings and a digit."""
+    star = [s.shape for s in scenes].index("star")
+    rings = int(rng.integers(0, min(3, len(scenes) - 3) + 1))
+    spots = [i for i in range(1, len(scenes) - 1) if i != star]
+    ring_at = set(int(i) for i in rng.choice(spots, rings, replace=False)) if rings else set()
+    digit = int(rng.integers(10))
+    scenes = [replace(s, shape="ring") if i in ring_at else replace(s, digit=digit) if i == star else s
+              for i, s in enumerate(scenes)]
+    ns = time_seconds(scenes)
+    return scenes, int(ns[int(rng.integers(len(ns)))]) if ns else -1
+
+
 def sample_video(rng: np.random.Generator, seconds: int, width: int = 320, height: int = 240,
-                 noise: float = 4.0, seed: int = 0) -> ShapesVideo:
+                 noise: float = 4.0, seed: int = 0, version: int = 2) -> ShapesVideo:
     lengths = scene_lengths(rng, seconds)
     star = int(rng.integers(1, len(lengths) - 1))
     scenes, start, colour = [], 0, None
@@ -96,12 +164,14 @@ def sample_video(rng: np.random.Generator, seconds: int, width: int = 320, heigh
         x, y = float(rng.uniform(lo_x, max(lo_x, hi_x))), float(rng.uniform(lo_y, max(lo_y, hi_y)))
         scenes.append(Scene(start, start + n, shape, colour, x, y, size, vx, vy, float(rng.uniform(0.38, 0.5))))
         start += n
-    return ShapesVideo(seconds, width, height, scenes, noise, seed)
+    scenes, time_n = add_version2(rng, scenes) if version >= 2 else (scenes, -1)
+    return ShapesVideo(seconds, width, height, scenes, noise, seed, version, time_n)
 
 
-def make_video(seed: int, seconds: int, width: int = 320, height: int = 240, noise: float = 4.0) -> ShapesVideo:
+def make_video(seed: int, seconds: int, width: int = 320, height: int = 240, noise: float = 4.0,
+               version: int = 2) -> ShapesVideo:
     """The held-out / demo video `seed` (its own seed domain, so never one of the training videos)."""
-    return sample_video(np.random.default_rng([1, seed, seconds]), seconds, width, height, noise, seed)
+    return sample_video(np.random.default_rng([1, seed, seconds]), seconds, width, height, noise, seed, version)
 
 
 def _star_inside(dx, dy, outer, inner_ratio):
@@ -117,8 +187,25 @@ def _star_inside(dx, dy, outer, inner_ratio):
     return ex * (py - outer) - ey * px <= 0
 
 
+def digit_ink(dx, dy, size, lit):
+    """Points (dx, dy from the star's box centre) on a seven-segment digit: height DIGIT_HEIGHT * the box's
+    `size`, width half that, bars DIGIT_BAR of its height thick; `lit` bool [n, 7] segments a..g per frame."""
+    h = DIGIT_HEIGHT * size
+    w, bar = h / 2, DIGIT_BAR * h
+    left, right = (dx >= -w / 2) & (dx <= -w / 2 + bar), (dx >= w / 2 - bar) & (dx <= w / 2)
+    across, upper, lower = dx.abs() <= w / 2, (dy >= -h / 2) & (dy <= 0), (dy >= 0) & (dy <= h / 2)
+    bars = {"a": across & (dy >= -h / 2) & (dy <= -h / 2 + bar), "b": right & upper, "c": right & lower,
+            "d": across & (dy >= h / 2 - bar) & (dy <= h / 2), "e": left & lower, "f": left & upper,
+            "g": across & (dy.abs() <= bar / 2)}
+    ink = torch.zeros(dx.shape[0], dy.shape[1], dx.shape[2], dtype=torch.bool, device=dx.device)
+    for i, name in enumerate("abcdefg"):
+        ink |= bars[name] & lit[:, i, None, None]
+    return ink
+
+
 def shape_masks(video: ShapesVideo, frame_idx: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor):
-    """bool [n, H, W] masks and colour [n, 3] of the shapes in file frames `frame_idx` (at FILE_FPS)."""
+    """bool [n, H, W] masks, colour [n, 3] of the shapes in file frames `frame_idx` (at FILE_FPS), and bool
+    [n, H, W] of the star's digit (black, drawn over the shape)."""
     dev = frame_idx.device
     starts = torch.tensor([s.start * FILE_FPS for s in video.scenes], device=dev)
     sid = torch.searchsorted(starts, frame_idx, right=True) - 1
@@ -141,11 +228,17 @@ def shape_masks(video: ShapesVideo, frame_idx: torch.Tensor, xs: torch.Tensor, y
         elif k == 2:
             depth = y + sk / 2  # below the triangle's apex
             mask[sel] = (depth >= 0) & (depth <= sk) & (x.abs() <= depth / math.sqrt(3))
-        else:
+        elif k == 3:
             outer = sk / (1 + math.cos(math.pi / 5))  # top point to the lower points' line = box height
             mask[sel] = _star_inside(x, y - (outer - sk / 2), outer, par[sel, 5][:, None, None])
+        else:  # ring: a circle outline, its stroke RING_STROKE of the outer diameter
+            r2 = x * x + y * y
+            mask[sel] = (r2 <= (sk / 2) ** 2) & (r2 > (sk / 2 - RING_STROKE * sk) ** 2)
     colours = torch.tensor([COLOURS[s.colour] for s in video.scenes], dtype=torch.float32, device=dev)[sid]
-    return mask, colours
+    lit = torch.tensor([[c in SEGMENTS.get(s.digit, "") for c in "abcdefg"] for s in video.scenes],
+                       device=dev)[sid]
+    ink = digit_ink(dx, dy, s, lit) if bool(lit.any()) else torch.zeros_like(mask)
+    return mask, colours, ink
 
 
 def render(video: ShapesVideo, frame_idx, device="cpu", chunk: int = 64) -> torch.Tensor:
@@ -157,8 +250,9 @@ def render(video: ShapesVideo, frame_idx, device="cpu", chunk: int = 64) -> torc
     out = []
     for c in range(0, len(frame_idx), chunk):
         idx = frame_idx[c:c + chunk]
-        mask, colours = shape_masks(video, idx, xs, ys)
+        mask, colours, ink = shape_masks(video, idx, xs, ys)
         img = torch.where(mask[..., None], colours.to(torch.uint8)[:, None, None, :], bg)
+        img = torch.where(ink[..., None], torch.zeros((), dtype=torch.uint8, device=device), img)
         if video.noise > 0:
             gen = torch.Generator(device=device).manual_seed(video.seed * 1_000_003 + int(idx[0]))
             noise = torch.randn(img.shape, generator=gen, device=device).mul_(video.noise).round_()
@@ -200,8 +294,7 @@ def write_video(video: ShapesVideo, path: str, codec: str = "mpeg4", bit_rate: i
 
 
 def first_word(answer: str) -> str:
-    words = answer.strip().split()
-    return words[0].lower().strip(string.punctuation) if words else ""
+    return (answer.split() or [""])[0].lower().strip(string.punctuation)
 
 
 def is_correct(answer: str, expected: str) -> bool:

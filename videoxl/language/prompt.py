@@ -51,6 +51,18 @@ def normalise_history(chat_history) -> list[tuple[str, str]]:
     return [(q, a) for q, a in chat_history]
 
 
+TIME_TOKENS = 9  # tokens of one `Time 123.5s:` string (Qwen2 splits digits)
+SYSTEM_TOKENS = 40  # the system prompt and the user turn's opening, rounded up
+
+
+def prompt_tokens(config, frames: int, text_tokens: int = SYSTEM_TOKENS) -> int:
+    """Prompt tokens up to the end of the video, before the frames are seen: `text_tokens` of text, then per
+    group of 4 frames a `Time …s:` string and its visual tokens. The one place that counts it: the memory check,
+    the video cache's room and the bi-level budget all read it."""
+    groups = -(-frames // FRAMES_PER_GROUP)
+    return text_tokens + groups * (config.tokens_per_group + TIME_TOKENS)
+
+
 def build_prompt(tokenizer, question: str, timestamps: list[float], tokens_per_group: int,
                  placeholder_id: int, history: list[tuple[str, str]] | None = None) -> VideoPrompt:
     def encode(text: str) -> list[int]:

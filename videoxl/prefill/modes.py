@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from videoxl.prefill.plan import BlockPlan
+from videoxl.prefill.plan import STREAM_TOKENS_PER_SLICE, BlockPlan
 from videoxl.language.decoder import Qwen2Decoder, apply_rope, attend, flex_attention, rope_cos_sin
 from videoxl.language.kv_store import KVStore
 
-STREAM_TOKENS_PER_SLICE = 16384  # projections/MLP slice: bounds activations (16384 x 18944 bf16 = 0.6 GB)
 
 
 def flex_available(device: torch.device) -> bool:

@@ -25,6 +25,10 @@ from videoxl.config import FRAMES_PER_GROUP, settings_from_dict
 from videoxl.errors import VideoXLError
 from videoxl.language.prompt import VideoPrompt
 
+# tokens per slice of the projections and MLP in layer-at-a-time prefill: bounds its activations (16384 x 18944
+# bf16 = 0.6 GB); here, beside the pattern, so the memory estimate reads it without importing the kernels
+STREAM_TOKENS_PER_SLICE = 16384
+
 MODES = ("streaming", "mask")
 
 

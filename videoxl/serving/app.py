@@ -24,7 +24,7 @@ from videoxl.serving.errors import APIError, error_body
 from videoxl.serving.media import Media, MediaLimits, resolve
 from videoxl.serving.metrics import HELP, Metrics
 from videoxl.serving.protocol import ChatRequest, ServerDefaults, parse_request
-from videoxl.cache.store import VideoRef
+from videoxl.cache.identity import VideoRef
 
 log = logging.getLogger("videoxl.serving")
 POLL_S = 0.25  # how often a waiting request checks that its client is still there

@@ -21,7 +21,8 @@ from videoxl.serving.errors import APIError
 from videoxl.serving.metrics import Metrics
 from videoxl.serving.protocol import ChatRequest
 from videoxl.errors import VideoXLError
-from videoxl.cache.store import VideoRef
+from videoxl.settings import Settings
+from videoxl.cache.identity import VideoRef
 
 log = logging.getLogger("videoxl.serving")
 
@@ -58,8 +59,9 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 class Engine:
-    def __init__(self, replicas: list[tuple], max_queue: int, metrics: Metrics):
+    def __init__(self, replicas: list[tuple], max_queue: int, metrics: Metrics, settings: Settings | None = None):
         self.replicas, self.metrics = replicas, metrics
+        self.settings = settings or Settings()  # prefill and bi-level settings; generation comes per request
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.running = 0
         self._running_lock = threading.Lock()
@@ -124,7 +126,7 @@ class Engine:
             return
         r, start = job.request, time.perf_counter()
         stream = model.stream_chat(job.video, tokenizer, r.question, r.history, *r.sampling,
-                                   generation_config=r.generation)
+                                   generation_config=r.generation, settings=self.settings)
         text, sent, first, finish = "", 0, None, None
         try:
             for piece in stream:

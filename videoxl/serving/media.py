@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import ipaddress
 import os
 import socket
@@ -25,7 +24,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from videoxl.serving.errors import APIError
-from videoxl.cache.identity import content_id, remember_content_id
+from videoxl.cache.identity import content_id, digest_of, new_hasher, remember_content_id
 
 CHUNK = 1 << 20
 
@@ -134,7 +133,7 @@ def data_url(url: str, limits: MediaLimits, tmp_dir: str) -> MediaFile:
     if len(payload) > limits.max_base64_bytes:
         raise APIError(413, f"data URL payload is over the {limits.max_base64_bytes / 2**20:.0f} MiB base64 cap",
                        param="messages")
-    h = hashlib.sha256()
+    h = new_hasher()
     fd, path = tempfile.mkstemp(dir=tmp_dir, suffix=".media")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -155,7 +154,7 @@ def data_url(url: str, limits: MediaLimits, tmp_dir: str) -> MediaFile:
 
 def downloaded(path: str, h) -> "MediaFile":
     """A temporary media file whose bytes were hashed into `h` as they were written: its content id is known."""
-    digest = "sha256:" + h.hexdigest()
+    digest = digest_of(h)
     remember_content_id(path, digest)
     return MediaFile(path, digest, temporary=True)
 
@@ -182,7 +181,7 @@ async def fetch(url: str, limits: MediaLimits, tmp_dir: str) -> MediaFile:
         raise bad(f"cannot resolve media host {host!r}") from None
     if not infos or not all(is_public(info[4][0]) for info in infos):
         raise APIError(403, f"media host {host!r} resolves to a private or loopback address", param="messages")
-    h = hashlib.sha256()
+    h = new_hasher()
     fd, path = tempfile.mkstemp(dir=tmp_dir, suffix=".media")
     try:
         with os.fdopen(fd, "wb") as f:

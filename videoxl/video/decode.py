@@ -1,6 +1,8 @@
-"""Decoding the planned jobs: each worker thread owns a decoder and a run of consecutive jobs, feeds only the
-packets its jobs need (a job starts at a keyframe; disposable H.264 frames that are not kept are never fed),
-matches output frames to frame numbers by pts, and hands over a job's frames once the whole job decoded
+"""Decoding the planned jobs: each worker thread owns a decoder and takes the next run of jobs (jobs that touch,
+decoded in one go) from a shared queue in frame order, so frames arrive in order at the speed of all the
+workers together and no worker idles while another still holds a long share. A worker feeds only the packets
+its jobs need (a job starts at a keyframe; disposable H.264 frames that are not kept are never fed), matches
+output frames to frame numbers by pts, and hands over a job's frames once the whole job decoded
 cleanly. The reader returns them in frame order, so consumers see one sequential stream.
 
 Damage: a job in which the decoder raised or flagged a frame corrupt keeps none of its frames (a frame can
@@ -47,16 +49,17 @@ def chain(jobs: list[Job]) -> list[list[Job]]:
     return runs
 
 
-def decode_jobs(probe: Probe, jobs: list[Job], convert: Callable, emit: Callable[[int, object], None],
-                stop: threading.Event, open_container: Callable, threads: int = 1) -> WorkerReport:
-    """Decode `jobs` (ascending) on one decoder; emit(frame number, converted frame) job by job.
+def decode_jobs(probe: Probe, next_run: Callable[[], list[Job] | None], convert: Callable,
+                emit: Callable[[int, object], None], stop: threading.Event, open_container: Callable,
+                threads: int = 1) -> WorkerReport:
+    """Decode the runs `next_run()` hands out (each ascending, None: no more) on one decoder; emit(frame number,
+    converted frame) job by job.
 
     A job's frames are handed over once every packet up to its last one has come out of the decoder, so a
     frame that refers to a later-shown damaged frame is never handed over before the damage is seen."""
     import av
 
     index, report = probe.index, WorkerReport()
-    want = {index.frame_pts(k): k for job in jobs for k in job.frames}
     container = open_container()
     try:
         stream = container.streams.video[0]
@@ -65,9 +68,8 @@ def decode_jobs(probe: Probe, jobs: list[Job], convert: Callable, emit: Callable
             stream.thread_type = "AUTO"
         codec = stream.codec_context
         packets, pos = None, -1
-        for run in chain(jobs):
-            if stop.is_set():
-                break
+        while not stop.is_set() and (run := next_run()) is not None:
+            want = {index.frame_pts(k): k for job in run for k in job.frames}
             start, end = run[0].start, max(j.end for j in run)
             if packets is None or start <= pos or start - pos > SEEK_MIN_PACKETS:
                 packets, pos = _seek(container, stream, index, start, report)
@@ -152,13 +154,27 @@ def _chain(first, rest):
     yield from rest
 
 
-class JobReader:
-    """Runs `decode_jobs` on `parts` (one thread each) and yields (frame numbers, frames) batches in order."""
+@dataclass(frozen=True)
+class Engine:
+    """What one worker decodes with: its kind ("pyav", "nvdec"), how it opens the file, how it converts a frame
+    for the model, and FFmpeg threads inside its decoder."""
+    kind: str
+    open_container: Callable
+    convert: Callable
+    threads: int = 1
 
-    def __init__(self, probe: Probe, parts: list[list[Job]], convert: Callable, open_container: Callable,
-                 threads: int, stack: Callable, on_damage: str = "error"):
-        self.probe, self.parts, self.convert, self.open_container = probe, parts, convert, open_container
-        self.threads, self.stack, self.on_damage = threads, stack, on_damage
+
+class JobReader:
+    """Runs `decode_jobs` on one thread per engine (at most one per run) over the runs of `jobs` and yields
+    (frame numbers, frames) batches in order. Engines of two kinds (NVDEC sessions and CPU decoders) share the
+    queue: each takes the next run when it is free, so the faster does more."""
+
+    def __init__(self, probe: Probe, jobs: list[Job], engines: list[Engine], stack: Callable,
+                 on_damage: str = "error"):
+        self.runs = chain(jobs)
+        self.engines = engines[:max(1, len(self.runs))]
+        self.workers = len(self.engines)
+        self.probe, self.stack, self.on_damage = probe, stack, on_damage
         self.reports: list[WorkerReport] = []
         self.missing: list[int] = []  # frames lost at the end of the file (truncation)
         self.skipped: list[int] = []  # damaged frames dropped because on_damage="skip"
@@ -168,17 +184,25 @@ class JobReader:
         done = threading.Condition()
         finished, errors = [0], []
         stop = threading.Event()
-        reports = [WorkerReport() for _ in self.parts]
+        reports = [WorkerReport() for _ in range(self.workers)]
+        handed, hand = [0], threading.Lock()
+
+        def take():
+            with hand:
+                if handed[0] == len(self.runs):
+                    return None
+                handed[0] += 1
+                return self.runs[handed[0] - 1]
 
         def emit(k, frame):
             with done:
                 frames[k] = frame
                 done.notify_all()
 
-        def work(i, jobs):
+        def work(i):
             try:
-                reports[i] = decode_jobs(self.probe, jobs, self.convert, emit, stop, self.open_container,
-                                         self.threads)
+                e = self.engines[i]
+                reports[i] = decode_jobs(self.probe, take, e.convert, emit, stop, e.open_container, e.threads)
             except BaseException as e:  # raised in the consumer
                 errors.append(e)
             finally:
@@ -186,11 +210,11 @@ class JobReader:
                     finished[0] += 1
                     done.notify_all()
 
-        workers = [threading.Thread(target=work, args=(i, jobs), daemon=True, name=f"videoxl-decode-{i}")
-                   for i, jobs in enumerate(self.parts)]
+        workers = [threading.Thread(target=work, args=(i,), daemon=True, name=f"videoxl-decode-{i}")
+                   for i in range(self.workers)]
         for w in workers:
             w.start()
-        order = sorted(k for jobs in self.parts for job in jobs for k in job.frames)
+        order = sorted(k for run in self.runs for job in run for k in job.frames)
         numbers, batch = [], []
         try:
             for pos, k in enumerate(order):
@@ -219,6 +243,12 @@ class JobReader:
             for w in workers:
                 w.join()
             self.reports = reports
+
+    def packets_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for engine, report in zip(self.engines, self.reports):
+            out[engine.kind] = out.get(engine.kind, 0) + report.packets_fed
+        return out
 
     def _lost(self, k: int, rest: list[int], frames: dict) -> bool:
         """Frame k was not decoded (all workers are done). True: the file ends here, stop."""

@@ -9,6 +9,9 @@ Decoders (`decoder=`):
             H100); frames stay in GPU memory and reach the model as CUDA
             tensors. Decoded YUV equals the CPU decoder's; the RGB conversion may differ by a few levels (see
             video_gpu). Refused with a clear line when unavailable.
+  "both"    NVDEC's sessions and CPU decoders (one per core up to 16, less two that feed NVDEC) take runs from
+            one queue; the CPU's frames are moved to the GPU. Each frame is as its decoder gives it (the RGB of an
+            NVDEC frame within 3 levels of the CPU's). Packets per kind: `video_packets_by_decoder`.
   "decord"  the reference's reader, if installed.
 Modes (`mode=`): "exact" (default) returns the sampled frames themselves; "keyframes" returns, for each sampled
 frame, the keyframe nearest in time (each distinct one once, at its own timestamp), decoding keyframes only; the
@@ -26,12 +29,12 @@ import time
 import numpy as np
 
 from videoxl.errors import VideoXLError
-from videoxl.video.index import plan, probe, split
-from videoxl.video.decode import JobReader, cpu_convert, keyframe_jobs
+from videoxl.video.index import plan, probe
+from videoxl.video.decode import Engine, JobReader, chain, cpu_convert, keyframe_jobs
 from videoxl.video.stream import FrameStream, _short, resize_frame
 
 NVDEC_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mpeg1video", "mpeg2video", "mpeg4", "vc1"}
-DECODERS = ("auto", "pyav", "nvdec", "decord")
+DECODERS = ("auto", "pyav", "nvdec", "both", "decord")
 MODES = ("exact", "keyframes")
 
 
@@ -70,10 +73,11 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
     stats = {"video_decoder": "pyav", "video_mode": mode}
     accel, convert, stack = None, cpu_convert(rotation_turns), np.stack
     opener = lambda: av.open(path)  # noqa: E731
-    if decoder in ("auto", "nvdec"):
+    if decoder in ("auto", "nvdec", "both"):
         accel, why = _nvdec(header, device)
-        if accel is None and decoder == "nvdec":
-            raise VideoXLError(f"decoder 'nvdec' is not available: {why}")
+        if accel is None and decoder != "auto":
+            raise VideoXLError(f"decoder {decoder!r} is not available: "
+                               f"{why or f'frames are wanted on {device}, not a GPU'}")
         if accel is not None:
             import torch
 
@@ -82,12 +86,22 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
             gpu = gpu if gpu.index is not None else torch.device("cuda", torch.cuda.current_device())
             convert, stack = nvdec_convert(rotation_turns, gpu), torch.stack
             opener = lambda: open_nvdec(path, accel, gpu)  # noqa: E731
-            stats["video_decoder"] = "nvdec"
+            stats["video_decoder"] = "nvdec+pyav" if decoder == "both" else "nvdec"
         elif why:
             stats["video_nvdec_unavailable"] = why
     cores = os.cpu_count() or 1
     if workers is None:
         workers = min(cores, 16) if accel is None else 8  # NVDEC: 8 sessions measured best on an H100
+
+    def engines(runs: int) -> list[Engine]:
+        n = max(1, min(workers, runs))
+        if accel is None:  # fewer runs than cores (a short clip): the spare cores become threads in each decoder
+            return [Engine("pyav", opener, convert, max(1, cores // n))] * n
+        out = [Engine("nvdec", opener, convert)] * n
+        if decoder == "both":  # CPU decoders beside the sessions, leaving two cores to feed NVDEC
+            cpu = on_device(cpu_convert(rotation_turns), gpu)
+            out += [Engine("pyav", lambda: av.open(path), cpu)] * max(1, min(cores, 16) - 2)
+        return out
 
     def read(size):
         t0, given = time.perf_counter(), 0
@@ -113,10 +127,8 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
             stats["video_approx_max_error_s"] = round(worst, 3)
         else:
             jobs = plan(info.index, wanted)
-        parts = split(jobs, workers, info.index)
-        threads = 1 if accel is not None else max(1, cores // len(parts))
-        reader = JobReader(info, parts, convert, opener, threads, stack, on_damage)
-        stats.update(video_workers=len(parts), video_threads_per_decoder=threads)
+        reader = JobReader(info, jobs, engines(len(chain(jobs))), stack, on_damage)
+        stats.update(video_workers=reader.workers, video_threads_per_decoder=reader.engines[0].threads)
         try:
             for numbers, frames in reader.batches(size):
                 given += len(numbers)
@@ -125,6 +137,8 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
                 raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
         finally:
             fed = sum(r.packets_fed for r in reader.reports)
+            if decoder == "both":
+                stats["video_packets_by_decoder"] = reader.packets_by_kind()
             stats.update(video_decode_s=round(time.perf_counter() - t0, 3), video_frames_read=fed,
                          video_seeks=sum(r.seeks for r in reader.reports),
                          video_frames_missing=len(reader.missing) + len(sampled) - len(wanted),
@@ -132,6 +146,13 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
 
     stream = FrameStream(path, sampled, header.fps, header.total, read, stats=stats)
     return stream
+
+
+def on_device(convert, device):
+    """A CPU decoder's frames as tensors on the GPU, to be stacked with NVDEC's (decoders of both kinds)."""
+    import torch
+
+    return lambda frame: torch.tensor(convert(frame), device=device)  # a copy: PIL's arrays are read-only
 
 
 def _nvdec(info, device):

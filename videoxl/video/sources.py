@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 from videoxl.errors import VideoXLError
-from videoxl.video.gpu import SideStream  # noqa: F401  (re-exported for the model)
 from videoxl.video.stream import IMAGE_SIZE, Clip, FrameStream, resize_frame  # noqa: F401  (re-exported)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}

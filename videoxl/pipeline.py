@@ -1,0 +1,245 @@
+"""One question, top to bottom. Every stage has its folder; this is the one place that runs them in order:
+
+    key -> the video cache's entry (memory or disk), or:
+        open (video/) -> memory check (memory.py) -> encode (vision/) -> prompt (language/) -> embed
+        -> prefill (prefill/) -> put in the cache (cache/)
+    then the question's tokens over the video's KVs, dense or bi-level (decoding/bilevel.py)
+    -> generate (decoding/) -> text
+
+The model (model.py) is the weights and the card's API; it takes the lock, checks the arguments and the
+settings, and calls `answer`. The video cache (cache/store.py) only stores: entries are built here.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Iterator
+
+import torch
+
+from videoxl.cache.identity import VideoRef, content_id_soon
+from videoxl.cache.store import DECODE_ROOM, VideoKey, VideoKV, VideoKVCache, chunking_key, prompt_dict
+from videoxl.config import FRAMES_PER_GROUP
+from videoxl.decoding import decode_step, generate_tokens
+from videoxl.decoding.bilevel import bilevel_question
+from videoxl.decoding.detokenize import Detokenizer
+from videoxl.errors import VideoXLError, VideoXLWarning
+from videoxl.inputs import Request
+from videoxl.language.prompt import VideoPrompt, build_prompt, prompt_tokens
+from videoxl.memory import check_fits
+from videoxl.prefill.plan import BlockPlan, PrefillConfig
+from videoxl.prefill.run import prefill
+from videoxl.progress import close, progress
+from videoxl.settings import Settings
+from videoxl.timeline import Timeline
+from videoxl.video.prefetch import take
+from videoxl.video.sources import open_video
+from videoxl.vision.stream import encode_stream
+
+DEFAULT_FRAMES_PER_SLICE = 96  # vision tower batch when chunk prefill does not set one
+VISION_PAD = "<|vision_pad|>"
+
+
+class StageTimer:
+    """Wall time per stage (synchronising the GPU so each stage owns its kernels) and peak GPU memory."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device, self.times, self.t0 = device, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = round(now - self.t0, 3)
+        self.t0 = now
+
+    def report(self) -> dict:
+        out = dict(self.times)
+        if self.cuda:
+            out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        return out
+
+
+def placeholder_id(config, tokenizer) -> int:
+    """The token that stands for a visual token in the prompt's ids (replaced by its embedding)."""
+    pad = tokenizer.convert_tokens_to_ids(VISION_PAD)
+    return pad if isinstance(pad, int) and 0 <= pad < config.text.vocab_size else 0
+
+
+def embed_prompt(decoder, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:
+    """Token embeddings [1, n, hidden] of the prompt up to `end`, visual positions filled in."""
+    device = decoder.embed_tokens.weight.device
+    embeds = decoder.embed_tokens(torch.tensor(prompt.input_ids[:end], device=device))
+    embeds[torch.tensor(prompt.visual_positions, device=device)] = \
+        visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
+    return embeds[None]
+
+
+def kv_layout(model) -> dict:
+    t = model.config.text
+    return {"layers": t.num_hidden_layers, "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim,
+            "itemsize": model.dtype.itemsize}
+
+
+# ---- the video's prefix KVs: from the cache, or built ---------------------------------------------------------
+def video_prefix(model, video, tokenizer, question, history, sampling: tuple, chunking: PrefillConfig | None,
+                 show_progress, timeline: Timeline | None = None) -> VideoKV:
+    """The video's prefix KVs: from memory, from disk, or by running vision and prefill (and kept). A file's
+    content hash runs on a thread beside decoding unless an entry could match (the lookup then waits for it)."""
+    cache: VideoKVCache = model.kv_cache
+    timeline = timeline or Timeline()
+    cache.persist_pending()
+    pending = content_id_soon(video) if isinstance(video, (str, os.PathLike)) else None
+    ident = video.id if isinstance(video, VideoRef) else None
+    if pending is not None and (pending.done() or cache.disk is not None or cache.may_hold(pending.size)):
+        ident = pending.result()  # an entry could match: the lookup needs the hash now
+
+    def key_of(ident):
+        return VideoKey(model.weights_digest(), ident, tuple(sampling), chunking_key(chunking))
+
+    key = None
+    if ident is not None:
+        key = key_of(ident)
+        entry = cache.get(key, model.device, bool(chunking and chunking.offload),
+                          accept=lambda p: same_prefix_tokens(model.config, tokenizer, p))
+        if entry is not None:
+            if chunking is not None and entry.cache.plan is None:  # read from disk: the pattern is not stored
+                entry.cache.plan = BlockPlan.from_prompt(entry.prompt, chunking)
+            return entry
+    if isinstance(video, VideoRef):
+        if video.path is None:
+            raise VideoXLError(f"video {video.id!r} is not cached with these sampling and prefill settings; "
+                               "send the video itself")
+        video = video.path
+    entry = build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key,
+                         timeline)
+    if key is None and pending is not None and (ident := pending.result()) is not None:  # hashed beside decoding
+        entry.key, entry.dirty = key_of(ident), True
+    if pending is not None and pending.span is not None:
+        timeline.add("hash", *pending.span)
+    if entry.key is not None:
+        cache.put(entry)
+    return entry
+
+
+def same_prefix_tokens(config, tokenizer, prompt: VideoPrompt) -> str | None:
+    """None when today's tokenizer gives the stored prefix's tokens (the KVs belong to those), else why not."""
+    rebuilt = build_prompt(tokenizer, "?", prompt.timestamps, config.tokens_per_group,
+                           placeholder_id(config, tokenizer))
+    return None if rebuilt.input_ids[:rebuilt.video_end] == prompt.input_ids else \
+        "this tokenizer gives other prefix tokens"
+
+
+def build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key,
+                 timeline: Timeline | None = None) -> VideoKV:
+    """Vision and prefill: frames -> visual tokens -> prompt -> the KVs of everything up to the question."""
+    timer, timeline = StageTimer(model.device), timeline or Timeline()
+    stream = take(model, video, sampling) or open_video(video, *sampling, device=model.device)  # CUDA: NVDEC
+    model.kv_cache.make_room(VideoKVCache.bytes_for(kv_layout(model), prompt_tokens(model.config,
+                                                                                     len(stream.planned))))
+    per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
+    check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice)
+    visual = encode_stream(model.vision, stream, per_slice, model.device, show_progress, timeline)
+    timer.lap("vision_s")  # video decoding included: it runs alongside
+    frames = len(stream.kept)
+    timestamps = stream.timestamps + [stream.timestamps[-1]] * (-frames % FRAMES_PER_GROUP)
+    prompt = build_prompt(tokenizer, question, timestamps, model.config.tokens_per_group,
+                          placeholder_id(model.config, tokenizer), history)
+    embeds = embed_prompt(model.decoder, prompt, visual, prompt.video_end)
+    del visual
+    store = model.decoder.new_cache(capacity=len(prompt) + DECODE_ROOM, offload=bool(chunking and chunking.offload))
+    stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
+             "video_tokens": prompt.video_end, **stream.stats}
+    with timeline.gpu_span("prefill"):
+        stats.update(prefill(model.decoder, embeds, store, prompt, chunking, show_progress))
+    timer.lap("prefill_s")
+    stats.update(timer.report())
+    model.kv_cache.built()
+    prefix = VideoPrompt(**prompt_dict(prompt))
+    return VideoKV(key, store, prefix, dict(stats, kv_cache="miss", cached_tokens=0), dirty=key is not None)
+
+
+# ---- what the video gave -----------------------------------------------------------------------------------------
+def frame_stats(stream) -> dict:
+    """Frames read against frames planned, and their timestamps. A file cut off mid-way decodes fewer frames
+    than its header promised: the answer then rests on fewer frames, which the caller should hear about."""
+    read, expected = len(stream.kept), len(stream.planned)
+    if read < expected:
+        warnings.warn(f"video ended early: {read} of {expected} expected frames read from {stream.source} "
+                      f"(file cut off or damaged?); answering from those", VideoXLWarning, stacklevel=4)
+    return {"frames_expected": expected, "timestamps": list(stream.timestamps)}
+
+
+def answer_stats(prefix_stats: dict, cache_hit: bool, prompt_tokens: int) -> dict:
+    """`last_stats` of one question. A follow-up that reused the video's KVs reports that, not the times and
+    memory of the question that built them."""
+    stats = dict(prefix_stats, prompt_tokens=prompt_tokens, cache_hit=cache_hit)
+    if cache_hit:
+        for key in ("vision_s", "prefill_s", "peak_gpu_gb", "video_decode_s", "video_frames_read"):
+            stats.pop(key, None)
+    return stats
+
+
+# ---- the question ----------------------------------------------------------------------------------------------
+def answer(model, tokenizer, r: Request, settings: Settings, show_progress=False) -> Iterator[str]:
+    """The answer's text, piece by piece; a new `model.last_stats` is filled as it goes (one dict per question:
+    a caller may keep the last one). The caller holds the model's lock, the model's GPU as the current device
+    and inference mode."""
+    timeline = Timeline(model.device)
+    t_question = time.perf_counter()
+    chunking, sparse, gen = settings.prefill, settings.sparse, settings.generation
+    entry = video_prefix(model, r.video, tokenizer, r.question, r.history,
+                         (r.max_num_frames, r.sample_fps, r.max_sample_fps), chunking, show_progress, timeline)
+    prompt = build_prompt(tokenizer, r.question, entry.prompt.timestamps, model.config.tokens_per_group,
+                          placeholder_id(model.config, tokenizer), r.history)
+    store = entry.cache
+    store.truncate(prompt.video_end)
+    tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=model.device)
+    stats = model.last_stats = answer_stats(entry.stats, entry.stats["kv_cache"] != "miss", len(prompt))
+    timeline.resolve()  # vision and prefill, timed on the GPU
+    stats["timeline"] = timeline.events  # filled on until the last token
+    if sparse is None:
+        logits = model.decoder(model.decoder.embed_tokens(tail)[None], store)
+    else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
+        store, logits, info = bilevel_question(model.decoder, store, tail, sparse, prompt.timestamps,
+                                               chunking.groups_per_block, gen.max_new_tokens, entry.decode)
+        stats.update(info)
+        model.kv_cache.trim()
+    yield from generate(model, store, logits, tokenizer, gen, prompt.input_ids, stats, t_question, entry.decode,
+                        show_progress, timeline)
+    model.kv_cache.persist_pending()  # to disk, after the answer
+
+
+def generate(model, store, logits, tokenizer, gen, prompt_ids: list[int], stats: dict, t_question: float,
+             state, show_progress, timeline: Timeline) -> Iterator[str]:
+    stop = {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
+            if isinstance(i, int)}
+    step = decode_step(model.decoder, store, gen.max_new_tokens, model.decode_mode, state)
+    stats.update(decode_path=type(step).__name__.replace("Step", "").lower(),
+                 capture_s=None if step.capture_s is None else round(step.capture_s, 3))
+    detok = Detokenizer(tokenizer)
+    bar = progress(None, gen.max_new_tokens, "decode", show_progress)
+    first, t_start = True, time.perf_counter()
+    try:
+        for token in generate_tokens(step, logits, gen, prompt_ids, stop, model.config.text.vocab_size, stats):
+            if first:
+                now = time.perf_counter()
+                stats["ttft_s"] = round(now - t_question, 3)
+                timeline.add("first_token", t_start, now)
+                first, t_start = False, now
+            if bar is not None:
+                bar.update(1)
+            piece = detok.add(token)
+            if piece:
+                yield piece
+    finally:
+        close(bar)
+        if not first:
+            timeline.add("answer", t_start, time.perf_counter())
+    rest = detok.flush()
+    if rest:
+        yield rest
