@@ -61,8 +61,8 @@ def check_device(scheme: str, device: torch.device, dtype: torch.dtype) -> None:
     if scheme == "int4" and major < 8:
         raise VideoXLError(f"quantize='int4' needs compute capability >= 8.0 (tinygemm); {name} is "
                            f"{major}.{minor}: use quantize='int8'")
-    if scheme == "int4" and dtype != torch.bfloat16:
-        raise VideoXLError(f"quantize='int4' on a GPU runs in bfloat16 (tinygemm), got dtype {dtype}: "
+    if scheme in ("int4", "fp8") and dtype != torch.bfloat16:  # tinygemm's and row-wise _scaled_mm's only dtype
+        raise VideoXLError(f"quantize='{scheme}' on a GPU runs in bfloat16, got dtype {dtype}: "
                            f"use dtype='bfloat16'")
     if scheme == "fp8":  # row-wise scaled matmul is newer than fp8 itself: one probe, one clear line
         try:
@@ -186,8 +186,8 @@ class QuantLinear(nn.Module):
                 from videoxl.language.int8_gemv import int8_gemv
 
                 return int8_gemv(x2, self.qweight, self.scale, self.bias).view(*shape[:-1], -1)
-            if x2.is_cuda:  # long inputs: the product dominates the conversion
-                y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
+            if x2.is_cuda:  # long inputs: the product dominates the conversion; the fp32 scale kept fp32
+                y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale
             else:
                 y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
         elif self.scheme == "int4":
