@@ -161,7 +161,7 @@ class QuantLinear(nn.Module):
                f"bias={self.bias is not None}"
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight [out, in] these buffers stand for (tests, and the int8 long-input path)."""
+        """The float weight [out, in] these buffers stand for (tests and benchmarks check the kernels with it)."""
         if self.scheme == "int4":
             eye = torch.eye(self._k_padded(), dtype=self.scale.dtype, device=self.qweight.device)
             return self._int4_mm(eye).t()[:, :self.in_features].to(dtype).contiguous()
