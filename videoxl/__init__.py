@@ -6,6 +6,7 @@
 from videoxl.demo import demo_model_path
 from videoxl.errors import VideoXLError, VideoXLMemoryError, VideoXLWarning
 from videoxl.checkpoint.loader import load
+from videoxl.live.session import LiveSession
 
-__all__ = ["load", "VideoXLError", "VideoXLMemoryError", "VideoXLWarning", "demo_model_path"]
+__all__ = ["load", "LiveSession", "VideoXLError", "VideoXLMemoryError", "VideoXLWarning", "demo_model_path"]
 __version__ = "0.1.0"

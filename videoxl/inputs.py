@@ -37,12 +37,18 @@ class Request:
 
 def check_request(config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
                   max_sample_fps) -> Request:
+    history = check_question(config, tokenizer, question, chat_history)
+    return Request(check_video(video_path), question, history, as_int(max_num_frames),
+                   as_float(sample_fps), as_float(max_sample_fps))
+
+
+def check_question(config, tokenizer, question, chat_history) -> list[tuple[str, str]]:
+    """A question and its chat history (returned as (question, answer) pairs), short enough for the decoder."""
     if not isinstance(question, str) or not question.strip():
         raise VideoXLError("question must be a non-empty string")
     history = check_history(chat_history)
     check_text_length(config, tokenizer, question, history)
-    return Request(check_video(video_path), question, history, as_int(max_num_frames),
-                   as_float(sample_fps), as_float(max_sample_fps))
+    return history
 
 
 # ---- numbers ----------------------------------------------------------------------------------------------------

@@ -88,6 +88,23 @@ def estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, tokens
     return Estimate(mode, frames, n, weights, vision, prefill)
 
 
+def live_estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, frames_per_slice: int = 96,
+                  dtype_bytes: int = 2) -> Estimate:
+    """GPU memory of a live session holding `frames` frames, at the peak of an append: its KVs on the GPU (every
+    layer's; with offload the two staging slots of one layer that each append reads through, sized to the
+    session), plus the larger of a vision slice and one append's pass over its new tokens (a slice of frames:
+    hidden states, queries, attention output and MLP of those tokens)."""
+    t, b = config.text, dtype_bytes
+    n = prompt_tokens(config, frames)
+    kv_token = t.num_key_value_heads * t.head_dim
+    kv = n * (4 * kv_token * b if mode.endswith("+offload") else 2 * t.num_hidden_layers * kv_token * b)
+    per_slice = min(frames_per_slice, frames)
+    vision = estimate(config, per_slice, "dense", weights, None, frames_per_slice, b).vision
+    new = prompt_tokens(config, per_slice, 0)
+    append = new * (4 * t.hidden_size + 3 * t.intermediate_size) * b
+    return Estimate(f"live {mode}", frames, n, weights, kv + vision, kv + append)
+
+
 def max_frames(config: VideoXLConfig, budget: int, mode: str, weights: int, frames_per_slice: int = 96,
                dtype_bytes: int = 2, limit: int = 1 << 20) -> int:
     """The most frames (a multiple of 4) whose estimate, with headroom, fits in `budget` bytes; 0 if none."""

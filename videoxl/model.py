@@ -104,6 +104,13 @@ class VideoXL(nn.Module):
                 memory_errors(self.device, r.max_num_frames, bool(settings.prefill)):
             yield from pipeline.answer(self, tokenizer, r, settings, show_progress)
 
+    def open_live(self, tokenizer, sample_fps: float = 1.0, **settings):
+        """A live session: frames appended as they are recorded, questions about everything so far
+        (videoxl.live.LiveSession: its settings, limits and thread safety are described there)."""
+        from videoxl.live.session import LiveSession  # the live layer sits above the model; imported on use
+
+        return LiveSession(self, tokenizer, sample_fps=sample_fps, **settings)
+
     @contextlib.contextmanager
     def _exclusive(self):
         if self._lock_owner == threading.get_ident():  # waiting would deadlock this thread

@@ -11,6 +11,7 @@ settings, and calls `answer`. The video cache (cache/store.py) only stores: entr
 """
 from __future__ import annotations
 
+import bisect
 import os
 import time
 import warnings
@@ -70,11 +71,14 @@ def placeholder_id(config, tokenizer) -> int:
     return pad if isinstance(pad, int) and 0 <= pad < config.text.vocab_size else 0
 
 
-def embed_prompt(decoder, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:
-    """Token embeddings [1, n, hidden] of the prompt up to `end`, visual positions filled in."""
+def embed_prompt(decoder, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None,
+                 start: int = 0) -> torch.Tensor:
+    """Token embeddings [1, n, hidden] of the prompt's tokens [start, end), visual positions filled in
+    (`visual`: the visual tokens of the groups from `start` on; a live session embeds its new groups only)."""
     device = decoder.embed_tokens.weight.device
-    embeds = decoder.embed_tokens(torch.tensor(prompt.input_ids[:end], device=device))
-    embeds[torch.tensor(prompt.visual_positions, device=device)] = \
+    embeds = decoder.embed_tokens(torch.tensor(prompt.input_ids[start:end], device=device))
+    first = bisect.bisect_left(prompt.visual_positions, start)
+    embeds[torch.tensor(prompt.visual_positions[first:], dtype=torch.long, device=device) - start] = \
         visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
     return embeds[None]
 
@@ -191,27 +195,37 @@ def answer(model, tokenizer, r: Request, settings: Settings, show_progress=False
     and inference mode."""
     timeline = Timeline(model.device)
     t_question = time.perf_counter()
-    chunking, sparse, gen = settings.prefill, settings.sparse, settings.generation
     entry = video_prefix(model, r.video, tokenizer, r.question, r.history,
-                         (r.max_num_frames, r.sample_fps, r.max_sample_fps), chunking, show_progress, timeline)
+                         (r.max_num_frames, r.sample_fps, r.max_sample_fps), settings.prefill, show_progress,
+                         timeline)
     prompt = build_prompt(tokenizer, r.question, entry.prompt.timestamps, model.config.tokens_per_group,
                           placeholder_id(model.config, tokenizer), r.history)
-    store = entry.cache
-    store.truncate(prompt.video_end)
-    tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=model.device)
     stats = model.last_stats = answer_stats(entry.stats, entry.stats["kv_cache"] != "miss", len(prompt))
     timeline.resolve()  # vision and prefill, timed on the GPU
     stats["timeline"] = timeline.events  # filled on until the last token
-    if sparse is None:
+    yield from answer_over(model, tokenizer, entry.cache, prompt, settings, stats, t_question, entry.decode,
+                           show_progress, timeline)
+    model.kv_cache.persist_pending()  # to disk, after the answer
+
+
+def answer_over(model, tokenizer, store, prompt: VideoPrompt, settings: Settings, stats: dict, t_question: float,
+                state, show_progress=False, timeline: Timeline | None = None) -> Iterator[str]:
+    """The question (`prompt`'s tokens after `video_end`) over `store`, the KVs of the prompt up to `video_end`
+    (a previous question's tokens after it are dropped), dense or bi-level, then the answer's text into `stats`.
+    `state`: the video's DecodeState. A live session (live/session.py) calls this over its growing store."""
+    timeline = timeline or Timeline(model.device)
+    store.truncate(prompt.video_end)
+    tail = torch.tensor(prompt.input_ids[prompt.video_end:], device=model.device)
+    if settings.sparse is None:
         logits = model.decoder(model.decoder.embed_tokens(tail)[None], store)
     else:  # the question and answer run over a mixed dense/pooled copy; the video's store stays whole
-        store, logits, info = bilevel_question(model.decoder, store, tail, sparse, prompt.timestamps,
-                                               chunking.groups_per_block, gen.max_new_tokens, entry.decode)
+        store, logits, info = bilevel_question(model.decoder, store, tail, settings.sparse, prompt.timestamps,
+                                               settings.prefill.groups_per_block,
+                                               settings.generation.max_new_tokens, state)
         stats.update(info)
         model.kv_cache.trim()
-    yield from generate(model, store, logits, tokenizer, gen, prompt.input_ids, stats, t_question, entry.decode,
-                        show_progress, timeline)
-    model.kv_cache.persist_pending()  # to disk, after the answer
+    yield from generate(model, store, logits, tokenizer, settings.generation, prompt.input_ids, stats, t_question,
+                        state, show_progress, timeline)
 
 
 def generate(model, store, logits, tokenizer, gen, prompt_ids: list[int], stats: dict, t_question: float,

@@ -1,4 +1,5 @@
-"""Command line: `videoxl chat`, `videoxl inspect`, `videoxl make-tiny` (and `serve`, `batch`, in their folders).
+"""Command line: `videoxl chat`, `videoxl inspect`, `videoxl make-tiny` (and `serve`, `batch`, `live` in their own
+modules).
 
 Every user error ends in one line on stderr and exit code 2 (3 for memory); the answer streams to stdout as it
 is generated. Every setting and the video's header are checked before the (slow) model load.
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub, HelpFormatter)
     from videoxl.cli.batch import add_batch_parser
     add_batch_parser(sub, HelpFormatter)
+    from videoxl.cli.live import add_live_parser
+    add_live_parser(sub, HelpFormatter)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the released format",
                           formatter_class=HelpFormatter)
@@ -182,10 +185,16 @@ def cmd_batch(args) -> int:
     return run_batch(args)
 
 
+def cmd_live(args) -> int:
+    from videoxl.cli.live import cmd_live as run_live
+
+    return run_live(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"chat": cmd_chat, "inspect": cmd_inspect, "make-tiny": cmd_make_tiny,
-               "serve": cmd_serve, "batch": cmd_batch}[args.command]
+               "serve": cmd_serve, "batch": cmd_batch, "live": cmd_live}[args.command]
     show_warnings_as_lines()
     try:
         return handler(args)

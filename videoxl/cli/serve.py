@@ -42,6 +42,11 @@ def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
     sampling.add_argument("--sample-fps", type=optional_float, default=1.0, help="frames per second; 'none' = uniform")
     sampling.add_argument("--max-sample-fps", type=optional_float, default=None, help="raise the rate up to this")
     sampling.add_argument("--default-max-tokens", type=int, default=256, help="answer tokens when max_tokens is unset")
+    live = p.add_argument_group("live sessions (POST /v1/live/sessions; questions with video_url session://ID)")
+    live.add_argument("--live-max-sessions", type=int, default=8, help="sessions open at once")
+    live.add_argument("--live-max-frames", type=int, default=4 * 3600, help="sampled frames per session")
+    live.add_argument("--live-max-gb", type=float, default=32.0, help="KV memory per session")
+    live.add_argument("--live-idle-s", type=float, default=900.0, help="close a session idle this long")
     add_chunk_args(p)
     add_sparse_args(p)
     return p
@@ -52,6 +57,7 @@ def build(args):
     import videoxl
     from videoxl.serving.app import Settings, create_app
     from videoxl.serving.engine import Engine
+    from videoxl.serving.live import LiveLimits
     from videoxl.serving.media import MediaLimits
     from videoxl.serving.metrics import Metrics
     from videoxl.serving.protocol import ServerDefaults
@@ -62,7 +68,10 @@ def build(args):
                  "kv_cache_gb"):
         if not getattr(args, name) >= 0:
             raise VideoXLError(f"--{name.replace('_', '-')} must be a number >= 0")
-    for name in ("max_queue", "max_frames", "max_tokens", "max_num_frames", "default_max_tokens", "port"):
+    for name in ("live_max_gb", "live_idle_s"):
+        if not getattr(args, name) > 0:
+            raise VideoXLError(f"--{name.replace('_', '-')} must be a number > 0")
+    for name in ("live_max_sessions", "live_max_frames", "max_queue", "max_frames", "max_tokens", "max_num_frames", "default_max_tokens", "port"):
         if getattr(args, name) < 1:
             raise VideoXLError(f"--{name.replace('_', '-')} must be at least 1")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
@@ -82,7 +91,9 @@ def build(args):
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     registry = os.path.join(args.kv_cache_dir, "uuids.json") if args.kv_cache_dir else None
     tmp_dir = tempfile.mkdtemp(prefix="videoxl-media-")
-    settings = Settings(name, limits, defaults, args.request_timeout, tmp_dir, registry)
+    live = LiveLimits(args.live_max_sessions, args.live_max_frames, int(args.live_max_gb * 2**30),
+                      idle_s=args.live_idle_s)
+    settings = Settings(name, limits, defaults, args.request_timeout, tmp_dir, registry, live)
     metrics = Metrics()
     engine = Engine(replicas, args.max_queue, metrics, question_settings)
     return create_app(engine, settings, metrics), engine, settings

@@ -31,6 +31,12 @@ class DecodeState:
         mixed, self.mixed = self.mixed, None
         return mixed
 
+    def video_grew(self) -> None:
+        """The video's store grew (a live session appended frames): the pooled level and the mixed store were
+        made for the shorter video. (A captured step checks by itself that it still fits its store.)"""
+        self.level = None
+        self.mixed = None
+
     @property
     def nbytes(self) -> int:
         level = 0 if self.level is None else sum(t.nbytes for t in self.level.k + self.level.v)

@@ -273,18 +273,23 @@ def model_frames(video: ShapesVideo, device="cpu") -> list[np.ndarray]:
     return [resize_frame(f) for f in frames_1fps(video, device).cpu().numpy()]
 
 
-def write_video(video: ShapesVideo, path: str, codec: str = "mpeg4", bit_rate: int | None = None) -> str:
-    """Encode the video at 2 fps (yuv420p) with PyAV: 'mpeg4' or 'libx264' (h264)."""
+def write_video(video: ShapesVideo, path: str, codec: str = "mpeg4", bit_rate: int | None = None,
+                fps: int = FILE_FPS) -> str:
+    """Encode the video at 2 fps (or `fps`, 1: the frames `sample_fps=1` takes) (yuv420p) with PyAV: 'mpeg4' or
+    'libx264' (h264)."""
     import av
 
+    if fps not in (1, FILE_FPS):
+        raise ValueError(f"fps must be 1 or {FILE_FPS}, got {fps}")
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    every = FILE_FPS // fps
     with av.open(path, "w") as container:
-        stream = container.add_stream(codec, rate=FILE_FPS)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = video.width, video.height, "yuv420p"
         if bit_rate:
             stream.bit_rate = bit_rate
-        for s in range(0, video.seconds * FILE_FPS, 64):
-            frames = render(video, torch.arange(s, min(s + 64, video.seconds * FILE_FPS))).numpy()
+        for s in range(0, video.seconds * FILE_FPS, 64 * every):
+            frames = render(video, torch.arange(s, min(s + 64 * every, video.seconds * FILE_FPS), every)).numpy()
             for f in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                     container.mux(packet)

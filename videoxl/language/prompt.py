@@ -63,24 +63,42 @@ def prompt_tokens(config, frames: int, text_tokens: int = SYSTEM_TOKENS) -> int:
     return text_tokens + groups * (config.tokens_per_group + TIME_TOKENS)
 
 
-def build_prompt(tokenizer, question: str, timestamps: list[float], tokens_per_group: int,
-                 placeholder_id: int, history: list[tuple[str, str]] | None = None) -> VideoPrompt:
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+def encoder(tokenizer):
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    ids = encode(SYSTEM + USER)
-    prompt = VideoPrompt(ids, timestamps=list(timestamps))
-    for t in group_timestamps(timestamps):
-        prompt.group_starts.append(len(ids))
-        ids += encode(f"Time {float(t)}s:")
-        prompt.visual_positions.extend(range(len(ids), len(ids) + tokens_per_group))
-        ids += [placeholder_id] * tokens_per_group
+
+def start_prompt(tokenizer, timestamps: list[float] = ()) -> VideoPrompt:
+    """The prompt's text before the video; `add_group` extends it (live video adds groups as they arrive)."""
+    ids = encoder(tokenizer)(SYSTEM + USER)
+    return VideoPrompt(ids, timestamps=list(timestamps), video_end=len(ids))
+
+
+def add_group(prompt: VideoPrompt, tokenizer, t: float, tokens_per_group: int, placeholder_id: int) -> None:
+    """Append one group: `Time {t}s:` (tokenised on its own) and its visual placeholders. The prompt must end
+    with the video (no question yet)."""
+    ids = prompt.input_ids
+    prompt.group_starts.append(len(ids))
+    ids += encoder(tokenizer)(f"Time {float(t)}s:")
+    prompt.visual_positions.extend(range(len(ids), len(ids) + tokens_per_group))
+    ids += [placeholder_id] * tokens_per_group
     prompt.video_end = len(ids)
+
+
+def question_ids(tokenizer, question: str, history: list[tuple[str, str]] | None = None) -> list[int]:
+    """The tokens after the video: the chat history's turns, then the question and the assistant's header."""
     turns = (history or []) + [(question, None)]
     text = ""
     for i, (q, a) in enumerate(turns):
         text += ("\n" if i == 0 else USER) + q + END + ASSISTANT
         if a is not None:
             text += a + END
-    ids += encode(convert_times(text))
+    return encoder(tokenizer)(convert_times(text))
+
+
+def build_prompt(tokenizer, question: str, timestamps: list[float], tokens_per_group: int,
+                 placeholder_id: int, history: list[tuple[str, str]] | None = None) -> VideoPrompt:
+    prompt = start_prompt(tokenizer, timestamps)
+    for t in group_timestamps(timestamps):
+        add_group(prompt, tokenizer, t, tokens_per_group, placeholder_id)
+    prompt.input_ids += question_ids(tokenizer, question, history)
     return prompt

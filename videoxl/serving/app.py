@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from videoxl.serving.engine import Engine, Job
 from videoxl.serving.errors import APIError, error_body
+from videoxl.serving.live import SCHEME, LiveLimits, LiveSessions, add_live_routes
 from videoxl.serving.media import Media, MediaLimits, resolve
 from videoxl.serving.metrics import HELP, Metrics
 from videoxl.serving.protocol import ChatRequest, ServerDefaults, parse_request
@@ -38,6 +39,7 @@ class Settings:
     request_timeout_s: float = 600.0
     tmp_dir: str = "/tmp"
     registry_path: str | None = None  # where uuids are remembered across restarts (in the KV cache folder)
+    live: LiveLimits = field(default_factory=LiveLimits)
 
     @property
     def max_body_bytes(self) -> int:
@@ -70,6 +72,8 @@ class UuidRegistry:
 def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
     app = FastAPI(title="videoxl", docs_url=None, redoc_url=None, openapi_url=None)
     registry = UuidRegistry(settings.registry_path)
+    live = app.state.live = LiveSessions(engine.replicas, settings.live, engine.settings)
+    add_live_routes(app, live, settings, read_json)
 
     def error_response(e: APIError):
         metrics.count("videoxl_requests_total", status=str(e.status))
@@ -195,6 +199,8 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics) -> FastAPI:
 
     async def video_ref(req: ChatRequest, media: Media) -> VideoRef:
         part = req.media[0]
+        if part.url is not None and part.url.startswith(SCHEME):  # a live session: answered over its frames
+            return live.from_url(part.url)
         if part.url is None:  # a uuid alone: a video seen before
             if part.uuid not in registry.names:
                 raise APIError(400, f"unknown uuid {part.uuid!r}: send the video with this uuid first", "messages")

@@ -21,6 +21,7 @@ from videoxl.serving.errors import APIError
 from videoxl.serving.metrics import Metrics
 from videoxl.serving.protocol import ChatRequest
 from videoxl.errors import VideoXLError
+from videoxl.live.session import LiveSession
 from videoxl.settings import Settings
 from videoxl.cache.identity import VideoRef
 
@@ -30,7 +31,7 @@ log = logging.getLogger("videoxl.serving")
 @dataclass
 class Job:
     request: ChatRequest
-    video: VideoRef
+    video: VideoRef | LiveSession
     deadline: float  # time.monotonic() by which the answer must be done
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -125,8 +126,12 @@ class Engine:
             job.emit("error", 504, "the request waited past its time limit in the queue")
             return
         r, start = job.request, time.perf_counter()
-        stream = model.stream_chat(job.video, tokenizer, r.question, r.history, *r.sampling,
-                                   generation_config=r.generation, settings=self.settings)
+        if isinstance(job.video, LiveSession):  # its own model (any worker may run it: the model's lock holds)
+            model = job.video.model
+            stream = job.video.stream_ask(r.question, r.generation, r.history)
+        else:
+            stream = model.stream_chat(job.video, tokenizer, r.question, r.history, *r.sampling,
+                                       generation_config=r.generation, settings=self.settings)
         text, sent, first, finish = "", 0, None, None
         try:
             for piece in stream:

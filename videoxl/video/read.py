@@ -165,6 +165,8 @@ def _nvdec(info, device):
     device = torch.device(device)
     if device.type != "cuda":
         return None, None
+    if device.index is None and torch.cuda.is_available():  # a bare "cuda": the caller's current GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     if info.codec not in NVDEC_CODECS:
         return None, f"codec {info.codec} has no NVDEC decoder"
     accel, why = nvdec_accel(device)

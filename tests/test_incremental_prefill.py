@@ -1,0 +1,91 @@
+"""Incremental prefill (prefill/incremental.py): the KVs after extending the store piece by piece, in any split
+of the tokens (whole groups, or cuts anywhere, even inside a group or a block), equal the one-shot prefill's KVs
+in every mode, with and without offload; and the question's logits over them agree (same greedy answer).
+Tiny fp32 checkpoint; same tolerance and comparison as test_chunked_prefill."""
+import random
+
+import pytest
+import torch
+
+from tests.test_chunked_prefill import assert_same_kvs, long_clip, prepared, run  # noqa: F401 (fixtures)
+from videoxl.errors import VideoXLError
+from videoxl.language.prompt import VideoPrompt
+from videoxl.prefill.incremental import IncrementalPrefill
+from videoxl.prefill.modes import dense_prefill, mask_prefill, streaming_prefill
+from videoxl.prefill.plan import BlockPlan, PrefillConfig
+
+
+def cut(prompt: VideoPrompt, end: int) -> VideoPrompt:
+    """The prompt as it stood when only its first `end` tokens had arrived (no question yet)."""
+    return VideoPrompt(prompt.input_ids[:end], [p for p in prompt.visual_positions if p < end],
+                       [g for g in prompt.group_starts if g < end], end, prompt.timestamps)
+
+
+def splits(prompt: VideoPrompt, seed: int) -> list[int]:
+    """Cut points: seed 0 = text before the video, then one group at a time (what live video does);
+    other seeds: random cuts anywhere (inside groups, inside blocks, single tokens)."""
+    n = prompt.video_end
+    if seed == 0:
+        return prompt.group_starts + [n]
+    rng = random.Random(seed)
+    points = sorted(rng.sample(range(1, n), rng.randint(3, 12)) + [n - 1])
+    return sorted(set(points)) + [n]
+
+
+def incremental(model, prompt, embeds, chunking, cuts, offload=None):
+    inc = IncrementalPrefill(model.decoder, chunking, capacity=64, offload=offload)
+    start = 0
+    with torch.inference_mode():
+        for end in cuts:
+            assert inc.extend(cut(prompt, end), embeds[:, start:end]) == end
+            start = end
+    return inc
+
+
+ONE_SHOT = {"dense": dense_prefill, "mask": mask_prefill, "streaming": streaming_prefill}
+
+
+@pytest.mark.parametrize("mode, chunk, step", [("dense", 0, 0), ("mask", 4, 1), ("mask", 4, 2),
+                                               ("streaming", 4, 2), ("streaming", 6, 3)])
+@pytest.mark.parametrize("offload", [False, True])
+def test_any_split_equals_one_shot(prepared, mode, chunk, step, offload):  # noqa: F811
+    model, prompt, embeds = prepared
+    chunking = None if mode == "dense" else PrefillConfig(mode, chunk, step, offload)
+    plan = None if chunking is None else BlockPlan.from_prompt(prompt, chunking)
+    whole = run(ONE_SHOT[mode], model, embeds, plan, offload=offload)
+    for seed in (0, 1, 2):
+        inc = incremental(model, prompt, embeds, chunking, splits(prompt, seed), offload)
+        assert inc.store.offload == offload and inc.length == prompt.video_end
+        assert_same_kvs(inc.store, whole)
+        if plan is not None:
+            assert torch.equal(inc.store.plan.dense_mask(), plan.dense_mask())
+
+
+@pytest.mark.parametrize("mode", ["dense", "streaming"])
+def test_question_between_pieces_changes_nothing(prepared, mode):  # noqa: F811
+    """A question asked mid-way appends its tokens to the store; the next piece drops them, and the answer's
+    logits over the grown store equal those over the one-shot store (so greedy decoding picks the same)."""
+    model, prompt, embeds = prepared
+    chunking = None if mode == "dense" else PrefillConfig(mode, 4, 2)
+    tail = torch.tensor(prompt.input_ids[prompt.video_end:])
+    starts = prompt.group_starts
+    inc = IncrementalPrefill(model.decoder, chunking, capacity=64)
+    with torch.inference_mode():
+        inc.extend(cut(prompt, starts[2]), embeds[:, :starts[2]])
+        model.decoder(model.decoder.embed_tokens(tail)[None], inc.store)  # the question, mid-way
+        assert inc.store.length > inc.length
+        inc.extend(cut(prompt, prompt.video_end), embeds[:, starts[2]:])
+        whole = run(ONE_SHOT[mode], model, embeds, None if chunking is None
+                    else BlockPlan.from_prompt(prompt, chunking))
+        assert_same_kvs(inc.store, whole)
+        a = model.decoder(model.decoder.embed_tokens(tail)[None], inc.store, logits_for="all")
+        b = model.decoder(model.decoder.embed_tokens(tail)[None], whole, logits_for="all")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_pieces_must_meet_the_prompt(prepared):  # noqa: F811
+    model, prompt, embeds = prepared
+    inc = IncrementalPrefill(model.decoder, None, capacity=64)
+    with pytest.raises(VideoXLError, match="do not reach the prompt's end"):
+        inc.extend(cut(prompt, 40), embeds[:, :30])

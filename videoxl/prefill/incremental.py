@@ -1,0 +1,90 @@
+"""Incremental prefill: a KV store of the prefix + video that grows as the video's tokens arrive.
+
+Live video (a session that is asked about a video still being recorded) and a prefill that runs while frames
+are still being decoded both need the same thing: the KVs of the tokens so far, extended by the next ones,
+equal to what a one-shot prefill of all of them gives (prefill/modes.py).
+
+That holds because every pattern here is causal: a token's KVs depend only on the tokens before it. Dense
+attention is plain causal. The chunked pattern (plan.py) is block-causal: a visual token sees the text before
+the video, every earlier `Time ...s:` token and its window (its own block and the previous
+`chunk_size // step_size - 1`), all of which come before it; a timestamp token sees everything before it. So a
+new range of tokens can be run through the layers against the stored KVs, and nothing stored changes. The range
+may end anywhere, even inside a block: a block's later tokens see its earlier ones through the store, exactly
+as they would in one pass. 'mask' and 'streaming' are two ways to compute one pattern; here both are the same.
+
+Each extension is one forward pass of the new tokens (`Qwen2Decoder.forward`): per layer, their K/V go into the
+store, then their queries attend to the stored K/V of that layer. With offload the store streams each layer in
+from CPU memory, the next layer's copy behind this one's compute (KVStore.append). The chunked pattern's
+timestamp rows see every earlier token, so each extension reads the whole store once, whatever the mode.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.bias import causal_lower_right
+
+from videoxl.errors import VideoXLError
+from videoxl.language.decoder import Qwen2Decoder
+from videoxl.language.kv_store import KVStore
+from videoxl.language.prompt import VideoPrompt
+from videoxl.prefill.modes import block_attention
+from videoxl.prefill.plan import BlockPlan, PrefillConfig
+
+
+class IncrementalPrefill:
+    """Owns `store`, the KVs of `prompt.input_ids[:store.length]`. `extend(prompt, embeds)` prefills the tokens
+    from `store.length` to `prompt.video_end`; `prompt` is the same prompt grown (language.prompt.add_group).
+
+    `chunking` None = dense (causal); otherwise its mode's pattern, `offload` keeping the KVs in CPU memory.
+    Not thread-safe: its owner serialises extensions and the questions that read the store."""
+
+    def __init__(self, decoder: Qwen2Decoder, chunking: PrefillConfig | None = None, capacity: int = 1024,
+                 offload: bool | None = None):
+        self.decoder, self.chunking = decoder, chunking
+        if offload is None:
+            offload = bool(chunking and chunking.offload)
+        self.store: KVStore = decoder.new_cache(capacity=capacity, offload=offload)
+        self.plan: BlockPlan | None = None
+        self._video_len = 0
+
+    @property
+    def length(self) -> int:
+        """Tokens prefilled (a question's tokens after them are dropped by the next `extend`)."""
+        return self._video_len
+
+    def extend(self, prompt: VideoPrompt, embeds: torch.Tensor) -> int:
+        """Prefill `embeds` [1, n, hidden], the embeddings of prompt tokens [length, length + n); `prompt`
+        ends there (`video_end`). Returns the new length."""
+        start, n = self._video_len, embeds.shape[1]
+        if prompt.video_end != start + n:
+            raise VideoXLError(f"incremental prefill: {n} new tokens after {start} do not reach the prompt's "
+                               f"end ({prompt.video_end})")
+        if n == 0:
+            return start
+        store = self.store
+        store.truncate(start)  # a question asked in between left its tokens after the video
+        store.reserve(start + n)
+        # dense: causal with the new rows at the end of the keys, as a lower-right causal bias rather than a
+        # [n, start + n] boolean mask: SDPA then runs a fused kernel instead of scores for every key (on a GPU
+        # a boolean mask with grouped-query heads falls back to the math kernel)
+        mask = causal_lower_right(n, start + n) if start else None
+        if self.chunking is not None and prompt.group_starts:  # text before the video: plain causal
+            self.plan = BlockPlan.from_prompt(prompt, self.chunking)
+            mask = RowsOfPattern(self.plan, start)
+        self.decoder(embeds, store, mask=mask, logits_for="none")
+        store.synchronize()
+        store.plan = self.plan
+        self._video_len = start + n
+        return self._video_len
+
+
+class RowsOfPattern:
+    """The block pattern's attention for query rows [start, start + n) against keys [0, start + n), as the
+    decoder's `mask` callable: the same block-by-block SDPA as streaming prefill on the CPU (block_attention),
+    which gathers only a visual row's visible columns."""
+
+    def __init__(self, plan: BlockPlan, start: int):
+        self.plan, self.start = plan, start
+
+    def __call__(self, q, k, v):
+        rows = slice(self.start, self.start + q.shape[2])
+        return block_attention(self.plan, lambda _: q, k, v, rows)
