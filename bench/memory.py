@@ -1,5 +1,6 @@
 """The memory estimate (`videoxl/memory.py`) against the measured peaks of `bench/prefill.py`, and the frames
-that fit on 24 / 40 / 80 GB cards per mode. CPU only: it reads `bench/results/*.json`, measures nothing.
+that fit on 16 / 24 / 40 / 80 GB cards per mode and weight precision (bf16, and the decoder layers in int8 or
+int4: `quantize=`). CPU only: it reads `bench/results/*.json`, measures nothing.
 
     python bench/memory.py [--out bench/results/memory_estimate.json]
 """
@@ -15,21 +16,22 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from videoxl.memory import GiB, estimate, max_frames  # noqa: E402
+from videoxl.memory import GiB, estimate, max_frames, weight_bytes  # noqa: E402
 from videoxl.model import VideoXL  # noqa: E402
 from videoxl.checkpoint.tiny import full_size_config  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 WAY_TO_MODE = {"dense": "dense", "mask": "mask", "streaming": "streaming+offload"}  # bench's streaming offloads
-CARDS_GB = (24, 40, 80)
+CARDS_GB = (16, 24, 40, 80)
+PRECISIONS = ("bf16", "int8", "int4")  # of the decoder layers' weights; the KVs stay bf16
 CONTEXT_GIB = 1.0  # the CUDA context and what else the card holds: not free to us
 VISION_SLICE = {"dense": 96, "mask": 24, "streaming": 24, "streaming+offload": 24}  # chat's / the CLI's defaults
 
 
-def full_size_weights(dtype_bytes: int = 2) -> int:
+def full_size_weights(quantize: str | None = None) -> int:
     with torch.device("meta"):
         model = VideoXL(full_size_config())
-    return sum(p.numel() for p in model.parameters()) * dtype_bytes
+    return weight_bytes({n: tuple(p.shape) for n, p in model.named_parameters()}, quantize, 2)
 
 
 def measured_runs() -> list[dict]:
@@ -56,15 +58,16 @@ def comparison(weights: int) -> list[dict]:
     return rows
 
 
-def card_table(weights: int) -> list[dict]:
+def card_table(weights: dict[str, int]) -> list[dict]:
     cfg = full_size_config()
     rows = []
     for mode in ("dense", "mask", "streaming", "streaming+offload"):
-        row = {"mode": mode, "vision_slice": VISION_SLICE[mode]}
-        for gb in CARDS_GB:
-            budget = int((gb - CONTEXT_GIB) * GiB)
-            row[f"{gb}GB"] = max_frames(cfg, budget, mode, weights, VISION_SLICE[mode], 2)
-        rows.append(row)
+        for precision in PRECISIONS:
+            row = {"mode": mode, "weights": precision, "vision_slice": VISION_SLICE[mode]}
+            for gb in CARDS_GB:
+                budget = int((gb - CONTEXT_GIB) * GiB)
+                row[f"{gb}GB"] = max_frames(cfg, budget, mode, weights[precision], VISION_SLICE[mode], 2)
+            rows.append(row)
     return rows
 
 
@@ -72,21 +75,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(RESULTS, "memory_estimate.json"))
     args = ap.parse_args()
-    weights = full_size_weights()
-    comp, cards = comparison(weights), card_table(weights)
-    print(f"weights (bf16): {weights / GiB:.2f} GiB\n")
+    all_weights = {p: full_size_weights(None if p == "bf16" else p) for p in PRECISIONS}
+    weights = all_weights["bf16"]
+    comp, cards = comparison(weights), card_table(all_weights)
+    print("weights: " + ", ".join(f"{p} {w / GiB:.2f} GiB" for p, w in all_weights.items()) + "\n")
     print("| frames | mode | prompt tokens | measured peak (GiB) | estimate (GiB) | error |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in comp:
         print(f"| {r['frames']} | {r['mode']} | {r['tokens']} | {r['measured_gib']} | {r['estimate_gib']} | "
               f"{100 * r['error']:+.1f}% |")
-    print("\n| mode (vision batch) | " + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |")
-    print("|---|" + "---:|" * len(CARDS_GB))
+    print("\n| mode (vision batch) | weights | " + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |")
+    print("|---|---|" + "---:|" * len(CARDS_GB))
     for r in cards:
-        print(f"| {r['mode']} ({r['vision_slice']}) | " + " | ".join(f"{r[f'{gb}GB']:,}" for gb in CARDS_GB)
-              + " |")
+        print(f"| {r['mode']} ({r['vision_slice']}) | {r['weights']} | "
+              + " | ".join(f"{r[f'{gb}GB']:,}" for gb in CARDS_GB) + " |")
     with open(args.out, "w") as f:
-        json.dump({"weights_gib": round(weights / GiB, 3), "comparison": comp, "cards": cards,
+        json.dump({"weights_gib": {p: round(w / GiB, 3) for p, w in all_weights.items()}, "comparison": comp, "cards": cards,
                    "context_gib": CONTEXT_GIB}, f, indent=1)
 
 

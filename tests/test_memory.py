@@ -37,9 +37,14 @@ def test_estimate_within_15_percent_of_measured_peaks(bench, weights):
 
 def test_readme_table_is_the_estimate(bench, weights):
     readme = open(os.path.join(ROOT, "README.md")).read()
-    table = {m.group(1): [int(x.replace(",", "")) for x in m.groups()[1:]]
-             for m in re.finditer(r"^\| ([a-z+]+) \(\d+\) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|$", readme, re.M)}
-    expected = {r["mode"]: [r[f"{gb}GB"] for gb in bench.CARDS_GB] for r in bench.card_table(weights)}
+    table = {(m.group(1), m.group(2)): [int(x.replace(",", "")) for x in m.groups()[2:]]
+             for m in re.finditer(r"^\| ([a-z+]+) \(\d+\) \| (\w+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|$",
+                                  readme, re.M)}
+    all_weights = {p: bench.full_size_weights(None if p == "bf16" else p) for p in bench.PRECISIONS}
+    assert all_weights["bf16"] == weights and all_weights["int4"] < all_weights["int8"] < 0.61 * weights
+    expected = {(r["mode"], r["weights"]): [r[f"{gb}GB"] for gb in bench.CARDS_GB]
+                for r in bench.card_table(all_weights)}
+    assert len(table) == 12
     assert table == expected
 
 

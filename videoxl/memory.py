@@ -122,6 +122,20 @@ def max_frames(config: VideoXLConfig, budget: int, mode: str, weights: int, fram
     return lo * FRAMES_PER_GROUP
 
 
+def weight_bytes(shapes: dict[str, tuple], quantize: str | None = None, dtype_bytes: int = 2) -> int:
+    """Bytes of a model's parameters (name -> shape, e.g. from a meta-device model) on a GPU, the decoder layers'
+    linear weights quantized by `quantize` (None, "int8", "int4", "fp8"; see language/quant.py)."""
+    from videoxl.language import quant
+
+    total = 0
+    for name, shape in shapes.items():
+        if quantize and quant.is_target(name):
+            total += quant.stored_bytes(name, shape[0], shape[1], quantize)
+        else:
+            total += math.prod(shape) * dtype_bytes
+    return total
+
+
 def mode_of(chunking) -> str:
     if chunking is None:
         return "dense"
@@ -166,7 +180,8 @@ def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames
         return None
     text_tokens = SYSTEM_TOKENS + sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     b = model.dtype.itemsize
-    w = sum(p.numel() * p.element_size() for p in model.parameters())  # already resident
+    w = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # resident (quantized:
+    # the weights are buffers)
     mode = mode_of(chunking)
     tokens = prompt_tokens(model.config, frames, text_tokens)
     est = estimate(model.config, frames, mode, w, tokens, frames_per_slice, b)

@@ -35,6 +35,7 @@ class Settings:
     prefill_config: dict | None = None
     sparse_config: dict | None = None
     kv_cache_dir: str | None = None
+    quantize: str | None = None
 
 
 class Worker:
@@ -42,7 +43,7 @@ class Worker:
         import videoxl
 
         self.model, self.tokenizer = videoxl.load(settings.model_dir, device=device, dtype=settings.dtype,
-                                                  kv_cache_dir=settings.kv_cache_dir)
+                                                  kv_cache_dir=settings.kv_cache_dir, quantize=settings.quantize)
         self.settings = QuestionSettings.build(settings.prefill_config, settings.sparse_config, settings.generation)
         self.device = str(self.model.device)
 

@@ -164,8 +164,13 @@ def empty_model(cfg: VideoXLConfig):
                 setattr(init, name, real)
 
 
-def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLConfig | None = None):
+def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLConfig | None = None,
+               quantize: str | None = None):
+    """`quantize` (a scheme of `language/quant.py`, checked by the caller): each decoder linear weight is
+    quantized as it is read, so the full-precision decoder is never resident at once."""
     from safetensors import safe_open
+
+    from videoxl.language import quant
 
     cfg = cfg or read_config(model_dir)
     model = empty_model(cfg)
@@ -173,16 +178,21 @@ def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLCo
     report = scan(model_dir, cfg, expected)
     if not report.ok:
         raise VideoXLError(report.problem())
-    state = {}
+    state, quantized = {}, {}
     by_file: dict[str, list[tuple[str, str]]] = {}
     for ours, (path, name, _) in report.found.items():
         by_file.setdefault(path, []).append((ours, name))
     for path, pairs in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as f:
             for ours, name in pairs:
-                state[ours] = f.get_tensor(name).to(device=device, dtype=dtype)
+                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                if quantize and quant.is_target(ours):
+                    quantized[ours[:-len(".weight")]] = quant.QuantLinear.quantize(tensor, None, quantize)
+                else:
+                    state[ours] = tensor
     if "decoder.lm_head.weight" not in state:  # tie_word_embeddings
         state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
+    quant.install(model, quantized, state)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 
@@ -214,21 +224,26 @@ def _load_tokenizer(model_dir: str):
 
 
 def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         kv_cache_gb: float = 0, kv_cache_dir: str | None = None):
+         kv_cache_gb: float = 0, kv_cache_dir: str | None = None, quantize: str | None = None):
     """`videoxl.load(path)` -> (model, tokenizer). Defaults: CUDA + bfloat16 when there is a GPU, else CPU + fp32.
     Videos' prefix KVs are kept in memory up to `kv_cache_gb` (0: the latest video only) and, with
-    `kv_cache_dir`, on disk, where a later process finds them (see video_kv.py)."""
+    `kv_cache_dir`, on disk, where a later process finds them (see video_kv.py). `quantize`: None, "int8",
+    "int4" or "fp8", the decoder layers' weights (see language/quant.py)."""
     from videoxl.cache.store import VideoKVCache
+    from videoxl.language import quant
 
     if not isinstance(model_dir, (str, os.PathLike)):
         raise VideoXLError(f"model path must be a folder path (str), got {type(model_dir).__name__}")
     model_dir = os.fspath(model_dir)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
+    scheme = quant.parse_quantize(quantize)
+    if scheme:
+        quant.check_device(scheme, device, dtype)
     cfg = read_config(model_dir)  # first: its errors are the clearest
     kv_cache = VideoKVCache(VideoKVCache.parse_gb(kv_cache_gb), kv_cache_dir)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, device, dtype, cfg)
+    model = load_model(model_dir, device, dtype, cfg, scheme)
     model.kv_cache = kv_cache
     return model, tokenizer
 

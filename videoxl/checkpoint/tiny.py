@@ -12,6 +12,7 @@ import torch
 
 from videoxl.config import TextConfig, VideoXLConfig, VisionConfig
 from videoxl.checkpoint.loader import our_to_checkpoint
+from videoxl.errors import VideoXLError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"]
 CORPUS = (
@@ -69,6 +70,9 @@ def save_checkpoint(out_dir: str, cfg: VideoXLConfig, state: dict[str, torch.Ten
     """Write `state` (our names) under the released names, split into `shards` safetensors files."""
     from safetensors.torch import save_file
 
+    if any(k.endswith(".qweight") for k in state):  # the loader would refuse it, but only once written
+        raise VideoXLError("this state holds quantized layers (videoxl.load(..., quantize=...)): it is not a "
+                           "checkpoint; save the bf16 model instead")
     os.makedirs(out_dir, exist_ok=True)
     tensors = {our_to_checkpoint(k): v.to(dtype).contiguous() for k, v in state.items()}
     h = cfg.text.hidden_size  # the release carries this unused text MLP; keep it so the loader must skip it

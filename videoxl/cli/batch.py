@@ -6,8 +6,8 @@ import argparse
 import os
 import time
 
-from videoxl.cli.options import (add_chunk_args, add_generation_args, add_sampling_args, add_sparse_args, card_dicts, check_before_load,
-                        generation_config, parse_devices)
+from videoxl.cli.options import (add_chunk_args, add_generation_args, add_quantize_arg, add_sampling_args, add_sparse_args,
+                                card_dicts, check_before_load, generation_config, parse_devices)
 from videoxl.cli.console import err
 from videoxl.errors import VideoXLError
 
@@ -31,6 +31,7 @@ def add_batch_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
                    help="Ray actors to start; 0 = one per GPU of the cluster (at least 1)")
     p.add_argument("--kv-cache-dir", default=None,
                    help="keep videos' KVs here too: a rerun or another batch on the same videos skips vision")
+    add_quantize_arg(p)
     add_sampling_args(p)
     add_generation_args(p)
     add_chunk_args(p)
@@ -62,7 +63,7 @@ def cmd_batch(args) -> int:
     from videoxl.demo import demo_model_path
 
     settings = Settings(args.model or demo_model_path(), args.dtype, generation_config(args), prefill, sparse,
-                        args.kv_cache_dir)
+                        args.kv_cache_dir, args.quantize)
     t0, answered, failed = time.perf_counter(), 0, 0
     try:
         for n, records in enumerate(run(settings, groups, devices, args.ray, args.workers), 1):

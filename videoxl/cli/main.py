@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
-from videoxl.cli.options import (HelpFormatter, add_chunk_args, add_generation_args, add_sampling_args, add_sparse_args,
-                       check_before_load)
+from videoxl.cli.options import (HelpFormatter, add_chunk_args, add_generation_args, add_quantize_arg, add_sampling_args,
+                                 add_sparse_args, check_before_load)
 from videoxl.cli.console import AnswerTimer, Loading, err, json_line, questions, report, show_warnings_as_lines
 from videoxl.errors import VideoXLError, VideoXLMemoryError
 from videoxl.inputs import check_video, fit_history, text_limit
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true",
                       help="print one JSON object per answer ({question, answer, stats}) instead of the text")
     chat.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_quantize_arg(chat)
     add_sampling_args(chat)
     add_generation_args(chat)
     add_chunk_args(chat)
@@ -94,7 +95,8 @@ def cmd_chat(args) -> int:
 
             with Loading(model_dir):
                 model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
-                                                dtype=None if args.dtype == "auto" else args.dtype)
+                                                dtype=None if args.dtype == "auto" else args.dtype,
+                                                quantize=args.quantize)
             quiz(model, tokenizer, seed=args.seed, questions=[args.question] if args.question else None)
             return 0
         if args.question is None and not (args.interactive or not sys.stdin.isatty()):
@@ -115,7 +117,8 @@ def cmd_chat(args) -> int:
     device = parse_device(None if args.device == "auto" else args.device)
     prefetch = Prefetch(video, (args.max_num_frames, args.sample_fps, args.max_sample_fps), device)
     with Loading(model_dir):  # the first question's frames are decoded meanwhile
-        model, tokenizer = videoxl.load(model_dir, device=device, dtype=None if args.dtype == "auto" else args.dtype)
+        model, tokenizer = videoxl.load(model_dir, device=device, dtype=None if args.dtype == "auto" else args.dtype,
+                                        quantize=args.quantize)
     model.prefetched = prefetch
     if model.config.random_weights and not args.demo:
         err(f"note: {model_dir} holds RANDOM weights (made by `videoxl make-tiny`): the answers are noise")

@@ -59,6 +59,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="raise the rate up to this when the video is short; 'none' = off")
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
+                   help="the decoder layers' weights: int8 (per channel), int4 (groups of 128), fp8 (e4m3, GPUs "
+                        "of compute capability >= 8.9); the embedding and output head stay in --dtype")
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

@@ -9,7 +9,8 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-from videoxl.cli.options import add_chunk_args, add_sparse_args, optional_float, parse_devices, settings_from_args
+from videoxl.cli.options import (add_chunk_args, add_quantize_arg, add_sparse_args, optional_float, parse_devices,
+                                 settings_from_args)
 from videoxl.errors import VideoXLError
 
 
@@ -24,6 +25,7 @@ def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
     p.add_argument("--devices", default=None,
                    help="one engine worker per device, comma-separated (default: every GPU, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU)")
+    add_quantize_arg(p)
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond these get HTTP 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queueing included")
     cache = p.add_argument_group("video KV cache")
@@ -91,7 +93,8 @@ def build(args):
     devices = parse_devices(args.devices or "auto")
 
     def load(device):
-        return videoxl.load(args.model, device=device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+        return videoxl.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize,
+                            kv_cache_gb=args.kv_cache_gb,
                             kv_cache_dir=args.kv_cache_dir)
 
     # one thread per device: the loads (file reads, copies to each GPU) overlap, so two GPUs start in about the

@@ -15,19 +15,25 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from videoxl.language import quant
 from videoxl.language.decoder import Qwen2Decoder, rope_cos_sin
 from videoxl.language.kv_store import KVStore
 from videoxl.decoding import kernels
 
 
-def fuse_projections(decoder: Qwen2Decoder) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+def fuse_projections(decoder: Qwen2Decoder) -> list[tuple]:
     """Per layer: (qkv weight, qkv bias, gate_up weight), each one tensor whose row blocks ARE the separate
     projections' parameters (they become views into it), so nothing is stored twice and the eager path reads
-    the same memory. Done once; later calls find the views already side by side."""
+    the same memory. Done once; later calls find the views already side by side. Quantized layers fuse into
+    one `QuantLinear` each (qkv's bias inside it, None in the tuple's middle), the same way (`quant.fuse`)."""
     fused = []
     with torch.inference_mode(False), torch.no_grad():
         for layer in decoder.layers:
             a, m = layer.self_attn, layer.mlp
+            if isinstance(a.q_proj, quant.QuantLinear):
+                fused.append((quant.fuse_once([a.q_proj, a.k_proj, a.v_proj]), None,
+                              quant.fuse_once([m.gate_proj, m.up_proj])))
+                continue
             fused.append((_side_by_side([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
                           _side_by_side([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
                           _side_by_side([m.gate_proj.weight, m.up_proj.weight])))
@@ -49,6 +55,11 @@ def _side_by_side(params: list[torch.nn.Parameter]) -> torch.Tensor:
         p.data = whole[offset:offset + p.shape[0]]
         offset += p.shape[0]
     return whole
+
+
+def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """A fused weight is a tensor (F.linear) or quantized layers (a module, called)."""
+    return weight(x) if isinstance(weight, torch.nn.Module) else F.linear(x, weight, bias)
 
 
 class CapturedStep:
@@ -88,13 +99,13 @@ class CapturedStep:
                 x = kernels.rms_norm(h, layer.input_layernorm.weight, eps)
             else:
                 x, h = kernels.rms_norm(delta, layer.input_layernorm.weight, eps, residual=h)
-            qkv = F.linear(x, qkv_w, qkv_b)
+            qkv = _linear(x, qkv_w, qkv_b)
             kernels.rope_store(qkv.view(-1, self.head_dim), cos[0], sin[0], self.pos, self.q, k_cache, v_cache,
                                self.n_heads, self.n_kv, self.head_dim)
             attn = kernels.decode_attention(self.q, k_cache, v_cache, length)
             o = layer.self_attn.o_proj(attn.view(1, -1))
             x, h = kernels.rms_norm(o, layer.post_attention_layernorm.weight, eps, residual=h)
-            gate, up = F.linear(x, gate_up_w).chunk(2, dim=-1)
+            gate, up = _linear(x, gate_up_w, None).chunk(2, dim=-1)
             delta = layer.mlp.down_proj(F.silu(gate) * up)
         x, _ = kernels.rms_norm(delta, d.norm.weight, eps, residual=h)
         return d.lm_head(x).float()

@@ -1,0 +1,80 @@
+"""Quantized weights on CUDA (issue 22): the Triton int8 kernel, tinygemm int4 (its packing against the CPU's)
+and fp8 `_scaled_mm`, fused as the decode step fuses them, and the captured step against the eager one. Skipped
+without a GPU; run on the lent device with `python -m pytest -q tests/test_gpu_quant.py`."""
+import pytest
+import torch
+
+import videoxl
+from videoxl.decoding.captured import CapturedStep
+from videoxl.language import quant
+from videoxl.language.quant import QuantLinear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _schemes():
+    ok = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    return ["int8", "int4"] + (["fp8"] if ok else [])
+
+
+@pytest.mark.parametrize("scheme", _schemes())
+def test_cuda_layers_compute_their_weight(scheme):
+    """Outputs against x @ dequantized weight^T: bf16 rounding only (fp8: plus the activations' rounding);
+    shapes of the 7B model's fused q/k/v (4608 x 3584, K not a multiple of 1024) and down_proj's width."""
+    torch.manual_seed(0)
+    for n, k in ((4608, 3584), (512, 18944)):
+        w, b = (torch.randn(n, k, device="cuda") * 0.02).bfloat16(), (torch.randn(n, device="cuda") * 0.01).bfloat16()
+        q = QuantLinear.quantize(w, b, scheme)
+        deq = q.dequantize()
+        assert deq.shape == (n, k)
+        assert ((deq - w.float()).norm() / w.float().norm()).item() < {"int8": 0.012, "int4": 0.13, "fp8": 0.05}[scheme]
+        for rows in (1, 3, 300):  # the matrix-vector kernel, its few-row case, and the prefill path
+            x = torch.randn(rows, k, device="cuda").bfloat16()
+            ref = x.float() @ deq.t() + b.float()
+            err = ((q(x).float() - ref).norm() / ref.norm()).item()
+            assert err < (0.05 if scheme == "fp8" else 1e-2), (n, k, rows, err)
+
+
+def test_cuda_int4_packing_matches_the_cpu():
+    """tinygemm's CUDA layout (nibble order, tile packing) stands for the same weight as the CPU's layout."""
+    torch.manual_seed(1)
+    w = (torch.randn(256, 2048) * 0.02).bfloat16()
+    cpu = QuantLinear.quantize(w, None, "int4").dequantize()
+    gpu = QuantLinear.quantize(w.cuda(), None, "int4").dequantize().cpu()
+    assert (gpu - cpu).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("scheme", _schemes())
+def test_fused_cuda_layers_equal_their_parts(scheme):
+    torch.manual_seed(2)
+    parts = [QuantLinear.quantize((torch.randn(n, 1024, device="cuda") * 0.02).bfloat16(),
+                                  (torch.randn(n, device="cuda") * 0.01).bfloat16(), scheme) for n in (256, 64, 64)]
+    x = torch.randn(1, 1024, device="cuda").bfloat16()
+    before = torch.cat([p(x) for p in parts], -1).float()
+    fused = quant.fuse_once(parts)
+    after = torch.cat([p(x) for p in parts], -1).float()  # the parts, now views into the fused tensors
+    assert isinstance(fused, QuantLinear)
+    assert ((fused(x).float() - before).norm() / before.norm()).item() < 1e-2
+    assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("scheme", _schemes())
+def test_captured_quantized_step_follows_eager(tiny_dir, scheme):
+    """The CUDA graph over fused quantized layers against the eager forward, token by token (bf16)."""
+    model, _ = videoxl.load(tiny_dir, device="cuda", dtype="bfloat16", quantize=scheme)
+    dec = model.decoder
+    with torch.inference_mode():
+        ids = torch.randint(0, dec.cfg.vocab_size, (1, 300), device="cuda")
+        eager, fast = dec.new_cache(capacity=400), dec.new_cache(capacity=400)
+        for cache in (eager, fast):
+            dec(dec.embed_tokens(ids), cache)
+        step = CapturedStep(dec, fast)
+        step.capture()
+        step.start()
+        worst = 0.0
+        for token in torch.randint(0, dec.cfg.vocab_size, (16,)).tolist():
+            ref = dec(dec.embed_tokens(torch.tensor([[token]], device="cuda")), eager)[0].float()
+            got = step.step(torch.tensor([token], device="cuda")).float()
+            worst = max(worst, ((got - ref).norm() / ref.norm()).item())
+        step.finish(16)
+    assert worst < 2e-2, worst  # bf16: the fused and separate products round differently

@@ -1,0 +1,51 @@
+"""y = x W^T * scale (+ bias) for a few rows of x and an int8 weight W [N, K] with one scale per output channel.
+
+A decode step's products are matrix-vector products bound by the bytes of weight read; this kernel reads the
+int8 weight once (half of bf16's bytes) and accumulates in fp32, without converting the weight to bf16 first
+(which would write and read it again). Each program computes BLOCK_N outputs of one row, walking K in
+BLOCK_K-wide tiles. Triton is imported here only: `quant.py` imports this module only on CUDA (or interpreted).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _int8_gemv_kernel(X, W, S, B, OUT, N, K, stride_x, stride_o,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(X + row * stride_x + kk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    out = acc * tl.load(S + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        # the eager path adds the bias in the model dtype after rounding the product: round the same way
+        out = out.to(OUT.dtype.element_ty).to(tl.float32) + tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + rn, out.to(OUT.dtype.element_ty), mask=n_ok)
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (M small) -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    x = x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    # 16 outputs x 512 inputs: 8 KiB of weight per tile, enough programs (N / 16 >= 224 for the 7B model's
+    # layers) to keep every SM reading
+    block_n, block_k = 16, 512
+    grid = (triton.cdiv(n, block_n), m)
+    _int8_gemv_kernel[grid](x, qweight, scale, bias if bias is not None else scale, out, n, k, x.stride(0),
+                            out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+                            num_warps=4)
+    return out
