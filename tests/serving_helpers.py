@@ -95,3 +95,31 @@ def request(question: str, *parts: dict, **fields) -> dict:
 def data_url(path: str) -> str:
     with open(path, "rb") as f:
         return "data:video/mp4;base64," + base64.b64encode(f.read()).decode()
+
+
+class held_generation:
+    """The server's generations held open after `after` pieces until `release` is set (or the context ends), so a
+    test of a client leaving, or of a time limit, does not race the machine's speed."""
+
+    def __init__(self, server, after: int = 0):
+        self.model = server.engine.replicas[0][0]
+        self.after, self.release = after, threading.Event()
+
+    def __enter__(self):
+        real, after, release = self.model.stream_chat, self.after, self.release
+        self.real = real
+
+        def held(*args, **kwargs):
+            for i, piece in enumerate(real(*args, **kwargs)):
+                if i == after:
+                    release.wait(60)
+                yield piece
+            if after == 0:  # nothing came out at all: still hold the answer's end
+                release.wait(60)
+
+        self.model.stream_chat = held
+        return self.release
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.model.stream_chat = self.real

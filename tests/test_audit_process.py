@@ -29,6 +29,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL of a parent, as on the audit's Linux")
 def test_batch_worker_dies_with_a_sigkilled_parent(tmp_path):
     """A parent spawns a worker the way `videoxl batch` does, and is SIGKILLed: the worker goes too (it was left

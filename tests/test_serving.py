@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from tests.serving_helpers import LiveServer, data_url, messages, request, video_part  # noqa: E402
+from tests.serving_helpers import LiveServer, data_url, held_generation, messages, request, video_part  # noqa: E402
 from videoxl.checkpoint.tiny import make_demo_video  # noqa: E402
 
 FRAMES = {"max_num_frames": 8}
@@ -210,16 +210,20 @@ def test_the_server_keeps_serving_after_bad_requests(server, media):
 def test_a_client_that_goes_away_stops_its_generation(server, media):
     before = server.metrics().get('videoxl_requests_total{status="499"}', 0)
     body = request("What happens?", video_part(f"file://{media}/clip.mp4"), max_tokens=4000, stream=True)
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 3:
-                break  # leave after a few events: closing the stream drops the connection
-    wait_until_stopped(server, before + 1)
+    with held_generation(server, after=2) as release:  # the answer cannot end before the client leaves
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 2:
+                    break  # leave after a few events: closing the stream drops the connection
+        release.set()
+        wait_until_stopped(server, before + 1)
     # the same without streaming: the client gives up waiting
     body["stream"] = False
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
-    wait_until_stopped(server, before + 2)
+    with held_generation(server, after=2) as release:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
+        release.set()
+        wait_until_stopped(server, before + 2)
 
 
 def wait_until_stopped(server, gone):
@@ -258,7 +262,8 @@ def test_restart_answers_known_videos_from_disk_without_vision(server, tiny_dir,
         assert r.status_code == 400 and "not cached" in r.json()["error"]["message"]
         r = again.post(request("Q?", video_part(url)))  # file:// is off on this server
         assert r.status_code == 403 and "file:// URLs are off" in r.json()["error"]["message"]
-        r = again.post(request("What happens?", video_part(None, uuid="other-1"), max_tokens=4000))
+        with held_generation(again):  # held open: the 504 cannot race the machine's speed
+            r = again.post(request("What happens?", video_part(None, uuid="other-1"), max_tokens=4000))
         assert r.status_code == 504 and "time limit" in r.json()["error"]["message"]  # --request-timeout 3
         assert again.healthy()
     finally:
