@@ -34,6 +34,29 @@ def attention_error(n_kv, g, d, length, capacity, splits):
     return (out - ref).abs().max().item()
 
 
+def step_against_eager(dec, reference=lambda run: run()):
+    """The captured step's body (what the CUDA graph records) against the decoder's eager forward over 6 tokens
+    after a 29-token prompt: (step, its store, largest logit difference, largest K/V difference). `reference` wraps each
+    eager call (e.g. to switch a kernel off for it)."""
+    prompt = torch.randint(0, dec.cfg.vocab_size, (1, 29))
+    eager_cache, fast_cache = dec.new_cache(capacity=64), dec.new_cache(capacity=64)
+    for cache in (eager_cache, fast_cache):
+        dec(dec.embed_tokens(prompt), cache)
+    step = CapturedStep(dec, fast_cache)
+    step.pos.fill_(fast_cache.length)
+    worst = 0.0
+    for token in torch.randint(0, dec.cfg.vocab_size, (6,)).tolist():
+        ref = reference(lambda: dec(dec.embed_tokens(torch.tensor([[token]])), eager_cache)[0])
+        step.token.fill_(token)
+        got = step._body()
+        step.pos.add_(1)
+        worst = max(worst, (got - ref).abs().max().item())
+    step.finish(6)
+    kv = max((a - b).abs().max().item() for i in range(dec.cfg.num_hidden_layers)
+             for a, b in zip(eager_cache.layer(i), fast_cache.layer(i)))
+    return step, fast_cache, worst, kv  # the store too: the step holds it only weakly
+
+
 def main(tiny_dir):
     torch.manual_seed(0)
     errors = {}
@@ -59,26 +82,11 @@ def main(tiny_dir):
     model, _ = videoxl.load(tiny_dir, device="cpu", dtype="float32")
     dec = model.decoder
     with torch.inference_mode():
-        prompt = torch.randint(0, dec.cfg.vocab_size, (1, 29))
-        eager_cache, fast_cache = dec.new_cache(capacity=64), dec.new_cache(capacity=64)
-        for cache in (eager_cache, fast_cache):
-            dec(dec.embed_tokens(prompt), cache)
-        step = CapturedStep(dec, fast_cache)
-        step.pos.fill_(fast_cache.length)
-        worst = 0.0
-        for token in torch.randint(0, dec.cfg.vocab_size, (6,)).tolist():
-            ref = dec(dec.embed_tokens(torch.tensor([[token]])), eager_cache)[0]
-            step.token.fill_(token)
-            got = step._body()
-            step.pos.add_(1)
-            worst = max(worst, (got - ref).abs().max().item())
-        step.finish(6)
+        step, store, worst, kv = step_against_eager(dec)
         # a second step on the same decoder finds the projections already side by side and reuses them
-        again = CapturedStep(dec, fast_cache)
+        again = CapturedStep(dec, store)
         same = all(a.data_ptr() == b.data_ptr() and a.shape == b.shape
                    for w1, w2 in zip(step.weights, again.weights) for a, b in zip(w1, w2))
-        kv = max((a - b).abs().max().item() for i in range(dec.cfg.num_hidden_layers)
-                 for a, b in zip(eager_cache.layer(i), fast_cache.layer(i)))
     errors["step_logits"], errors["step_kv"], errors["fused_reused"] = worst, kv, same
     print(json.dumps(errors))
 

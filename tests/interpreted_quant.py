@@ -8,7 +8,6 @@ import interpreted_kernels  # noqa: F401  (the interpreter patch for numpy >= 2.
 import torch
 
 import videoxl
-from videoxl.decoding.captured import CapturedStep
 from videoxl.language import quant
 from videoxl.language.int8_gemv import int8_gemv
 
@@ -26,25 +25,16 @@ def main(tiny_dir):
               "gemv_bias": gemv_error(24, 600, 2, True)}
     model, _ = videoxl.load(tiny_dir, device="cpu", dtype="float32", quantize="int8")
     dec = model.decoder
-    with torch.inference_mode():
-        prompt = torch.randint(0, dec.cfg.vocab_size, (1, 29))
-        eager_cache, fast_cache = dec.new_cache(capacity=64), dec.new_cache(capacity=64)
-        for cache in (eager_cache, fast_cache):
-            dec(dec.embed_tokens(prompt), cache)
-        step = CapturedStep(dec, fast_cache)
-        step.pos.fill_(fast_cache.length)
-        worst = 0.0
-        for token in torch.randint(0, dec.cfg.vocab_size, (6,)).tolist():
-            quant._INTERPRET = False  # the reference: the eager layers, without the kernel
-            ref = dec(dec.embed_tokens(torch.tensor([[token]])), eager_cache)[0]
+
+    def without_kernel(run):  # the reference: the eager layers, without the kernel
+        quant._INTERPRET = False
+        try:
+            return run()
+        finally:
             quant._INTERPRET = True
-            step.token.fill_(token)
-            got = step._body()
-            step.pos.add_(1)
-            worst = max(worst, (got - ref).abs().max().item())
-        step.finish(6)
-        kv = max((a - b).abs().max().item() for i in range(dec.cfg.num_hidden_layers)
-                 for a, b in zip(eager_cache.layer(i), fast_cache.layer(i)))
+
+    with torch.inference_mode():
+        _, _, worst, kv = interpreted_kernels.step_against_eager(dec, without_kernel)
     errors["step_logits"], errors["step_kv"] = worst, kv
     print(json.dumps(errors))
 
