@@ -96,6 +96,15 @@ def frame_to_model_input(y, u, v, colorspace: int, full_range: bool, turns: int)
     return resize_exact(torch.rot90(rgb, turns, dims=(0, 1)) if turns else rgb)
 
 
+def on_current_gpu(device) -> torch.device:
+    """`device` with its GPU index: a bare "cuda" means the caller's current GPU (decoder threads, which start
+    with GPU 0 current, must be told which one)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def nvdec_accel(device: torch.device):
     """PyAV's CUDA decoding settings for `device`, or a reason why there is none."""
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -106,7 +115,7 @@ def nvdec_accel(device: torch.device):
         return None, "this PyAV has no hardware decoding"
     if "cuda" not in hwdevices_available():
         return None, "this PyAV's FFmpeg was built without CUDA"
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = on_current_gpu(device).index
     # FFmpeg on torch's own CUDA context (the one current in the opening thread, see `open_nvdec`), not on the
     # primary context through its own door: there FFmpeg demands the CU_CTX_SCHED_BLOCKING_SYNC flag, and once
     # torch has made that context active with its own flags (any model loaded first) every open failed with

@@ -82,9 +82,8 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
         if accel is not None:
             import torch
 
-            from videoxl.video.gpu import nvdec_convert, open_nvdec
-            gpu = torch.device(device)
-            gpu = gpu if gpu.index is not None else torch.device("cuda", torch.cuda.current_device())
+            from videoxl.video.gpu import nvdec_convert, on_current_gpu, open_nvdec
+            gpu = on_current_gpu(device)
             convert, stack = nvdec_convert(rotation_turns, gpu), torch.stack
             opener = lambda: open_nvdec(path, accel, gpu)  # noqa: E731
             stats["video_decoder"] = "nvdec+pyav" if decoder == "both" else "nvdec"
@@ -162,17 +161,16 @@ def _nvdec(info, device):
         return None, None
     import torch
 
-    from videoxl.video.gpu import nvdec_accel, open_nvdec
+    from videoxl.video.gpu import nvdec_accel, on_current_gpu, open_nvdec
     device = torch.device(device)
     if device.type != "cuda":
         return None, None
-    if device.index is None and torch.cuda.is_available():  # a bare "cuda": the caller's current GPU
-        device = torch.device("cuda", torch.cuda.current_device())
     if info.codec not in NVDEC_CODECS:
         return None, f"codec {info.codec} has no NVDEC decoder"
     accel, why = nvdec_accel(device)
     if accel is None:
         return None, why
+    device = on_current_gpu(device)
     import av
 
     try:  # decode the first frame: NVDEC refuses some profiles (4:4:4, some 10-bit) only when it sees them
