@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import videoxl.pipeline as pipeline_module  # noqa: E402
+from videoxl.video.read import usable_cores  # noqa: E402
 from cpu_ceiling import measure  # noqa: E402
 from e2e_plot import timeline_png  # noqa: E402
 from prefill import random_checkpoint, random_model  # noqa: E402
@@ -93,7 +94,12 @@ def breakdown(stats: dict) -> dict:
                    gpu_idle_waiting_for_frames_s=idle_waiting(ev))
         if dec:
             out["vision_after_last_frame_s"] = round(out["vision_end_s"] - out["decode_end_s"], 3)
-    for stage in ("prefill", "first_token", "answer", "hash"):
+    if pre:  # one span per batch of slices, overlapped with decoding (pipeline.build_prefix)
+        out.update(prefill_busy_s=round(sum(e - s for s, e in merged(ev, ["prefill"])), 3),
+                   prefill_end_s=max(e for _, e in pre), prefill_batches=len(pre))
+        if dec:
+            out["prefill_after_last_frame_s"] = round(out["prefill_end_s"] - out["decode_end_s"], 3)
+    for stage in ("first_token", "answer", "hash"):
         if spans(stage):
             s, e = spans(stage)[0]
             out[f"{stage}_start_s"], out[f"{stage}_s"] = s, round(e - s, 3)
@@ -147,7 +153,7 @@ def questions(args, files, results) -> None:
                     f"{case}: first token {row['ttft_s']} s ({results['device']})"))
                 log(f"{case}: first token {row['ttft_s']} s, decode {row.get('decode_window_s')} s "
                     f"({row.get('video_decoder')}), GPU idle waiting {row.get('gpu_idle_waiting_for_frames_s')} s")
-            row.update(file=os.path.basename(path), mbit_s=mbps, minutes=minutes, decoder=decoder)
+            row.update(file=os.path.basename(path), mbit_s=mbps, minutes=minutes, decoder=decoder, cores=usable_cores())
             results["cases"][case] = row
             save(args.out, results)
 
@@ -234,14 +240,14 @@ def main():
             results = json.load(f)
     except (OSError, ValueError):
         results = {"cases": {}, "ceiling": {}, "launch": {}}
-    results.update(device="cpu (tiny)" if args.tiny else torch.cuda.get_device_name(), cores=os.cpu_count(),
+    results.update(device="cpu (tiny)" if args.tiny else torch.cuda.get_device_name(), cores=usable_cores(),
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     files = {(e, m): make_file(args.work, e, m, args.chunk_seconds, size)
              for e in args.encodings for m in args.minutes}
     log(f"files ready: {', '.join(os.path.basename(f[0]) for f in files.values())}")
     if args.ceiling:
         for (encoding, minutes), (path, _, _) in files.items():
-            results["ceiling"][os.path.basename(path)] = r = measure(path, os.cpu_count(), 1.0)
+            results["ceiling"][os.path.basename(path)] = r = measure(path, usable_cores(), 1.0)
             log(f"ceiling {os.path.basename(path)}: ours {r['ours']['packets_per_s']} packets/s, one decoder per "
                 f"core {r['ceiling_same']['packets_per_s']} on the same packets, "
                 f"{r['ceiling_all']['packets_per_s']} on every packet")

@@ -92,10 +92,10 @@ def test_same_kvs_as_one_append_whatever_the_threads(tiny):
                     seen.append(live.last_stats["covers_s"][1])
             feeder.join()
             assert all((t + 1) % 4 == 0 for t in seen)  # last frame of a whole group (times 0, 1, 2, ...)
-            assert live.prefill.length == whole.prefill.length
-            live.prefill.store.truncate(live.prefill.length)
-            whole.prefill.store.truncate(whole.prefill.length)
-            assert_same_kvs(live.prefill.store, whole.prefill.store)
+            assert live.prefix.prefill.length == whole.prefix.prefill.length
+            live.prefix.store.truncate(live.prefix.prefill.length)
+            whole.prefix.store.truncate(whole.prefix.prefill.length)
+            assert_same_kvs(live.prefix.store, whole.prefix.store)
 
 
 def test_mid_group_question_says_what_it_covers(tiny):
@@ -254,9 +254,9 @@ def test_a_failed_append_leaves_the_session_as_it_was(tiny, monkeypatch):
             m.setattr(IncrementalPrefill, "extend", out_of_memory)
             with pytest.raises(VideoXLMemoryError):
                 live.append(video[4:8])
-        assert live.prompt.input_ids == ids and live.prefill.length == len(ids) and live.stats["frames"] == 4
+        assert live.prompt.input_ids == ids and live.prefix.prefill.length == len(ids) and live.stats["frames"] == 4
         assert live.stats["frames_pending"] == 4
         live.append(video[8:])
         clean.append(video)
         assert live.prompt.input_ids == clean.prompt.input_ids
-        assert_same_kvs(live.prefill.store, clean.prefill.store)
+        assert_same_kvs(live.prefix.store, clean.prefix.store)

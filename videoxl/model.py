@@ -26,6 +26,7 @@ from videoxl.language.kv_store import KVStore
 from videoxl.language.prompt import VideoPrompt
 from videoxl.memory import memory_errors
 from videoxl.prefill.plan import PrefillConfig
+from videoxl.prefill.growing import embed_prompt
 from videoxl.prefill.run import prefill
 from videoxl.settings import Settings
 from videoxl.video.stream import Clip, FrameStream
@@ -140,7 +141,7 @@ class VideoXL(nn.Module):
         return encode_stream(self.vision, stream, frames_per_slice, self.device, show_progress, cancel=cancel)
 
     def embed_prompt(self, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None) -> torch.Tensor:
-        return pipeline.embed_prompt(self.decoder, prompt, visual, end)
+        return embed_prompt(self.decoder, prompt, visual, end)
 
     def prefill(self, embeds: torch.Tensor, store: KVStore, prompt: VideoPrompt,
                 chunking: PrefillConfig | None = None, show_progress=False) -> dict:

@@ -11,7 +11,6 @@ settings, and calls `answer`. The video cache (cache/store.py) only stores: entr
 """
 from __future__ import annotations
 
-import bisect
 import os
 import time
 import warnings
@@ -31,13 +30,13 @@ from videoxl.inputs import Request
 from videoxl.language.prompt import VideoPrompt, build_prompt, prompt_tokens
 from videoxl.memory import check_fits
 from videoxl.prefill.plan import BlockPlan, PrefillConfig
-from videoxl.prefill.run import prefill
+from videoxl.prefill.growing import GrowingPrefix
 from videoxl.progress import close, progress
 from videoxl.settings import Settings
 from videoxl.timeline import Timeline
 from videoxl.video.prefetch import take
 from videoxl.video.sources import open_video
-from videoxl.vision.stream import encode_stream
+from videoxl.vision.stream import encode_slices
 
 DEFAULT_FRAMES_PER_SLICE = 96  # vision tower batch when chunk prefill does not set one
 VISION_PAD = "<|vision_pad|>"
@@ -70,18 +69,6 @@ def placeholder_id(config, tokenizer) -> int:
     """The token that stands for a visual token in the prompt's ids (replaced by its embedding)."""
     pad = tokenizer.convert_tokens_to_ids(VISION_PAD)
     return pad if isinstance(pad, int) and 0 <= pad < config.text.vocab_size else 0
-
-
-def embed_prompt(decoder, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None,
-                 start: int = 0) -> torch.Tensor:
-    """Token embeddings [1, n, hidden] of the prompt's tokens [start, end), visual positions filled in
-    (`visual`: the visual tokens of the groups from `start` on; a live session embeds its new groups only)."""
-    device = decoder.embed_tokens.weight.device
-    embeds = decoder.embed_tokens(torch.tensor(prompt.input_ids[start:end], device=device))
-    first = bisect.bisect_left(prompt.visual_positions, start)
-    embeds[torch.tensor(prompt.visual_positions[first:], dtype=torch.long, device=device) - start] = \
-        visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
-    return embeds[None]
 
 
 def kv_layout(model) -> dict:
@@ -143,32 +130,54 @@ def same_prefix_tokens(config, tokenizer, prompt: VideoPrompt, system: str | Non
 def build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key,
                  timeline: Timeline | None = None, cancel: Cancel | None = None,
                  system: str | None = None) -> VideoKV:
-    """Vision and prefill: frames -> visual tokens -> prompt -> the KVs of everything up to the question."""
+    """Vision and prefill: frames -> visual tokens -> the KVs of everything up to the question, each slice of
+    frames prefilled as soon as it is encoded while later frames are still being decoded (prefill/growing.py;
+    the KVs equal a one-shot prefill's). When the GPU is behind the decoders, encoded slices wait and go
+    through the decoder together, so a fast source costs few passes."""
     timer, timeline = StageTimer(model.device), timeline or Timeline()
     stream = take(model, video, sampling) or open_video(video, *sampling, device=model.device)  # CUDA: NVDEC
-    model.kv_cache.make_room(VideoKVCache.bytes_for(kv_layout(model), prompt_tokens(model.config,
-                                                                                     len(stream.planned))))
+    capacity = prompt_tokens(model.config, len(stream.planned))
+    model.kv_cache.make_room(VideoKVCache.bytes_for(kv_layout(model), capacity))
     per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
     check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice,
                len(stream.planned) if stream.source == "images" else 0)  # images are decoded all at once
-    visual = encode_stream(model.vision, stream, per_slice, model.device, show_progress, timeline, cancel)
-    timer.lap("vision_s")  # video decoding included: it runs alongside
+    prefix = GrowingPrefix(model.decoder, tokenizer, model.config.tokens_per_group,
+                           placeholder_id(model.config, tokenizer), chunking, capacity + DECODE_ROOM, system=system)
+    waiting, times, t_prefill = [], [], 0.0
+    for piece in encode_slices(model.vision, stream, per_slice, model.device, show_progress, timeline, cancel):
+        waiting.append(piece.visual)
+        times += piece.timestamps
+        if piece.more_waiting:
+            continue
+        t0 = time.perf_counter()
+        with timeline.gpu_span("prefill"):
+            prefix.add(torch.cat(waiting), times[prefix.groups * FRAMES_PER_GROUP::FRAMES_PER_GROUP])
+        t_prefill += time.perf_counter() - t0
+        waiting = []
+    timer.lap("vision_s")  # frame decoding, vision and the prefill of all but the last slice run together
+    if waiting:
+        with timeline.gpu_span("prefill"):
+            prefix.add(torch.cat(waiting), times[prefix.groups * FRAMES_PER_GROUP::FRAMES_PER_GROUP])
+    timer.lap("prefill_s")  # what is left after the last slice
     frames = len(stream.kept)
-    timestamps = stream.timestamps + [stream.timestamps[-1]] * (-frames % FRAMES_PER_GROUP)
-    prompt = build_prompt(tokenizer, question, timestamps, model.config.tokens_per_group,
-                          placeholder_id(model.config, tokenizer), history, system)
-    embeds = embed_prompt(model.decoder, prompt, visual, prompt.video_end)
-    del visual
-    store = model.decoder.new_cache(capacity=len(prompt) + DECODE_ROOM, offload=bool(chunking and chunking.offload))
+    prompt = prefix.prompt
+    prompt.timestamps = list(stream.timestamps) + [stream.timestamps[-1]] * (-frames % FRAMES_PER_GROUP)
+    store = prefix.store
     stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
-             "video_tokens": prompt.video_end, **stream.stats}
-    with timeline.gpu_span("prefill"):
-        stats.update(prefill(model.decoder, embeds, store, prompt, chunking, show_progress, cancel))
-    timer.lap("prefill_s")
+             "video_tokens": prompt.video_end, **stream.stats, **prefill_stats(store, chunking),
+             "prefill_launch_s": round(t_prefill, 3)}
     stats.update(timer.report())
     model.kv_cache.built()
-    prefix = VideoPrompt(**prompt_dict(prompt))
-    return VideoKV(key, store, prefix, dict(stats, kv_cache="miss", cached_tokens=0), dirty=key is not None)
+    return VideoKV(key, store, VideoPrompt(**prompt_dict(prompt)), dict(stats, kv_cache="miss", cached_tokens=0),
+                   dirty=key is not None)
+
+
+def prefill_stats(store, chunking: PrefillConfig | None) -> dict:
+    if chunking is None:
+        return {"prefill": "dense", "attended_share": 1.0}
+    plan = store.plan  # None while no group is in
+    return {"prefill": chunking.chunk_prefill_mode, "blocks": len(plan.blocks) if plan else 0,
+            "attended_share": round(plan.attended_share(), 4) if plan else 1.0, "offload": chunking.offload}
 
 
 # ---- what the video gave -----------------------------------------------------------------------------------------

@@ -32,10 +32,10 @@ from videoxl.decoding.state import DecodeState
 from videoxl.errors import VideoXLError
 from videoxl.cancel import Cancel
 from videoxl.inputs import check_question
-from videoxl.language.prompt import VideoPrompt, add_group, question_ids, start_prompt
+from videoxl.language.prompt import VideoPrompt, question_ids
 from videoxl.live.frames import Sampler, as_frames, check_timestamps, frame_time, prepare, whole_groups
 from videoxl.memory import memory_errors
-from videoxl.prefill.incremental import IncrementalPrefill
+from videoxl.prefill.growing import GrowingPrefix
 from videoxl.settings import Settings
 
 DEFAULT_FRAMES_PER_SLICE = 96  # vision batch when chunk prefill does not set one (as for files)
@@ -108,12 +108,11 @@ class LiveSession:
         self.closed = False
         t = model.config.text
         self._token_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
-        self._placeholder = pipeline.placeholder_id(model.config, tokenizer)
-        self.prompt = start_prompt(tokenizer)
-        self.prefill = IncrementalPrefill(model.decoder, self.chunking, capacity=len(self.prompt) + 1024)
         self.decode = DecodeState()  # the captured decode step and bi-level's level, kept between questions
         with on_device(model), torch.inference_mode():
-            self.prefill.extend(self.prompt, pipeline.embed_prompt(model.decoder, self.prompt, self._no_visual()))
+            self.prefix = GrowingPrefix(model.decoder, tokenizer, model.config.tokens_per_group,
+                                        pipeline.placeholder_id(model.config, tokenizer), self.chunking)
+        self.prompt = self.prefix.prompt
 
     # ---- frames in ----------------------------------------------------------------------------------------
     def append(self, frames, timestamps=None) -> dict:
@@ -175,16 +174,8 @@ class LiveSession:
                 self._time("vision_s", t0)
                 with self._store:  # waits for a question being answered; vision above did not
                     t0 = time.perf_counter()
-                    p = self.prompt
-                    start, before = p.video_end, (len(p.visual_positions), len(p.group_starts))
-                    try:
-                        for t in times[::FRAMES_PER_GROUP]:
-                            add_group(p, self.tokenizer, t, model.config.tokens_per_group, self._placeholder)
-                        self.prefill.extend(p, pipeline.embed_prompt(model.decoder, p, visual, p.video_end, start))
-                    except BaseException:  # (out of memory, say) the session stays as it was before these groups
-                        del p.input_ids[start:], p.visual_positions[before[0]:], p.group_starts[before[1]:]
-                        p.video_end = start
-                        raise
+                    # (out of memory, say) the session stays as it was before these groups
+                    self.prefix.add(visual, times[::FRAMES_PER_GROUP])
                     self.decode.video_grew()
                     self._time("prefill_s", t0)
                     with self._state:
@@ -198,10 +189,6 @@ class LiveSession:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         self.ingest[stage] = round(self.ingest[stage] + time.perf_counter() - t0, 4)
-
-    def _no_visual(self) -> torch.Tensor:
-        hidden = self.model.config.text.hidden_size
-        return torch.zeros((0, hidden), dtype=self.model.dtype, device=self.model.device)
 
     # ---- questions --------------------------------------------------------------------------------------------
     def ask(self, question: str, generation_config: dict | None = None, chat_history=None,
@@ -235,7 +222,7 @@ class LiveSession:
                                  video.group_starts, video.video_end, list(self.timestamps))
             stats = model.last_stats = self._question_stats(len(prompt))  # one dict per question, as `chat`
             pieces = []
-            for piece in pipeline.answer_over(model, tok, self.prefill.store, prompt, settings, stats, t_question,
+            for piece in pipeline.answer_over(model, tok, self.prefix.store, prompt, settings, stats, t_question,
                                               self.decode, show_progress, cancel=cancel):
                 pieces.append(piece)
                 yield piece
@@ -255,8 +242,8 @@ class LiveSession:
     @property
     def stats(self) -> dict:
         with self._state:
-            store = self.prefill.store if self.prefill is not None else None
-            tokens = self.prefill.length if self.prefill is not None else 0
+            store = self.prefix.store if self.prefix is not None else None
+            tokens = self.prefix.prefill.length if self.prefix is not None else 0
             out = {"frames": len(self.timestamps), "frames_pending": len(self._pending),
                    "frames_received": self.frames_received, "groups": len(self.timestamps) // FRAMES_PER_GROUP,
                    "covered_s": [self.timestamps[0], self.timestamps[-1]] if self.timestamps else None,
@@ -276,7 +263,7 @@ class LiveSession:
         for reader in self.sources:
             reader.stop()
         with self._ingest, self._store:
-            self.prefill, self.decode = None, None
+            self.prefix, self.decode = None, None
         self._pending, self._pending_times = [], []
 
     def _check_open(self) -> None:

@@ -17,6 +17,7 @@ All three give the same KVs up to float rounding; tests hold them to that.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from videoxl.cancel import Cancel, check
 from videoxl.prefill.plan import STREAM_TOKENS_PER_SLICE, BlockPlan
@@ -163,10 +164,22 @@ def block_attention(plan: BlockPlan, queries, k_all, v_all, rows: slice, cancel:
         cols = cols[cols < e]
         causal = cols[None, :] <= torch.arange(s, e, device=device)[:, None]
         out[:, :, local] = attend(q[:, :, local], k_all[:, :, cols], v_all[:, :, cols], causal)
-        stamps = torch.nonzero(plan.timestamp[s:e]).flatten()
-        if len(stamps):  # timestamp rows see every earlier token
-            stamp_rows = stamps.to(device) + s
-            full = torch.arange(e, device=device)[None, :] <= stamp_rows[:, None]
-            local_rows = stamp_rows - rows.start
-            out[:, :, local_rows] = attend(q[:, :, local_rows], k_all[:, :, :e], v_all[:, :, :e], full)
+        # timestamp rows see every earlier token: each run of them (a group's `Time ...s:`) is causal against
+        # all keys up to its last row, which a lower-right causal bias gives the fused (flash) kernel; a boolean
+        # mask over every key would run the math kernel, which copies K/V for each grouped-query head
+        for a, b in runs(torch.nonzero(plan.timestamp[s:e]).flatten().tolist()):
+            a, b = a + s, b + s
+            local = slice(a - rows.start, b - rows.start)
+            out[:, :, local] = attend(q[:, :, local], k_all[:, :, :b], v_all[:, :, :b], causal_lower_right(b - a, b))
     return out
+
+
+def runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted positions -> [start, stop) spans of consecutive ones."""
+    spans: list[tuple[int, int]] = []
+    for p in positions:
+        if spans and spans[-1][1] == p:
+            spans[-1] = (spans[-1][0], p + 1)
+        else:
+            spans.append((p, p + 1))
+    return spans

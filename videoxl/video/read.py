@@ -89,7 +89,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
             stats["video_decoder"] = "nvdec+pyav" if decoder == "both" else "nvdec"
         elif why:
             stats["video_nvdec_unavailable"] = why
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if workers is None:
         workers = min(cores, 16) if accel is None else 8  # NVDEC: 8 sessions measured best on an H100
 
@@ -237,3 +237,11 @@ def _sequential(path, wanted, size, stats, cancel=None):
     stats.update(video_decode_s=round(time.perf_counter() - t0, 3), video_frames_read=n + 1)
     if n < 0:
         raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (taskset, a container's CPU set), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
