@@ -257,3 +257,30 @@ def test_nvdec_engages_after_torch_owns_the_gpu(tiny_dir, tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["nvdec", "None"], out.stdout
+
+
+@pytest.mark.parametrize("mode, offload", [("dense", False), ("mask", False), ("streaming", True)])
+def test_file_prefilled_while_decoding_matches_one_shot_on_gpu(gpu_model, long_video, monkeypatch, mode, offload):
+    """The overlapped prefill of a file (pipeline.build_prefix, 4 frames a vision slice: 10 slices, prefilled one by
+    one or batched as they come, on the CUDA paths: flash for dense rows and timestamp runs, pinned offload)
+    against the one-shot prefill of the same prompt (FlexAttention for mask/streaming); fp32, TOL relative."""
+    from videoxl import pipeline
+
+    model, tokenizer = gpu_model
+    monkeypatch.setattr(pipeline, "DEFAULT_FRAMES_PER_SLICE", 4)
+    chunking = None if mode == "dense" else PrefillConfig(mode, 4, 2, offload, chunk_size_for_vision_tower=4)
+    clip = load_video(long_video, 64, 1, None)
+    with torch.inference_mode():
+        visual = model.encode_clip(clip)
+        prompt = build_prompt(tokenizer, "q", clip.timestamps, model.config.tokens_per_group,
+                              tokenizer.convert_tokens_to_ids("<|vision_pad|>"))
+        embeds = model.embed_prompt(prompt, visual, prompt.video_end)
+        whole = model.decoder.new_cache(capacity=prompt.video_end + 8, offload=offload)
+        model.prefill(embeds, whole, prompt, chunking)
+        entry = pipeline.build_prefix(model, long_video, tokenizer, "q", [], (64, 1, None), chunking, False, None)
+    assert entry.prompt.input_ids == prompt.input_ids[:prompt.video_end]
+    entry.cache.truncate(prompt.video_end)
+    for layer in range(model.config.text.num_hidden_layers):
+        for got, ref in zip(entry.cache.layer(layer), whole.layer(layer)):
+            got, ref = got.float().cpu(), ref.float().cpu()
+            assert ((got - ref).abs().max() / ref.abs().max()).item() < TOL, (mode, layer)
