@@ -247,14 +247,20 @@ def generate(model, store, logits, tokenizer, gen, prompt_ids: list[int], stats:
              state, show_progress, timeline: Timeline, cancel: Cancel | None = None) -> Iterator[str]:
     stop = {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
             if isinstance(i, int)}
-    step = decode_step(model.decoder, store, gen.max_new_tokens, model.decode_mode, state)
-    stats.update(decode_path=type(step).__name__.replace("Step", "").lower(),
-                 capture_s=None if step.capture_s is None else round(step.capture_s, 3))
+
+    stats.update(decode_path=None, capture_s=None)  # no step is made for an answer of one token
+
+    def make_step():  # after the first token: a graph capture then never delays it
+        step = decode_step(model.decoder, store, gen.max_new_tokens, model.decode_mode, state)
+        stats.update(decode_path=type(step).__name__.replace("Step", "").lower(),
+                     capture_s=None if step.capture_s is None else round(step.capture_s, 3))
+        return step
+
     detok = Detokenizer(tokenizer)
     bar = progress(None, gen.max_new_tokens, "decode", show_progress)
     first, t_start = True, time.perf_counter()
     try:
-        for token in generate_tokens(step, logits, gen, prompt_ids, stop, model.config.text.vocab_size, stats,
+        for token in generate_tokens(make_step, logits, gen, prompt_ids, stop, model.config.text.vocab_size, stats,
                                      cancel):
             if first:
                 now = time.perf_counter()

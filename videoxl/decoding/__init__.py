@@ -67,8 +67,13 @@ def decode_step(decoder: Qwen2Decoder, cache: KVStore, max_new_tokens: int, mode
 def generate_tokens(step, logits: torch.Tensor, gen: GenerationConfig, prompt_ids: list[int], stop_ids: set[int],
                     vocab_size: int, stats: dict | None = None, cancel: Cancel | None = None) -> Iterator[int]:
     """Token ids of the answer, the first sampled from `logits` (the prompt's last position). The next step is
-    queued before the host reads the current token, so the GPU never waits for Python."""
+    queued before the host reads the current token, so the GPU never waits for Python.
+
+    `step`: a decode step, or a function that makes one (`decode_step`), called only once the first token is
+    out: capturing a CUDA graph for a store that grew (a live session, a longer video) then costs the second
+    token, not the first."""
     device = logits.device
+    make = (lambda: step) if hasattr(step, "step") else step
     sampler = Sampler(gen, vocab_size, device, prompt_ids)
     cuda = device.type == "cuda"
     host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
@@ -76,14 +81,16 @@ def generate_tokens(step, logits: torch.Tensor, gen: GenerationConfig, prompt_id
     fed = produced = 0
     t0 = time.perf_counter()
     token = sampler(logits.reshape(-1, logits.shape[-1])[-1])
+    current = None
     try:
         for i in range(gen.max_new_tokens):
             check(cancel)
+            more = i + 1 < gen.max_new_tokens
             host.copy_(token, non_blocking=cuda)
             if cuda:
                 ready.record()
-            if i + 1 < gen.max_new_tokens:
-                next_logits = step.step(token)
+            if more and current is not None:
+                next_logits = current.step(token)
                 fed += 1
             if cuda:
                 ready.synchronize()
@@ -93,10 +100,17 @@ def generate_tokens(step, logits: torch.Tensor, gen: GenerationConfig, prompt_id
                 break
             produced += 1
             yield value
-            if i + 1 < gen.max_new_tokens:
+            if more:
+                if current is None:  # after the first token
+                    current = make()
+                    next_logits = current.step(token)
+                    fed += 1
                 token = sampler(next_logits)
     finally:
-        step.finish(fed)
+        if current is None and fed == 0 and hasattr(step, "step"):
+            current = step
+        if current is not None:
+            current.finish(fed)
         if stats is not None:
             if cuda:
                 torch.cuda.synchronize(device)
