@@ -59,7 +59,7 @@ def test_any_split_answers_as_chat_does(tiny, settings):
 
 
 def test_bilevel_question_after_the_video_grew(tiny):
-    """Bi-level decoding prepares a sparse level per video: after more frames it must be made again."""
+    """Bi-level decoding keeps a sparse level per video: after more frames it must cover them too."""
     model, tok = tiny
     video = frames(20)
     with model.open_live(tok, **BILEVEL) as live:
@@ -68,6 +68,15 @@ def test_bilevel_question_after_the_video_grew(tiny):
         live.append(video[12:])  # 2 more blocks: the first of them is sparse, the old level lacks it
         assert live.ask("What moves?", GEN) == chat(model, tok, video, BILEVEL)
         assert live.last_stats["blocks"] == 5 and len(live.last_stats["dense_blocks"]) == 2
+        # the level was pooled on from block 3, not made again: equal to one pooled over all 5 blocks at once
+        from videoxl.decoding.bilevel import SparseLevel
+
+        level, store = live.decode.level, live.prefix.store
+        assert level.length == store.plan.length
+        fresh = SparseLevel(model.decoder, store, store.plan, level.compression)
+        assert level.block_slots == fresh.block_slots and (level.slot_block == fresh.slot_block).all()
+        for got, ref in zip(level.k + level.v, fresh.k + fresh.v):  # same sums over the same tokens: fp32 exact
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
 def test_same_kvs_as_one_append_whatever_the_threads(tiny):

@@ -36,42 +36,58 @@ QUESTION_ROOM = 512  # tokens a prepared mixed store keeps for the question (a l
 
 
 class SparseLevel:
-    """The pooled KVs of a prefilled video (step 1), with the map from tokens to their pooled slots."""
+    """The pooled KVs of a prefilled video (step 1), with the map from tokens to their pooled slots. A video that
+    grew by whole groups (a live session) is pooled on from where it stopped (`extend`): a group's slots depend on
+    its own tokens only, and the KVs of earlier tokens never change."""
 
     def __init__(self, decoder: Qwen2Decoder, store: KVStore, plan: BlockPlan, compression: int):
-        vs, n = plan.video_start, plan.length
-        ts = plan.timestamp[vs:n].numpy()
-        idx = np.arange(n - vs)
-        run_start = ~ts & np.concatenate([[True], ts[:-1]])  # first visual token after a timestamp
-        start_of_run = np.maximum.accumulate(np.where(run_start, idx, 0))
-        begins = ts | (~ts & ((idx - start_of_run) % compression == 0))
-        slot = np.cumsum(begins) - 1
-        blocks = plan.block[vs:n].numpy()
-        self.slot_block = blocks[begins]  # block of each slot
+        self.compression, self.length = compression, plan.video_start
+        self.slot_block = np.zeros(0, dtype=np.int64)
+        self.k, self.v = [], []
+        self.extend(decoder, store, plan)
+
+    def extend(self, decoder: Qwen2Decoder, store: KVStore, plan: BlockPlan) -> None:
+        """Pool the tokens from `self.length` (a group's start) to the end of `plan`'s video."""
+        lo, n, compression = self.length, plan.length, self.compression
+        if n > lo:
+            ts = plan.timestamp[lo:n].numpy()
+            idx = np.arange(n - lo)
+            run_start = ~ts & np.concatenate([[True], ts[:-1]])  # first visual token after a timestamp
+            start_of_run = np.maximum.accumulate(np.where(run_start, idx, 0))
+            begins = ts | (~ts & ((idx - start_of_run) % compression == 0))
+            slot = np.cumsum(begins) - 1
+            self.slot_block = np.concatenate([self.slot_block, plan.block[lo:n].numpy()[begins]])
+            self._pool(decoder, store, lo, n, slot, int(slot[-1]) + 1)
         self.block_slots = [(int(a), int(b)) for a, b in zip(
             np.searchsorted(self.slot_block, np.arange(len(plan.blocks)), "left"),
             np.searchsorted(self.slot_block, np.arange(len(plan.blocks)), "right"))]
-        self.slots = len(self.slot_block)
-        self.compression = compression
+        self.slots, self.length = len(self.slot_block), n
+
+    def _pool(self, decoder, store: KVStore, lo: int, n: int, slot: np.ndarray, slots: int) -> None:
         device = decoder.embed_tokens.weight.device
         slot_t = torch.from_numpy(slot).to(device)
-        counts = torch.bincount(slot_t, minlength=self.slots).float()[None, :, None]
-        positions = torch.arange(vs, n, device=device)
+        counts = torch.bincount(slot_t, minlength=slots).float()[None, :, None]
         cfg = decoder.cfg
-        cos, sin = rope_cos_sin(-positions, cfg.head_dim, cfg.rope_theta, torch.float32)
-        self.k, self.v = [], []
+        cos, sin = rope_cos_sin(-torch.arange(lo, n, device=device), cfg.head_dim, cfg.rope_theta, torch.float32)
         for layer in range(cfg.num_hidden_layers):
-            k, v = store.gather(layer, [(vs, n)], device)
+            k, v = store.gather(layer, [(lo, n)], device)
             raw = apply_rope(k.float(), cos, sin)  # back to no position
-            shape = (k.shape[0], self.slots, k.shape[2])
-            self.k.append((torch.zeros(shape, device=device).index_add_(1, slot_t, raw) / counts).to(k.dtype))
-            self.v.append((torch.zeros(shape, device=device).index_add_(1, slot_t, v.float()) / counts).to(v.dtype))
+            shape = (k.shape[0], slots, k.shape[2])
+            k = (torch.zeros(shape, device=device).index_add_(1, slot_t, raw) / counts).to(k.dtype)
+            v = (torch.zeros(shape, device=device).index_add_(1, slot_t, v.float()) / counts).to(v.dtype)
+            if layer < len(self.k):
+                self.k[layer], self.v[layer] = torch.cat([self.k[layer], k], 1), torch.cat([self.v[layer], v], 1)
+            else:
+                self.k.append(k), self.v.append(v)
 
 
 def sparse_level(decoder, store: KVStore, compression: int, state: DecodeState) -> SparseLevel:
-    if state.level is None or state.level.compression != compression:
+    level = state.level
+    if level is None or level.compression != compression or level.length > store.plan.length:
         state.level = None  # one compression at a time: the level is a quarter of the video's KVs
         state.level = SparseLevel(decoder, store, store.plan, compression)
+    elif level.length < store.plan.length:  # the video grew (live)
+        level.extend(decoder, store, store.plan)
     return state.level
 
 

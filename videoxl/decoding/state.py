@@ -32,9 +32,9 @@ class DecodeState:
         return mixed
 
     def video_grew(self) -> None:
-        """The video's store grew (a live session appended frames): the pooled level and the mixed store were
-        made for the shorter video. (A captured step checks by itself that it still fits its store.)"""
-        self.level = None
+        """The video's store grew (a live session appended frames): the mixed store was made for the shorter
+        video; the pooled level is extended by the next question (bilevel.sparse_level). (A captured step checks
+        by itself that it still fits its store.)"""
         self.mixed = None
 
     @property
