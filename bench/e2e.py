@@ -168,7 +168,8 @@ def launch(args, video, results) -> None:
            "--max-num-frames", str(int(minutes * 60)), "--max-new-tokens", str(args.tokens)]
     if args.prefill != "dense":
         cmd += ["--chunk-prefill", args.prefill] + (["--offload"] if args.offload else [])
-    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), ".."))
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # before what the caller had (wheels)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     for case in ("cold", "page_cache"):
         dropped = drop_page_cache(folder) if case == "cold" else None
         t = time.perf_counter()

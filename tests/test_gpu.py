@@ -266,8 +266,14 @@ def test_file_prefilled_while_decoding_matches_one_shot_on_gpu(gpu_model, long_v
     against the one-shot prefill of the same prompt (FlexAttention for mask/streaming); fp32, TOL relative."""
     from videoxl import pipeline
 
+    import functools
+
+    from videoxl.video.sources import open_video
+
     model, tokenizer = gpu_model
     monkeypatch.setattr(pipeline, "DEFAULT_FRAMES_PER_SLICE", 4)
+    # the frames load_video gives (NVDEC's are converted and resized on the GPU: other pixels, other KVs)
+    monkeypatch.setattr(pipeline, "open_video", functools.partial(open_video, decoder="pyav"))
     chunking = None if mode == "dense" else PrefillConfig(mode, 4, 2, offload, chunk_size_for_vision_tower=4)
     clip = load_video(long_video, 64, 1, None)
     with torch.inference_mode():
@@ -279,6 +285,7 @@ def test_file_prefilled_while_decoding_matches_one_shot_on_gpu(gpu_model, long_v
         model.prefill(embeds, whole, prompt, chunking)
         entry = pipeline.build_prefix(model, long_video, tokenizer, "q", [], (64, 1, None), chunking, False, None)
     assert entry.prompt.input_ids == prompt.input_ids[:prompt.video_end]
+    assert entry.stats["prefill_overlapped"] == (mode == "dense")  # chunked on CUDA: one FlexAttention pass
     entry.cache.truncate(prompt.video_end)
     for layer in range(model.config.text.num_hidden_layers):
         for got, ref in zip(entry.cache.layer(layer), whole.layer(layer)):

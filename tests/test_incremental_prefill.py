@@ -91,16 +91,20 @@ def test_pieces_must_meet_the_prompt(prepared):  # noqa: F811
         inc.extend(cut(prompt, 40), embeds[:, :30])
 
 
-@pytest.mark.parametrize("mode, offload", [("dense", False), ("mask", False), ("streaming", False),
-                                           ("streaming", True)])
-def test_file_prefilled_while_decoding_equals_one_shot(tiny, prepared, long_clip, monkeypatch, mode, offload):  # noqa: F811
+@pytest.mark.parametrize("mode, offload, overlap", [("dense", False, True), ("mask", False, True),
+                                                    ("streaming", False, True), ("streaming", True, True),
+                                                    ("mask", False, False), ("streaming", True, False)])
+def test_file_prefilled_while_decoding_equals_one_shot(tiny, prepared, long_clip, monkeypatch, mode, offload,  # noqa: F811
+                                                       overlap):
     """pipeline.build_prefix prefills each vision slice of a file as it is encoded (4 frames a slice here, so
     6 slices); whether slices went in one by one or batched, the KVs equal the one-shot prefill's (tolerance and
-    reference as above: test_chunked_prefill.assert_same_kvs, relative 1e-5, fp32)."""
+    reference as above: test_chunked_prefill.assert_same_kvs, relative 1e-5, fp32). `overlap=False` is what CUDA
+    does for chunked modes (GrowingPrefix.add_all after the last slice)."""
     from videoxl import pipeline
 
     model, prompt, embeds = prepared
     monkeypatch.setattr(pipeline, "DEFAULT_FRAMES_PER_SLICE", 4)
+    monkeypatch.setattr(pipeline, "prefill_as_encoded", lambda device, chunking: overlap)
     chunking = None if mode == "dense" else PrefillConfig(mode, 4, 2, offload, chunk_size_for_vision_tower=4)
     plan = None if chunking is None else BlockPlan.from_prompt(prompt, chunking)
     whole = run(ONE_SHOT[mode], model, embeds, plan, offload=offload)
@@ -110,7 +114,7 @@ def test_file_prefilled_while_decoding_equals_one_shot(tiny, prepared, long_clip
                                       False, None)
     assert entry.prompt.input_ids == prompt.input_ids[:prompt.video_end]
     assert entry.prompt.timestamps == prompt.timestamps and entry.cache.offload == offload
-    assert entry.stats["frames"] == 22 and entry.stats["groups"] == 6
+    assert entry.stats["frames"] == 22 and entry.stats["groups"] == 6 and entry.stats["prefill_overlapped"] == overlap
     entry.cache.truncate(prompt.video_end)
     assert_same_kvs(entry.cache, whole)
     if plan is not None:

@@ -30,7 +30,7 @@ from videoxl.inputs import Request
 from videoxl.language.prompt import VideoPrompt, build_prompt, prompt_tokens
 from videoxl.memory import check_fits
 from videoxl.prefill.plan import BlockPlan, PrefillConfig
-from videoxl.prefill.growing import GrowingPrefix
+from videoxl.prefill.growing import GrowingPrefix, prefill_as_encoded
 from videoxl.progress import close, progress
 from videoxl.settings import Settings
 from videoxl.timeline import Timeline
@@ -143,29 +143,31 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
                len(stream.planned) if stream.source == "images" else 0)  # images are decoded all at once
     prefix = GrowingPrefix(model.decoder, tokenizer, model.config.tokens_per_group,
                            placeholder_id(model.config, tokenizer), chunking, capacity + DECODE_ROOM, system=system)
+    overlap = prefill_as_encoded(model.device, chunking)
     waiting, times, t_prefill = [], [], 0.0
     for piece in encode_slices(model.vision, stream, per_slice, model.device, show_progress, timeline, cancel):
         waiting.append(piece.visual)
         times += piece.timestamps
-        if piece.more_waiting:
+        if piece.more_waiting or not overlap:
             continue
         t0 = time.perf_counter()
         with timeline.gpu_span("prefill"):
             prefix.add(torch.cat(waiting), times[prefix.groups * FRAMES_PER_GROUP::FRAMES_PER_GROUP])
         t_prefill += time.perf_counter() - t0
         waiting = []
-    timer.lap("vision_s")  # frame decoding, vision and the prefill of all but the last slice run together
-    if waiting:
-        with timeline.gpu_span("prefill"):
+    timer.lap("vision_s")  # frame decoding, vision and (overlap) the prefill of all but the last slice
+    stats = {"prefill_overlapped": overlap, "prefill_launch_s": round(t_prefill, 3)}
+    with timeline.gpu_span("prefill"):
+        if not overlap:
+            stats.update(prefix.add_all(torch.cat(waiting), times[::FRAMES_PER_GROUP], show_progress, cancel))
+        elif waiting:
             prefix.add(torch.cat(waiting), times[prefix.groups * FRAMES_PER_GROUP::FRAMES_PER_GROUP])
-    timer.lap("prefill_s")  # what is left after the last slice
+    timer.lap("prefill_s")  # after the last slice
     frames = len(stream.kept)
-    prompt = prefix.prompt
+    prompt, store = prefix.prompt, prefix.store
     prompt.timestamps = list(stream.timestamps) + [stream.timestamps[-1]] * (-frames % FRAMES_PER_GROUP)
-    store = prefix.store
     stats = {"frames": frames, **frame_stats(stream), "groups": len(prompt.group_starts),
-             "video_tokens": prompt.video_end, **stream.stats, **prefill_stats(store, chunking),
-             "prefill_launch_s": round(t_prefill, 3)}
+             "video_tokens": prompt.video_end, **stream.stats, **prefill_stats(store, chunking), **stats}
     stats.update(timer.report())
     model.kv_cache.built()
     return VideoKV(key, store, VideoPrompt(**prompt_dict(prompt)), dict(stats, kv_cache="miss", cached_tokens=0),

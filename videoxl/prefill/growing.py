@@ -15,7 +15,18 @@ import torch
 
 from videoxl.language.prompt import VideoPrompt, add_group, start_prompt
 from videoxl.prefill.incremental import IncrementalPrefill
+from videoxl.prefill.modes import flex_available
 from videoxl.prefill.plan import PrefillConfig
+from videoxl.prefill.run import prefill
+
+
+def prefill_as_encoded(device: torch.device, chunking: PrefillConfig | None) -> bool:
+    """Whether a file's slices should be prefilled as they are encoded. Not for a chunked pattern on CUDA: there
+    the one-shot prefill runs the whole pattern as one block-sparse FlexAttention kernel, while an extension
+    runs it block by block (incremental.RowsOfPattern); measured on an H200 (bench/RESULTS.md, 2026-11-29), 10
+    minutes of mask 16/4 took 5.2 s of GPU time in extensions against 0.85 s in one shot, more than the overlap
+    saves. Dense extensions are one flash call each, as fast as one shot."""
+    return chunking is None or not flex_available(device)
 
 
 def embed_prompt(decoder, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None,
@@ -56,6 +67,20 @@ class GrowingPrefix:
     @property
     def groups(self) -> int:
         return len(self.prompt.group_starts)
+
+    def add_all(self, visual: torch.Tensor, group_times: list[float], show_progress=False, cancel=None) -> dict:
+        """The whole video at once, by the one-shot prefill of `chunking`'s mode (prefill/run.py) over the text
+        and every group; the prefix must hold no group yet. Returns the prefill's stats."""
+        assert not self.prompt.group_starts
+        p, inc = self.prompt, self.prefill
+        for t in group_times:
+            add_group(p, self.tokenizer, t, self.tokens_per_group, self.placeholder)
+        inc.store.truncate(0)
+        inc.store.reserve(p.video_end)
+        stats = prefill(self.decoder, embed_prompt(self.decoder, p, visual, p.video_end), inc.store, p,
+                        inc.chunking, show_progress, cancel)
+        inc.plan, inc._video_len = inc.store.plan, p.video_end
+        return stats
 
     def add(self, visual: torch.Tensor, group_times: list[float]) -> None:
         """Append groups (`visual` [groups, tokens_per_group, hidden], each group's first frame's time) and
