@@ -111,7 +111,7 @@ def decode_jobs(probe: Probe, next_run: Callable[[], list[Job] | None], convert:
                 if p is None:
                     break
                 pos += 1
-                if pos < start or (index.disposable[pos] and p.pts not in want):
+                if pos < start or (p.pts not in want and index.is_disposable(pos, p)):
                     continue
                 pending[p.pts] = pos
                 report.packets_fed += 1

@@ -23,9 +23,12 @@ class PacketIndex:
     pts: np.ndarray  # int64 [n], decode order
     dts: np.ndarray  # int64 [n], decode order (seek targets: MP4 seeks by decode time)
     key: np.ndarray  # bool [n]
-    disposable: np.ndarray  # bool [n]: no later frame refers to it, so it may be left undecoded
+    # bool [n]: no later frame refers to it, so it may be left undecoded; None: not read yet (an index from MP4
+    # sample tables, mp4index.py): the decoders read it from each packet's NAL headers (`is_disposable`)
+    disposable: np.ndarray | None
     frame_of: np.ndarray  # int64 [n]: frame number (presentation order) of packet i
     packet_of: np.ndarray  # int64 [n]: packet (decode order) of frame number k
+    length_size: int = 0  # H.264 in MP4/MKV: bytes of each NAL unit's length prefix (0: not such a stream)
 
     @classmethod
     def build(cls, pts, dts, key, disposable) -> "PacketIndex | None":
@@ -36,7 +39,12 @@ class PacketIndex:
         frame_of = np.empty_like(order)
         frame_of[order] = np.arange(len(order))
         return cls(pts, np.asarray(dts, dtype=np.int64), np.asarray(key, dtype=bool),
-                   np.asarray(disposable, dtype=bool), frame_of, order)
+                   None if disposable is None else np.asarray(disposable, dtype=bool), frame_of, order)
+
+    def is_disposable(self, pos: int, packet) -> bool:
+        if self.disposable is not None:
+            return bool(self.disposable[pos])
+        return self.length_size > 0 and not self.key[pos] and nal_disposable(memoryview(packet), self.length_size)
 
     def __len__(self) -> int:
         return len(self.pts)
@@ -163,7 +171,11 @@ def split(jobs: list[Job], parts: int, index: PacketIndex) -> list[list[Job]]:
     be decoded: disposable packets that are not kept are skipped)."""
     if parts <= 1 or len(jobs) <= 1:
         return [jobs] if jobs else []
-    work = np.cumsum([int(np.count_nonzero(~index.disposable[j.start:j.end + 1])) + len(j.frames) for j in jobs])
+    if index.disposable is None:  # not known before decoding: every packet counts
+        work = np.cumsum([j.packets + len(j.frames) for j in jobs])
+    else:
+        work = np.cumsum([int(np.count_nonzero(~index.disposable[j.start:j.end + 1])) + len(j.frames)
+                          for j in jobs])
     bounds = np.searchsorted(work, work[-1] * np.arange(1, parts) / parts, side="left") + 1
     out, prev = [], 0
     for b in list(bounds) + [len(jobs)]:

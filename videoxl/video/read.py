@@ -32,6 +32,7 @@ from videoxl.cancel import check
 from videoxl.errors import VideoXLError
 from videoxl.video.index import plan, probe
 from videoxl.video.decode import Engine, JobReader, chain, cpu_convert, keyframe_jobs
+from videoxl.video.mp4index import scan
 from videoxl.video.stream import FrameStream, _short, resize_frame
 
 NVDEC_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mpeg1video", "mpeg2video", "mpeg4", "vc1"}
@@ -105,11 +106,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
 
     def read(size):
         t0, given = time.perf_counter(), 0
-        if header.scanned:
-            info = header
-        else:
-            with av.open(path) as c:
-                info = probe(c, path)
+        info = header if header.scanned else scan(path, header)  # MP4: from its sample tables
         if info.index is None:  # no timestamps to find frames by (raw streams): count them in one decode
             if mode != "exact":
                 raise VideoXLError(f"mode {mode!r} needs packet timestamps, which this video lacks: {path}")
