@@ -30,7 +30,7 @@ def frame_pixels(n: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
 
 
 def make_video(path, seconds: float = 2.0, fps: int = 30, size: tuple[int, int] = (64, 48),
-               codec: str = "mpeg4") -> str:
+               codec: str = "mpeg4", codec_options: dict | None = None, faststart: bool = False) -> str:
     """Write `round(seconds * fps)` frames at constant `fps` to `path` and return `path`.
 
     The time base is 1/fps and pts = frame number, so the container's average rate is exactly `fps` and
@@ -43,14 +43,14 @@ def make_video(path, seconds: float = 2.0, fps: int = 30, size: tuple[int, int] 
     if count <= 0:
         raise ValueError(f"seconds * fps must give at least one frame, got {seconds} * {fps}")
     w, h = size
-    with av.open(path, mode="w") as out:
+    with av.open(path, mode="w", options={"movflags": "+faststart"} if faststart else {}) as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         time_base = Fraction(1, fps)
         stream.time_base = time_base
         if codec == "libx264":
-            stream.options = {"preset": "ultrafast"}
+            stream.options = {"preset": "ultrafast", **(codec_options or {})}
         for n in range(count):
             frame = av.VideoFrame.from_ndarray(frame_pixels(n, size), format="rgb24")
             frame.pts = n
@@ -85,3 +85,19 @@ def make_text_file(path) -> str:
     with open(path, "w") as f:
         f.write("hello")
     return path
+
+
+def encoded_prompt(model, tokenizer, path, max_frames: int, question: str = "q"):
+    """(prompt, embeds up to the end of the video) of a file sampled at 1 fps, timestamps padded to whole groups."""
+    import torch
+
+    from videoxl.language.prompt import build_prompt
+    from videoxl.video.sources import load_video
+
+    clip = load_video(path, max_frames, 1, None)
+    with torch.inference_mode():
+        visual = model.encode_clip(clip)
+        ts = list(clip.timestamps) + [clip.timestamps[-1]] * (-len(clip) % 4)
+        prompt = build_prompt(tokenizer, question, ts, model.config.tokens_per_group,
+                              tokenizer.convert_tokens_to_ids("<|vision_pad|>"))
+        return prompt, model.embed_prompt(prompt, visual, prompt.video_end)

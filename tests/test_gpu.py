@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import videoxl
+from tests.media import encoded_prompt
 from videoxl.prefill.plan import BlockPlan, PrefillConfig
 from videoxl.prefill.modes import dense_prefill, layerwise_prefill, block_attention, mask_prefill, streaming_prefill
-from videoxl.language.prompt import build_prompt
 from videoxl.video.sources import load_video
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -38,12 +38,8 @@ def test_gpu_vision_matches_cpu(gpu_model, tiny, long_video):
 
 def test_flex_paths_match_sdpa_blocks(gpu_model, long_video):
     model, tokenizer = gpu_model
-    clip = load_video(long_video, 64, 1, None)
+    prompt, embeds = encoded_prompt(model, tokenizer, long_video, 64)
     with torch.inference_mode():
-        visual = model.encode_clip(clip)
-        prompt = build_prompt(tokenizer, "q", clip.timestamps, model.config.tokens_per_group,
-                              tokenizer.convert_tokens_to_ids("<|vision_pad|>"))
-        embeds = model.embed_prompt(prompt, visual, prompt.video_end)
         plan = BlockPlan.from_prompt(prompt, PrefillConfig(chunk_size=4, step_size=2))
         stores = {}
         for name in ("mask", "streaming", "offload", "blocks", "dense"):
@@ -275,12 +271,8 @@ def test_file_prefilled_while_decoding_matches_one_shot_on_gpu(gpu_model, long_v
     # the frames load_video gives (NVDEC's are converted and resized on the GPU: other pixels, other KVs)
     monkeypatch.setattr(pipeline, "open_video", functools.partial(open_video, decoder="pyav"))
     chunking = None if mode == "dense" else PrefillConfig(mode, 4, 2, offload, chunk_size_for_vision_tower=4)
-    clip = load_video(long_video, 64, 1, None)
+    prompt, embeds = encoded_prompt(model, tokenizer, long_video, 64)
     with torch.inference_mode():
-        visual = model.encode_clip(clip)
-        prompt = build_prompt(tokenizer, "q", clip.timestamps, model.config.tokens_per_group,
-                              tokenizer.convert_tokens_to_ids("<|vision_pad|>"))
-        embeds = model.embed_prompt(prompt, visual, prompt.video_end)
         whole = model.decoder.new_cache(capacity=prompt.video_end + 8, offload=offload)
         model.prefill(embeds, whole, prompt, chunking)
         entry = pipeline.build_prefix(model, long_video, tokenizer, "q", [], (64, 1, None), chunking, False, None)

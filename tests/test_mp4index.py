@@ -1,32 +1,19 @@
 """The packet index read from an MP4's sample tables (video/mp4index.py) against the full demux scan
 (video/index.probe) it replaces: the same pts, dts, keyframes and frame order, packet for packet, and the same
 disposable frames once the decoders read them from the packets; files it cannot trust fall back to the scan."""
-from fractions import Fraction
-
 import av
 import numpy as np
 import pytest
 
-from tests.media import frame_pixels, make_video
+from tests.media import make_video
 from videoxl.video.index import probe
 from videoxl.video.mp4index import NotParsed, mp4_index, scan
 
 
-def h264_with_bframes(path, frames=90, faststart=False, gop=12) -> str:
+def h264_with_bframes(path, faststart=False) -> str:
     """libx264 with B-frames (reordered pts, an edit list) and short GOPs: what the tables must get right."""
-    options = {"movflags": "+faststart"} if faststart else {}
-    with av.open(str(path), mode="w", options=options) as out:
-        s = out.add_stream("libx264", rate=30)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        s.options = {"preset": "veryfast", "bf": "2", "g": str(gop), "keyint_min": str(gop)}
-        for n in range(frames):
-            f = av.VideoFrame.from_ndarray(frame_pixels(n), format="rgb24")
-            f.pts, f.time_base = n, Fraction(1, 30)
-            for p in s.encode(f):
-                out.mux(p)
-        for p in s.encode(None):
-            out.mux(p)
-    return str(path)
+    return make_video(path, 3.0, codec="libx264", codec_options={"preset": "veryfast", "bf": "2", "g": "12",
+                                                                 "keyint_min": "12"}, faststart=faststart)
 
 
 def both(path):
