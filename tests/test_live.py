@@ -269,3 +269,16 @@ def test_a_failed_append_leaves_the_session_as_it_was(tiny, monkeypatch):
         clean.append(video)
         assert live.prompt.input_ids == clean.prompt.input_ids
         assert_same_kvs(live.prefix.store, clean.prefix.store)
+
+
+def test_frames_resized_on_threads_equal_serial():
+    """A session resizes an append's frames on its threads (live/frames.prepare): same pixels, same order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from videoxl.live.frames import prepare
+
+    rng = np.random.default_rng(3)
+    items = [rng.integers(0, 256, (90, 160, 3), dtype=np.uint8) for _ in range(9)]
+    with ThreadPoolExecutor(3) as pool:
+        assert np.array_equal(prepare(items, pool), prepare(items))
+    assert prepare([], None).shape == (0, 384, 384, 3)

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from videoxl.live.frames import Sampler, as_frames, check_timestamps, frame_time
 from videoxl.memory import memory_errors
 from videoxl.prefill.growing import GrowingPrefix
 from videoxl.settings import Settings
+from videoxl.video.read import usable_cores
 
 DEFAULT_FRAMES_PER_SLICE = 96  # vision batch when chunk prefill does not set one (as for files)
 
@@ -109,6 +111,7 @@ class LiveSession:
         t = model.config.text
         self._token_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
         self.decode = DecodeState()  # the captured decode step and bi-level's level, kept between questions
+        self._resize = ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix="videoxl-live-resize")
         with on_device(model), torch.inference_mode():
             self.prefix = GrowingPrefix(model.decoder, tokenizer, model.config.tokens_per_group,
                                         pipeline.placeholder_id(model.config, tokenizer), self.chunking)
@@ -130,7 +133,7 @@ class LiveSession:
             self.sampler = sampler
             with self._state:
                 self.frames_received += len(items)
-                self._pending.extend(prepare([items[i] for i in kept]))
+                self._pending.extend(prepare([items[i] for i in kept], self._resize))
                 self._pending_times.extend(frame_time(times[i]) for i in kept)
             groups = self._ingest_groups()
         return {"frames_received": len(items), "frames_sampled": len(kept), "groups_added": groups,
@@ -264,6 +267,7 @@ class LiveSession:
             reader.stop()
         with self._ingest, self._store:
             self.prefix, self.decode = None, None
+            self._resize.shutdown(wait=False)
         self._pending, self._pending_times = [], []
 
     def _check_open(self) -> None:
