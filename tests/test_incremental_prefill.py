@@ -120,3 +120,38 @@ def test_file_prefilled_while_decoding_equals_one_shot(tiny, prepared, long_clip
     if plan is not None:
         assert entry.cache.plan.blocks == plan.blocks
 
+
+
+@pytest.mark.parametrize("mode, chunk, step", [("mask", 4, 1), ("streaming", 4, 2), ("streaming", 6, 3)])
+def test_flex_extensions_equal_one_shot(prepared, monkeypatch, mode, chunk, step):  # noqa: F811
+    """Extensions as one FlexAttention call over the new rows (BlockSparseAttention(rows=...), its rectangular
+    BlockMask; FlexAttention runs eagerly on the CPU) give the one-shot KVs, in any split (same tolerance)."""
+    from videoxl.prefill import incremental as inc_module
+
+    model, prompt, embeds = prepared
+    monkeypatch.setattr(inc_module, "flex_extensions", lambda device: True)
+    chunking = PrefillConfig(mode, chunk, step, False)
+    whole = run(ONE_SHOT[mode], model, embeds, BlockPlan.from_prompt(prompt, chunking))
+    for seed in (0, 1, 2):
+        assert_same_kvs(incremental(model, prompt, embeds, chunking, splits(prompt, seed)).store, whole)
+
+
+def test_rectangular_tile_classes_bound_the_mask(prepared):  # noqa: F811
+    """For an extension's rows against every key: what the kernel skips is masked, what it runs unmasked is
+    visible (as test_chunked_prefill checks for the square)."""
+    _, prompt, _ = prepared
+    plan = BlockPlan.from_prompt(prompt, PrefillConfig(chunk_size=4, step_size=1))
+    order = plan.attention_order()
+    tile = 16
+    for start, stop in ((0, plan.length), (plan.video_start + 5, plan.length), (40, 200)):
+        idx = torch.arange(start, stop)
+        rows = torch.cat([idx[plan.timestamp[start:stop]], idx[~plan.timestamp[start:stop]]])
+        dense = plan.dense_mask()[rows][:, order]
+        pq, pk = -len(rows) % tile, -plan.length % tile
+        padded = torch.nn.functional.pad(dense, (0, pk, 0, pq))
+        valid = torch.nn.functional.pad(torch.ones_like(dense), (0, pk, 0, pq))
+        shape = (padded.shape[0] // tile, tile, padded.shape[1] // tile, tile)
+        tiles, valid = padded.view(shape).transpose(1, 2), valid.view(shape).transpose(1, 2)
+        partial, full = plan.tile_classes(tile, order=order, rows=rows)
+        assert not (full & ~(tiles | ~valid).flatten(2).all(-1)).any()
+        assert not (~partial & ~full & tiles.flatten(2).any(-1)).any()

@@ -26,7 +26,7 @@ from videoxl.errors import VideoXLError
 from videoxl.language.decoder import Qwen2Decoder
 from videoxl.language.kv_store import KVStore
 from videoxl.language.prompt import VideoPrompt
-from videoxl.prefill.modes import block_attention
+from videoxl.prefill.modes import BlockSparseAttention, block_attention, flex_available
 from videoxl.prefill.plan import BlockPlan, PrefillConfig
 
 
@@ -69,12 +69,24 @@ class IncrementalPrefill:
         mask = causal_lower_right(n, start + n) if start else None
         if self.chunking is not None and prompt.group_starts:  # text before the video: plain causal
             self.plan = BlockPlan.from_prompt(prompt, self.chunking)
-            mask = RowsOfPattern(self.plan, start)
+            mask = BlockSparseAttention(self.plan, embeds.device, rows=slice(start, start + n)) \
+                if flex_extensions(embeds.device) else RowsOfPattern(self.plan, start)
         self.decoder(embeds, store, mask=mask, logits_for="none")
         store.synchronize()
         store.plan = self.plan
         self._video_len = start + n
         return self._video_len
+
+
+# An extension's chunked rows as one FlexAttention kernel (BlockSparseAttention over the new rows against every
+# key) instead of block by block (RowsOfPattern). Off until measured on a GPU: block by block cost 5.2 s of H200
+# time per 10 minutes of mask 16/4 against 0.85 s for the one-shot kernel; whether one kernel per extension
+# closes that gap is the open question (bench/e2e.py with pipeline.prefill_as_encoded returning True).
+FLEX_EXTENSIONS = False
+
+
+def flex_extensions(device) -> bool:
+    return FLEX_EXTENSIONS and flex_available(device)
 
 
 class RowsOfPattern:

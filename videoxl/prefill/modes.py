@@ -41,20 +41,30 @@ class BlockSparseAttention:
     gathered into that order, attended, and the output put back. Tiles the pattern rules out are skipped, fully
     visible tiles run without a mask, only partial tiles evaluate `mask_mod`. The BlockMask comes from per-tile
     bounds (`BlockPlan.tile_classes`) rather than `create_block_mask`, which evaluates the mask at all
-    length^2 positions and, compiled, took minutes on an H200."""
+    length^2 positions and, compiled, took minutes on an H200.
 
-    def __init__(self, plan: BlockPlan, device: torch.device, tile: int = 128):
+    `rows`: the queries are only these tokens (an extension's new tokens, incremental.py) against every key;
+    they are arranged timestamps first, so the open rows form one strip."""
+
+    def __init__(self, plan: BlockPlan, device: torch.device, tile: int = 128, rows: slice | None = None):
         from torch.nn.attention.flex_attention import BlockMask
 
         order = plan.attention_order()
-        partial, full = plan.tile_classes(tile, device, order)
+        if rows is None:
+            q_order, start = order, 0
+        else:
+            idx = torch.arange(rows.start, rows.stop)
+            ts = plan.timestamp[rows]
+            q_order, start = torch.cat([idx[ts], idx[~ts]]), rows.start
+        partial, full = plan.tile_classes(tile, device, order, q_order)
         kv_num, kv_idx = self._as_indices(partial)
         full_num, full_idx = self._as_indices(full)
         self.mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tile,
-                                             mask_mod=plan.mask_mod(device, order),
-                                             seq_lengths=(plan.length, plan.length))
+                                             mask_mod=plan.mask_mod(device, order, q_order),
+                                             seq_lengths=(len(q_order), plan.length))
         self.order = order.to(device)
-        self.inverse = torch.argsort(order).to(device)
+        self.q_order = (q_order - start).to(device)
+        self.q_inverse = torch.argsort(q_order).to(device)
 
     @staticmethod
     def _as_indices(cls: torch.Tensor):
@@ -64,8 +74,8 @@ class BlockSparseAttention:
 
     def __call__(self, q, k, v):
         o = self.order
-        out = flex_attention(q[:, :, o], k[:, :, o], v[:, :, o], self.mask)
-        return out[:, :, self.inverse]
+        out = flex_attention(q[:, :, self.q_order], k[:, :, o], v[:, :, o], self.mask)
+        return out[:, :, self.q_inverse]
 
 
 def whole_layer_attention(mask=None):

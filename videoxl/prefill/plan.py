@@ -125,41 +125,45 @@ class BlockPlan:
         ts = self.timestamp[self.video_start:]
         return torch.cat([torch.arange(self.video_start), video[ts], video[~ts]])
 
-    def mask_mod(self, device, order: torch.Tensor | None = None):
-        """The pattern as a FlexAttention `mask_mod` over tokens arranged in `order` (default: sequence order)."""
+    def mask_mod(self, device, order: torch.Tensor | None = None, rows: torch.Tensor | None = None):
+        """The pattern as a FlexAttention `mask_mod` over keys arranged in `order` (default: sequence order) and
+        queries in `rows` (default: `order`; an extension's new tokens attend to all keys)."""
         order = torch.arange(self.length) if order is None else order
-        pos, blk, ts, col = (t[order].to(device) for t in (torch.arange(self.length), self.block, self.timestamp,
-                                                           self.open_col))
+        rows = order if rows is None else rows
+        pos = torch.arange(self.length)
+        q_pos, q_blk, q_ts = (t[rows].to(device) for t in (pos, self.block, self.timestamp))
+        k_pos, k_blk, k_col = (t[order].to(device) for t in (pos, self.block, self.open_col))
         prev = self.prev_blocks
 
         def mask_mod(b, h, q, kv):
-            return (pos[kv] <= pos[q]) & (ts[q] | col[kv] | (blk[kv] >= blk[q] - prev))
+            return (k_pos[kv] <= q_pos[q]) & (q_ts[q] | k_col[kv] | (k_blk[kv] >= q_blk[q] - prev))
         return mask_mod
 
-    def tile_classes(self, tile: int, device=None, order: torch.Tensor | None = None):
-        """(partial, full): bool [q_tiles, kv_tiles] over `tile` x `tile` squares of the mask, tokens arranged in
-        `order`. A tile neither partial nor full is empty (skipped). Bounds per tile, so it costs O(tiles^2),
-        never O(length^2); it may call a full or empty tile partial (then the mask is evaluated there), never
-        the reverse."""
+    def tile_classes(self, tile: int, device=None, order: torch.Tensor | None = None,
+                     rows: torch.Tensor | None = None):
+        """(partial, full): bool [q_tiles, kv_tiles] over `tile` x `tile` squares of the mask, keys arranged in
+        `order` and queries in `rows` (default: `order`). A tile neither partial nor full is empty (skipped).
+        Bounds per tile, so it costs O(tiles^2), never O(length^2); it may call a full or empty tile partial
+        (then the mask is evaluated there), never the reverse."""
         n, prev = self.length, self.prev_blocks
         order = torch.arange(n) if order is None else order
-        pad = -n % tile
+        rows = order if rows is None else rows
         big = torch.iinfo(torch.int64).max
 
-        def tiles(values: torch.Tensor, fill) -> torch.Tensor:  # [n] in `order` -> [tiles, tile], padded
-            v = values[order].to(device)
-            return torch.cat([v, torch.full((pad,), fill, dtype=v.dtype, device=device)]).view(-1, tile)
+        def tiles(values: torch.Tensor, fill, idx: torch.Tensor) -> torch.Tensor:  # -> [tiles, tile], padded
+            v = values[idx].to(device)
+            return torch.cat([v, torch.full((-len(idx) % tile,), fill, dtype=v.dtype, device=device)]).view(-1, tile)
 
         pos = torch.arange(n)
-        ts_rows, open_cols = tiles(self.timestamp, False), tiles(self.open_col, False)
+        ts_rows, open_cols = tiles(self.timestamp, False, rows), tiles(self.open_col, False, order)
         blk = self.block.to(torch.int64)
-        lo = tiles(blk - prev, -big)  # lowest block a row may see; padding rows constrain nothing
-        rows_min, rows_max = tiles(pos, big).amin(1), tiles(pos, -1).amax(1)
-        cols_min, cols_max = rows_min, rows_max
+        lo = tiles(blk - prev, -big, rows)  # lowest block a row may see; padding rows constrain nothing
+        rows_min, rows_max = tiles(pos, big, rows).amin(1), tiles(pos, -1, rows).amax(1)
+        cols_min, cols_max = tiles(pos, big, order).amin(1), tiles(pos, -1, order).amax(1)
         # the strictest and the loosest window bound among a tile's non-timestamp rows
         lo_max = torch.where(ts_rows, -big, lo).amax(1)
         lo_min = torch.where(ts_rows, big, lo).amin(1)
-        blk_min, blk_max = tiles(blk, big).amin(1)[None, :], tiles(blk, -big).amax(1)[None, :]
+        blk_min, blk_max = tiles(blk, big, order).amin(1)[None, :], tiles(blk, -big, order).amax(1)[None, :]
         above = cols_min[None, :] > rows_max[:, None]  # every column after every row
         below = cols_max[None, :] <= rows_min[:, None]  # every column at or before every row
         any_ts, all_ts = ts_rows.any(1)[:, None], ts_rows.all(1)[:, None]
