@@ -3,7 +3,7 @@ the full-size architecture with random bf16 weights, per file and decoder, with 
 time waiting for frames and a timeline figure; plus `videoxl chat` from launch to first token.
 
     python bench/e2e.py --out DIR [--minutes 10 60] [--encodings x264 camera] [--decoders nvdec cpu both]
-                        [--prefill mask|streaming|dense] [--tokens 128] [--ceiling] [--launch] [--tiny]
+                        [--prefill mask|streaming|dense] [--flex-extensions] [--tokens 128] [--ceiling] [--launch] [--tiny]
 
 Files (made under --work, kept for the next call): testsrc2 encoded for --chunk-seconds at --size, then its
 packets repeated to each length (bench/video_decode.py): "x264" = libx264 defaults, "camera" = veryfast, a
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import videoxl.pipeline as pipeline_module  # noqa: E402
+from videoxl.prefill import incremental  # noqa: E402
 from videoxl.video.read import usable_cores  # noqa: E402
 from cpu_ceiling import measure  # noqa: E402
 from e2e_plot import timeline_png  # noqa: E402
@@ -130,6 +131,9 @@ def questions(args, files, results) -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     model = random_model(device, args.tiny)
     set_prefill(model, args.prefill, args.offload)
+    if args.flex_extensions:  # chunked slices prefilled as encoded, each as one FlexAttention kernel
+        incremental.FLEX_EXTENSIONS = True
+        pipeline_module.prefill_as_encoded = lambda device, chunking: True
     tokenizer = make_tokenizer(tempfile.mkdtemp())
     log("model ready")
     warmed = set()
@@ -231,6 +235,9 @@ def main():
     ap.add_argument("--ceiling", action="store_true", help="our CPU path against the per-core ceiling")
     ap.add_argument("--launch", action="store_true", help="`videoxl chat` launch -> first token, cold and warm")
     ap.add_argument("--no-questions", action="store_true", help="only --ceiling / --launch")
+    ap.add_argument("--flex-extensions", action="store_true",
+                    help="chunked modes: prefill each slice as it is encoded, one FlexAttention kernel per extension "
+                         "(prefill/incremental.FLEX_EXTENSIONS; off by default until this measures it faster)")
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU, 320x180: a smoke test")
     args = ap.parse_args()
     size = (320, 180) if args.tiny else tuple(int(x) for x in args.size.split("x"))
