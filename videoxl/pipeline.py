@@ -130,10 +130,11 @@ def same_prefix_tokens(config, tokenizer, prompt: VideoPrompt, system: str | Non
 def build_prefix(model, video, tokenizer, question, history, sampling, chunking, show_progress, key,
                  timeline: Timeline | None = None, cancel: Cancel | None = None,
                  system: str | None = None) -> VideoKV:
-    """Vision and prefill: frames -> visual tokens -> the KVs of everything up to the question, each slice of
-    frames prefilled as soon as it is encoded while later frames are still being decoded (prefill/growing.py;
-    the KVs equal a one-shot prefill's). When the GPU is behind the decoders, encoded slices wait and go
-    through the decoder together, so a fast source costs few passes."""
+    """Vision and prefill: frames -> visual tokens -> the KVs of everything up to the question. Where it is the
+    faster way (`prefill_as_encoded`: dense, or on the CPU), each slice of frames is prefilled as soon as it is
+    encoded while later frames are still being decoded (prefill/growing.py; the KVs equal a one-shot prefill's);
+    slices that are encoded while the GPU is busy go through the decoder together. Chunked modes on CUDA
+    prefill in one FlexAttention pass after the last slice."""
     timer, timeline = StageTimer(model.device), timeline or Timeline()
     stream = take(model, video, sampling) or open_video(video, *sampling, device=model.device)  # CUDA: NVDEC
     capacity = prompt_tokens(model.config, len(stream.planned))
