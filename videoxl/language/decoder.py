@@ -8,7 +8,6 @@ Parameter names match the checkpoint's `model.*` / `lm_head.*` tensors after the
 from __future__ import annotations
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 import torch.nn.functional as F
 from torch import nn
 
@@ -67,6 +66,14 @@ def flex_attention(q, k, v, block_mask):
         # dynamic: one kernel for every sequence length (each video has its own), not a recompile per length
         _flex = torch.compile(eager, dynamic=True)
     return _flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def causal_lower_right(n: int, m: int):
+    """SDPA's lower-right causal bias: n queries after m - n cached keys. Imported when first used: its module
+    imports torch._dynamo, about 2 s of every start-up on a small CPU."""
+    from torch.nn.attention.bias import causal_lower_right as bias
+
+    return bias(n, m)
 
 
 def attend(q, k, v, mask=None):

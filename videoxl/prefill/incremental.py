@@ -20,10 +20,9 @@ timestamp rows see every earlier token, so each extension reads the whole store 
 from __future__ import annotations
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 
 from videoxl.errors import VideoXLError
-from videoxl.language.decoder import Qwen2Decoder
+from videoxl.language.decoder import Qwen2Decoder, causal_lower_right
 from videoxl.language.kv_store import KVStore
 from videoxl.language.prompt import VideoPrompt
 from videoxl.prefill.modes import BlockSparseAttention, block_attention, flex_available

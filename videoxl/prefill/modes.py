@@ -17,11 +17,11 @@ All three give the same KVs up to float rounding; tests hold them to that.
 from __future__ import annotations
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 
 from videoxl.cancel import Cancel, check
 from videoxl.prefill.plan import STREAM_TOKENS_PER_SLICE, BlockPlan
-from videoxl.language.decoder import Qwen2Decoder, apply_rope, attend, flex_attention, rope_cos_sin
+from videoxl.language.decoder import (Qwen2Decoder, apply_rope, attend, causal_lower_right, flex_attention,
+                                      rope_cos_sin)
 from videoxl.language.kv_store import KVStore
 
 
