@@ -217,11 +217,15 @@ def load_tokenizer(model_dir: str):
         return _load_tokenizer(model_dir)
 
 
+def check_tokenizer_files(model_dir: str) -> None:
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.json")):
+        raise VideoXLError(f"no tokenizer files (tokenizer.json or vocab.json) in {model_dir}")
+
+
 def _load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
-    if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.json")):
-        raise VideoXLError(f"no tokenizer files (tokenizer.json or vocab.json) in {model_dir}")
+    check_tokenizer_files(model_dir)
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -253,8 +257,11 @@ def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.
         quant.check_device(scheme, device, dtype)
     cfg = read_config(model_dir)  # first: its errors are the clearest
     kv_cache = VideoKVCache(VideoKVCache.parse_gb(kv_cache_gb), kv_cache_dir)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, device, dtype, cfg, scheme)
+    check_tokenizer_files(model_dir)  # before the weights are read, as its error is clearer than theirs
+    with ThreadPoolExecutor(1, thread_name_prefix="videoxl-tokenizer") as pool:
+        tokenizer = pool.submit(load_tokenizer, model_dir)  # beside the weights: importing transformers takes seconds
+        model = load_model(model_dir, device, dtype, cfg, scheme)
+        tokenizer = tokenizer.result()
     model.kv_cache = kv_cache
     return model, tokenizer
 
