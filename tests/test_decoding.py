@@ -73,13 +73,18 @@ def test_follow_up_matches_fresh_answer(tiny, clip_path):
     assert model.chat(clip_path, tokenizer, "second?", max_num_frames=8, generation_config=gen) == follow
 
 
-def test_interpreted_kernels_match_torch(tiny_dir):
+def run_interpreted(script: str, tiny_dir: str) -> dict:
+    """tests/`script` run by Triton's interpreter on the CPU in a process of its own; the errors it prints last."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    script = os.path.join(os.path.dirname(__file__), "interpreted_kernels.py")
-    done = subprocess.run([sys.executable, script, tiny_dir], env=env, capture_output=True, text=True, timeout=600)
+    path = os.path.join(os.path.dirname(__file__), script)
+    done = subprocess.run([sys.executable, path, tiny_dir], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_interpreted_kernels_match_torch(tiny_dir):
+    errors = run_interpreted("interpreted_kernels.py", tiny_dir)
     # float32 throughout: only the attention's split summation order differs from the reference
     assert errors["attention"] < 1e-5
     assert errors["rms_norm"] == 0 and errors["rope_store"] == 0  # same operations, same roundings

@@ -1,15 +1,13 @@
 """Quantized decoder weights (issue 22): the arithmetic of each scheme, the load path, fusion for the decode step,
 and the errors. Tolerances are those of the schemes on Gaussian weights (measured: int8 0.75%, int4 9.7%, fp8
 3.6% relative output error), with margin."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import videoxl
+from tests.test_decoding import run_interpreted
 from videoxl.errors import VideoXLError
 from videoxl.language import quant
 from videoxl.language.quant import QuantLinear
@@ -117,12 +115,7 @@ def test_quantized_state_is_not_a_checkpoint(tiny_logits, tmp_path):
 
 def test_int8_kernel_and_captured_step_interpreted(tiny_dir):
     """The Triton int8 kernel and the decode step's body over fused int8 layers, run by Triton's interpreter."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    script = os.path.join(os.path.dirname(__file__), "interpreted_quant.py")
-    done = subprocess.run([sys.executable, script, tiny_dir], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = run_interpreted("interpreted_quant.py", tiny_dir)
     assert errors["gemv"] < 1e-5 and errors["gemv_bias"] < 1e-5  # fp32 sums in another order
     assert errors["step_logits"] < 1e-4 and errors["step_kv"] < 1e-5
 

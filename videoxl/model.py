@@ -17,6 +17,7 @@ from torch import nn
 from videoxl import pipeline
 from videoxl.cache.identity import weights_digest
 from videoxl.cancel import Cancel
+from videoxl.checkpoint.devices import on_device
 from videoxl.cache.store import VideoKVCache
 from videoxl.config import VideoXLConfig
 from videoxl.errors import VideoXLError
@@ -105,9 +106,7 @@ class VideoXL(nn.Module):
             settings = settings.with_generation(generation_config)
         r = check_request(self.config, tokenizer, video_path, question, chat_history, max_num_frames, sample_fps,
                           max_sample_fps, system)
-        # kernels launched without a device (Triton's) go to the current GPU: make it the model's
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with self._exclusive(), on_device, torch.inference_mode(), \
+        with self._exclusive(), on_device(self.device), torch.inference_mode(), \
                 memory_errors(self.device, r.max_num_frames, bool(settings.prefill)):
             yield from pipeline.answer(self, tokenizer, r, settings, show_progress, cancel)
 

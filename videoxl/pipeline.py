@@ -65,6 +65,11 @@ class StageTimer:
         return out
 
 
+def frames_per_slice(chunking: PrefillConfig | None) -> int:
+    """Frames the vision tower takes at once: the chunk prefill's setting, else the default."""
+    return chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
+
+
 def placeholder_id(config, tokenizer) -> int:
     """The token that stands for a visual token in the prompt's ids (replaced by its embedding)."""
     pad = tokenizer.convert_tokens_to_ids(VISION_PAD)
@@ -139,30 +144,33 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
     stream = take(model, video, sampling) or open_video(video, *sampling, device=model.device)  # CUDA: NVDEC
     capacity = prompt_tokens(model.config, len(stream.planned))
     model.kv_cache.make_room(VideoKVCache.bytes_for(kv_layout(model), capacity))
-    per_slice = chunking.chunk_size_for_vision_tower if chunking else DEFAULT_FRAMES_PER_SLICE
+    per_slice = frames_per_slice(chunking)
     check_fits(model, len(stream.planned), tokenizer, [question, *sum(history, ())], chunking, per_slice,
                len(stream.planned) if stream.source == "images" else 0)  # images are decoded all at once
     prefix = GrowingPrefix(model.decoder, tokenizer, model.config.tokens_per_group,
                            placeholder_id(model.config, tokenizer), chunking, capacity + DECODE_ROOM, system=system)
     overlap = prefill_as_encoded(model.device, chunking)
     waiting, times, t_prefill = [], [], 0.0
+
+    def add_waiting():  # the encoded slices not prefilled yet: their groups, each group's first frame's time
+        with timeline.gpu_span("prefill"):
+            prefix.add(torch.cat(waiting), times[prefix.groups * FRAMES_PER_GROUP::FRAMES_PER_GROUP])
+        waiting.clear()
+
     for piece in encode_slices(model.vision, stream, per_slice, model.device, show_progress, timeline, cancel):
         waiting.append(piece.visual)
         times += piece.timestamps
-        if piece.more_waiting or not overlap:
-            continue
-        t0 = time.perf_counter()
-        with timeline.gpu_span("prefill"):
-            prefix.add(torch.cat(waiting), times[prefix.groups * FRAMES_PER_GROUP::FRAMES_PER_GROUP])
-        t_prefill += time.perf_counter() - t0
-        waiting = []
+        if overlap and not piece.more_waiting:
+            t0 = time.perf_counter()
+            add_waiting()
+            t_prefill += time.perf_counter() - t0
     timer.lap("vision_s")  # frame decoding, vision and (overlap) the prefill of all but the last slice
     stats = {"prefill_overlapped": overlap, "prefill_launch_s": round(t_prefill, 3)}
-    with timeline.gpu_span("prefill"):
-        if not overlap:
+    if not overlap:
+        with timeline.gpu_span("prefill"):
             stats.update(prefix.add_all(torch.cat(waiting), times[::FRAMES_PER_GROUP], show_progress, cancel))
-        elif waiting:
-            prefix.add(torch.cat(waiting), times[prefix.groups * FRAMES_PER_GROUP::FRAMES_PER_GROUP])
+    elif waiting:
+        add_waiting()
     timer.lap("prefill_s")  # after the last slice
     frames = len(stream.kept)
     prompt, store = prefix.prompt, prefix.store

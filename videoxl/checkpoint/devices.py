@@ -10,7 +10,8 @@ from videoxl.errors import VideoXLError
 
 
 def on_device(device):
-    """The device as the thread's current CUDA device (quantizing kernels launch on it), else nothing."""
+    """The device as the thread's current CUDA device, else nothing: kernels launched without a device (Triton's,
+    the quantizing ones at load) go to the current GPU, which must be the model's."""
     device = torch.device(device)
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 

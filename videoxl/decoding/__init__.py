@@ -107,7 +107,7 @@ def generate_tokens(step, logits: torch.Tensor, gen: GenerationConfig, prompt_id
                     fed += 1
                 token = sampler(next_logits)
     finally:
-        if current is None and fed == 0 and hasattr(step, "step"):
+        if current is None and hasattr(step, "step"):  # given, never stepped
             current = step
         if current is not None:
             current.finish(fed)

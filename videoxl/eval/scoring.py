@@ -8,10 +8,10 @@ answer: it is tokenised on its own and placed right after `<|im_start|>assistant
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
+from videoxl.checkpoint.devices import on_device
 from videoxl.errors import VideoXLError
 from videoxl.inputs import check_request
 from videoxl.memory import memory_errors
@@ -31,8 +31,7 @@ def score_continuations(model, tokenizer, video, context: str, continuations: li
     conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
     if any(not ids for ids in conts):
         raise VideoXLError("loglikelihood: an empty continuation has no tokens to score")
-    on_device = torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()
-    with model._exclusive(), on_device, torch.inference_mode(), \
+    with model._exclusive(), on_device(model.device), torch.inference_mode(), \
             memory_errors(model.device, r.max_num_frames, bool(chunking)):
         prefix = video_prefix(model, r.video, tokenizer, context, [], (r.max_num_frames, r.sample_fps,
                                                                          r.max_sample_fps), chunking, False)

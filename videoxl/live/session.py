@@ -17,7 +17,6 @@ append that arrives during an answer runs its vision meanwhile and waits only to
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import threading
@@ -32,6 +31,7 @@ from videoxl.config import FRAMES_PER_GROUP
 from videoxl.decoding.state import DecodeState
 from videoxl.errors import VideoXLError
 from videoxl.cancel import Cancel
+from videoxl.checkpoint.devices import on_device
 from videoxl.inputs import check_question
 from videoxl.language.prompt import VideoPrompt, question_ids
 from videoxl.live.frames import Sampler, as_frames, check_timestamps, frame_time, prepare, whole_groups
@@ -39,14 +39,6 @@ from videoxl.memory import memory_errors
 from videoxl.prefill.growing import GrowingPrefix
 from videoxl.settings import Settings
 from videoxl.video.read import usable_cores
-
-DEFAULT_FRAMES_PER_SLICE = 96  # vision batch when chunk prefill does not set one (as for files)
-
-
-def on_device(model):
-    """The model's GPU as the current device (kernels launched without a device go there), as `chat` does."""
-    return torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()
-
 
 def session_settings(model, settings, enable_chunk_prefill, prefill_config, enable_sparse, sparse_config):
     """`settings` (default: the model card's switches on model.config), with the session's own: a dict given
@@ -97,7 +89,7 @@ class LiveSession:
         self.settings = session_settings(model, settings, enable_chunk_prefill, prefill_config, enable_sparse,
                                          sparse_config)
         self.chunking, self.sparse = self.settings.prefill, self.settings.sparse
-        self.per_slice = self.chunking.chunk_size_for_vision_tower if self.chunking else DEFAULT_FRAMES_PER_SLICE
+        self.per_slice = pipeline.frames_per_slice(self.chunking)
         self._ingest, self._store, self._state = threading.Lock(), threading.RLock(), threading.Lock()
         self._pending: list[np.ndarray] = []  # sampled frames not yet in a whole group
         self._pending_times: list[float] = []
@@ -112,7 +104,7 @@ class LiveSession:
         self._token_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
         self.decode = DecodeState()  # the captured decode step and bi-level's level, kept between questions
         self._resize = ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix="videoxl-live-resize")
-        with on_device(model), torch.inference_mode():
+        with on_device(model.device), torch.inference_mode():
             self.prefix = GrowingPrefix(model.decoder, tokenizer, model.config.tokens_per_group,
                                         pipeline.placeholder_id(model.config, tokenizer), self.chunking)
         self.prompt = self.prefix.prompt
@@ -171,7 +163,7 @@ class LiveSession:
         while len(self._pending) >= FRAMES_PER_GROUP:
             n = min(whole_groups(len(self._pending)), self.per_slice)
             frames, times = np.stack(self._pending[:n]), self._pending_times[:n]
-            with on_device(model), torch.inference_mode(), memory_errors(model.device, n, bool(self.chunking)):
+            with on_device(model.device), torch.inference_mode(), memory_errors(model.device, n, bool(self.chunking)):
                 t0 = time.perf_counter()
                 visual = torch.cat(list(model.vision.encode(frames, self.per_slice)), dim=0)
                 self._time("vision_s", t0)
@@ -213,7 +205,7 @@ class LiveSession:
         settings = self.settings.with_generation(generation_config)
         if follow_up and not history:
             history = list(self.history)
-        with model._exclusive(), on_device(model), torch.inference_mode(), self._store, \
+        with model._exclusive(), on_device(model.device), torch.inference_mode(), self._store, \
                 memory_errors(model.device, len(self.timestamps), bool(self.chunking)):
             self._check_open()
             if not self.timestamps:

@@ -17,7 +17,6 @@ from videoxl.language.prompt import VideoPrompt, add_group, start_prompt
 from videoxl.prefill.incremental import IncrementalPrefill
 from videoxl.prefill.modes import flex_available
 from videoxl.prefill.plan import PrefillConfig
-from videoxl.prefill.run import prefill
 
 
 def prefill_as_encoded(device: torch.device, chunking: PrefillConfig | None) -> bool:
@@ -69,22 +68,21 @@ class GrowingPrefix:
         return len(self.prompt.group_starts)
 
     def add_all(self, visual: torch.Tensor, group_times: list[float], show_progress=False, cancel=None) -> dict:
-        """The whole video at once, by the one-shot prefill of `chunking`'s mode (prefill/run.py) over the text
-        and every group; the prefix must hold no group yet. Returns the prefill's stats."""
+        """The whole video at once (the prefix holds no group yet), by the mode's one-shot prefill over the text
+        and every group (IncrementalPrefill.fill). Returns the prefill's stats."""
         assert not self.prompt.group_starts
-        p, inc = self.prompt, self.prefill
-        for t in group_times:
-            add_group(p, self.tokenizer, t, self.tokens_per_group, self.placeholder)
-        inc.store.truncate(0)
-        inc.store.reserve(p.video_end)
-        stats = prefill(self.decoder, embed_prompt(self.decoder, p, visual, p.video_end), inc.store, p,
-                        inc.chunking, show_progress, cancel)
-        inc.plan, inc._video_len = inc.store.plan, p.video_end
-        return stats
+        return self._grow(visual, group_times, lambda p, start: self.prefill.fill(
+            p, embed_prompt(self.decoder, p, visual, p.video_end), show_progress, cancel))
 
     def add(self, visual: torch.Tensor, group_times: list[float]) -> None:
         """Append groups (`visual` [groups, tokens_per_group, hidden], each group's first frame's time) and
         prefill them against what is stored."""
+        self._grow(visual, group_times, lambda p, start: self.prefill.extend(
+            p, embed_prompt(self.decoder, p, visual, p.video_end, start)))
+
+    def _grow(self, visual: torch.Tensor, group_times: list[float], run):
+        """Add the groups to the prompt, then `run(prompt, its first new token)` and return what it returns; on
+        failure the prompt is put back as it was."""
         if visual.shape[0] != len(group_times):
             raise ValueError(f"{visual.shape[0]} groups of visual tokens for {len(group_times)} group times")
         p = self.prompt
@@ -92,9 +90,8 @@ class GrowingPrefix:
         try:
             for t in group_times:
                 add_group(p, self.tokenizer, t, self.tokens_per_group, self.placeholder)
-            self.prefill.extend(p, embed_prompt(self.decoder, p, visual, p.video_end, start))
+            return run(p, start)
         except BaseException:
             del p.input_ids[start:], p.visual_positions[before[0]:], p.group_starts[before[1]:]
             p.video_end = start
-            self.prefill.store.truncate(start)
             raise

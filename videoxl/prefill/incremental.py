@@ -27,6 +27,7 @@ from videoxl.language.kv_store import KVStore
 from videoxl.language.prompt import VideoPrompt
 from videoxl.prefill.modes import BlockSparseAttention, block_attention, flex_available
 from videoxl.prefill.plan import BlockPlan, PrefillConfig
+from videoxl.prefill.run import prefill
 
 
 class IncrementalPrefill:
@@ -49,6 +50,19 @@ class IncrementalPrefill:
     def length(self) -> int:
         """Tokens prefilled (a question's tokens after them are dropped by the next `extend`)."""
         return self._video_len
+
+    def fill(self, prompt: VideoPrompt, embeds: torch.Tensor, show_progress=False, cancel=None) -> dict:
+        """Prefill the whole prompt, tokens [0, video_end), in one pass of the mode's one-shot prefill (run.py),
+        replacing what is stored: for a chunked pattern on CUDA one block-sparse kernel beats extensions.
+        Returns the prefill's stats."""
+        if prompt.video_end != embeds.shape[1]:
+            raise VideoXLError(f"one-shot prefill: {embeds.shape[1]} tokens for a prompt of {prompt.video_end}")
+        self._video_len = 0  # (what was stored goes, whether or not this succeeds)
+        self.store.truncate(0)
+        self.store.reserve(prompt.video_end)
+        stats = prefill(self.decoder, embeds, self.store, prompt, self.chunking, show_progress, cancel)
+        self.plan, self._video_len = self.store.plan, prompt.video_end
+        return stats
 
     def extend(self, prompt: VideoPrompt, embeds: torch.Tensor) -> int:
         """Prefill `embeds` [1, n, hidden], the embeddings of prompt tokens [length, length + n); `prompt`

@@ -59,11 +59,15 @@ class FrameStream:
 
     @property
     def timestamps(self) -> list[float]:
+        return self.timestamps_from(0)
+
+    def timestamps_from(self, start: int) -> list[float]:
+        """The timestamps of the kept frames from the `start`-th on (a batch's, without the ones before it)."""
         if self.timestamps_override is not None:
-            return self.timestamps_override[:len(self.kept)]
+            return self.timestamps_override[start:len(self.kept)]
         if self.seconds is not None:
-            return [round(self.seconds(i), 1) for i in self.kept]
-        return [round(i / self.video_fps, 1) for i in self.kept]
+            return [round(self.seconds(i), 1) for i in self.kept[start:]]
+        return [round(i / self.video_fps, 1) for i in self.kept[start:]]
 
     def clip(self, frames: np.ndarray) -> Clip:
         return Clip(frames, self.timestamps, list(self.kept), self.source, self.video_fps, self.total_frames)

@@ -46,7 +46,7 @@ def encode_slices(vision: VisionEncoder, stream: FrameStream, frames_per_slice: 
                     frames = next(frames_in, None)
                 if frames is None:
                     break
-                item = (frames, stream.timestamps[kept:])  # this batch's times (kept grows before a yield)
+                item = (frames, stream.timestamps_from(kept))  # this batch's times (kept grows before a yield)
                 while not stop.is_set():
                     try:
                         batches.put(item, timeout=0.1)
