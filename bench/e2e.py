@@ -4,6 +4,7 @@ time waiting for frames and a timeline figure; plus `videoxl chat` from launch t
 
     python bench/e2e.py --out DIR [--minutes 10 60] [--encodings x264 camera] [--decoders nvdec cpu both]
                         [--prefill mask|streaming|dense] [--flex-extensions] [--tokens 128] [--ceiling] [--launch] [--tiny]
+                        [--nvdec-sessions 8 12 16] [--cpu-decoders 14 28]   (a case per combination)
 
 Files (made under --work, kept for the next call): testsrc2 encoded for --chunk-seconds at --size, then its
 packets repeated to each length (bench/video_decode.py): "x264" = libx264 defaults, "camera" = veryfast, a
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import videoxl.pipeline as pipeline_module  # noqa: E402
 from videoxl.prefill import incremental  # noqa: E402
+from videoxl.video import read as read_module  # noqa: E402
 from videoxl.video.read import usable_cores  # noqa: E402
 from cpu_ceiling import measure  # noqa: E402
 from e2e_plot import timeline_png  # noqa: E402
@@ -70,9 +72,12 @@ def make_file(work, encoding, minutes, chunk_s, size) -> tuple[str, str, float]:
     return path, chunk, round(os.path.getsize(chunk) * 8 / chunk_s / 1e6, 2)
 
 
-def use_decoder(name: str) -> None:
-    """chat's frames through `name` (the engine picks NVDEC or CPU by itself; a benchmark must choose)."""
-    pipeline_module.open_video = functools.partial(open_video, decoder=DECODERS[name])
+def use_decoder(name: str, sessions: int | None = None, beside: int | None = None) -> None:
+    """chat's frames through `name` (the engine picks NVDEC or CPU by itself; a benchmark must choose), with
+    `sessions` NVDEC sessions and, for "both", `beside` CPU decoders (None: the engine's defaults)."""
+    read_module.BOTH_CPU_DECODERS = beside
+    pipeline_module.open_video = functools.partial(open_video, decoder=DECODERS[name],
+                                                   workers=sessions if name != "cpu" else None)
 
 
 def breakdown(stats: dict) -> dict:
@@ -137,11 +142,14 @@ def questions(args, files, results) -> None:
     tokenizer = make_tokenizer(tempfile.mkdtemp())
     log("model ready")
     warmed = set()
+    engines = [(d, s, b) for d in args.decoders for s in (args.nvdec_sessions if d != "cpu" else [None])
+               for b in (args.cpu_decoders if d == "both" else [None])]
     for (encoding, minutes), (path, chunk, mbps) in files.items():
-        for decoder in args.decoders:
-            case = f"{encoding}-{minutes:g}min-{decoder}-{args.prefill}"
+        for decoder, sessions, beside in engines:
+            case = f"{encoding}-{minutes:g}min-{decoder}-{args.prefill}" + (f"-s{sessions}" if sessions else "") \
+                + (f"-c{beside}" if beside else "") + ("-flex" if args.flex_extensions else "")
             try:
-                use_decoder(decoder)
+                use_decoder(decoder, sessions, beside)
                 if (encoding, decoder) not in warmed:  # kernels, NVDEC sessions, the decode graph
                     ask(model, tokenizer, chunk, 64, 4)
                     warmed.add((encoding, decoder))
@@ -157,7 +165,8 @@ def questions(args, files, results) -> None:
                     f"{case}: first token {row['ttft_s']} s ({results['device']})"))
                 log(f"{case}: first token {row['ttft_s']} s, decode {row.get('decode_window_s')} s "
                     f"({row.get('video_decoder')}), GPU idle waiting {row.get('gpu_idle_waiting_for_frames_s')} s")
-            row.update(file=os.path.basename(path), mbit_s=mbps, minutes=minutes, decoder=decoder, cores=usable_cores())
+            row.update(file=os.path.basename(path), mbit_s=mbps, minutes=minutes, decoder=decoder, cores=usable_cores(),
+                       nvdec_sessions=sessions, cpu_decoders_beside=beside, flex_extensions=args.flex_extensions)
             results["cases"][case] = row
             save(args.out, results)
 
@@ -238,6 +247,10 @@ def main():
     ap.add_argument("--flex-extensions", action="store_true",
                     help="chunked modes: prefill each slice as it is encoded, one FlexAttention kernel per extension "
                          "(prefill/incremental.FLEX_EXTENSIONS; off by default until this measures it faster)")
+    ap.add_argument("--nvdec-sessions", type=int, nargs="+", default=[None],
+                    help="NVDEC sessions (one case per value; default: the engine's, read.NVDEC_SESSIONS)")
+    ap.add_argument("--cpu-decoders", type=int, nargs="+", default=[None],
+                    help="'both': CPU decoders beside the sessions (one case per value; default: the engine's)")
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU, 320x180: a smoke test")
     args = ap.parse_args()
     size = (320, 180) if args.tiny else tuple(int(x) for x in args.size.split("x"))

@@ -37,6 +37,9 @@ from videoxl.video.stream import FrameStream, _short, resize_frame
 
 NVDEC_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mpeg1video", "mpeg2video", "mpeg4", "vc1"}
 DECODERS = ("auto", "pyav", "nvdec", "both", "decord")
+NVDEC_SESSIONS = 8  # NVDEC sessions by default: the best measured on an H100 (bench/video_decode.py)
+CPU_DECODERS_MAX = 16  # CPU decoders by default: one per core, up to this many
+BOTH_CPU_DECODERS: int | None = None  # "both": CPU decoders beside the sessions (None: cores up to the max, less 2)
 MODES = ("exact", "keyframes")
 
 
@@ -92,7 +95,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
             stats["video_nvdec_unavailable"] = why
     cores = usable_cores()
     if workers is None:
-        workers = min(cores, 16) if accel is None else 8  # NVDEC: 8 sessions measured best on an H100
+        workers = min(cores, CPU_DECODERS_MAX) if accel is None else NVDEC_SESSIONS
 
     def engines(runs: int) -> list[Engine]:
         n = max(1, min(workers, runs))
@@ -101,7 +104,8 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
         out = [Engine("nvdec", opener, convert)] * n
         if decoder == "both":  # CPU decoders beside the sessions, leaving two cores to feed NVDEC
             cpu = on_device(cpu_convert(rotation_turns), gpu)
-            out += [Engine("pyav", lambda: av.open(path), cpu)] * max(1, min(cores, 16) - 2)
+            beside = BOTH_CPU_DECODERS or max(1, min(cores, CPU_DECODERS_MAX) - 2)
+            out += [Engine("pyav", lambda: av.open(path), cpu)] * beside
         return out
 
     def read(size):
