@@ -36,6 +36,7 @@ class Settings:
     sparse_config: dict | None = None
     kv_cache_dir: str | None = None
     quantize: str | None = None
+    vision_dtype: str | None = None
 
 
 class Worker:
@@ -43,7 +44,8 @@ class Worker:
         import videoxl
 
         self.model, self.tokenizer = videoxl.load(settings.model_dir, device=device, dtype=settings.dtype,
-                                                  kv_cache_dir=settings.kv_cache_dir, quantize=settings.quantize)
+                                                  kv_cache_dir=settings.kv_cache_dir, quantize=settings.quantize,
+                                                  vision_dtype=settings.vision_dtype)
         self.settings = QuestionSettings.build(settings.prefill_config, settings.sparse_config, settings.generation)
         self.device = str(self.model.device)
 

@@ -239,13 +239,16 @@ def _load_tokenizer(model_dir: str):
 
 
 def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         kv_cache_gb: float = 0, kv_cache_dir: str | None = None, quantize: str | None = None):
+         kv_cache_gb: float = 0, kv_cache_dir: str | None = None, quantize: str | None = None,
+         vision_dtype: str | None = None):
     """`videoxl.load(path)` -> (model, tokenizer). Defaults: CUDA + bfloat16 when there is a GPU, else CPU + fp32.
     Videos' prefix KVs are kept in memory up to `kv_cache_gb` (0: the latest video only) and, with
     `kv_cache_dir`, on disk, where a later process finds them (see video_kv.py). `quantize`: None, "int8",
-    "int4" or "fp8", the decoder layers' weights (see language/quant.py)."""
+    "int4" or "fp8", the decoder layers' weights (see language/quant.py). `vision_dtype`: None (the model's
+    dtype) or "fp8", the vision side's linear layers (see vision/precision.py)."""
     from videoxl.cache.store import VideoKVCache
     from videoxl.language import quant
+    from videoxl.vision.precision import parse_vision_dtype, quantize_vision
 
     if not isinstance(model_dir, (str, os.PathLike)):
         raise VideoXLError(f"model path must be a folder path (str), got {type(model_dir).__name__}")
@@ -255,6 +258,9 @@ def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.
     scheme = quant.parse_quantize(quantize)
     if scheme:
         quant.check_device(scheme, device, dtype)
+    vision_scheme = parse_vision_dtype(vision_dtype)
+    if vision_scheme:
+        quant.check_device(vision_scheme, device, dtype, what="vision_dtype")
     cfg = read_config(model_dir)  # first: its errors are the clearest
     kv_cache = VideoKVCache(VideoKVCache.parse_gb(kv_cache_gb), kv_cache_dir)
     check_tokenizer_files(model_dir)  # before the weights are read, as its error is clearer than theirs
@@ -262,6 +268,9 @@ def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.
         tokenizer = pool.submit(load_tokenizer, model_dir)  # beside the weights: importing transformers takes seconds
         model = load_model(model_dir, device, dtype, cfg, scheme)
         tokenizer = tokenizer.result()
+    if vision_scheme:
+        with on_device(device):
+            quantize_vision(model.vision, vision_scheme)
     model.kv_cache = kv_cache
     return model, tokenizer
 

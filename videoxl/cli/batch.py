@@ -63,7 +63,7 @@ def cmd_batch(args) -> int:
     from videoxl.demo import demo_model_path
 
     settings = Settings(args.model or demo_model_path(), args.dtype, generation_config(args), prefill, sparse,
-                        args.kv_cache_dir, args.quantize)
+                        args.kv_cache_dir, args.quantize, args.vision_dtype)
     t0, answered, failed = time.perf_counter(), 0, 0
     try:
         for n, records in enumerate(run(settings, groups, devices, args.ray, args.workers), 1):

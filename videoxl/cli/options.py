@@ -63,6 +63,9 @@ def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
                    help="the decoder layers' weights: int8 (per channel), int4 (groups of 128), fp8 (e4m3, GPUs "
                         "of compute capability >= 8.9); the embedding and output head stay in --dtype")
+    p.add_argument("--vision-dtype", choices=["model", "fp8"], default="model",
+                   help="the vision side's linear layers (SigLIP, projector): the model's dtype, or fp8 GEMMs "
+                        "(compute capability >= 8.9)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:

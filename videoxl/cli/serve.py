@@ -94,7 +94,7 @@ def build(args):
 
     def load(device):
         return videoxl.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize,
-                            kv_cache_gb=args.kv_cache_gb,
+                            vision_dtype=args.vision_dtype, kv_cache_gb=args.kv_cache_gb,
                             kv_cache_dir=args.kv_cache_dir)
 
     # one thread per device: the loads (file reads, copies to each GPU) overlap, so two GPUs start in about the

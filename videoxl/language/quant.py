@@ -49,20 +49,22 @@ def parse_quantize(quantize) -> str | None:
     return quantize.lower()
 
 
-def check_device(scheme: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, in one line, a scheme this device and dtype cannot run (before any weight is read)."""
+def check_device(scheme: str, device: torch.device, dtype: torch.dtype, what: str = "quantize") -> None:
+    """Refuse, in one line, a scheme this device and dtype cannot run (before any weight is read). `what`: the
+    setting that asked for it, as the user wrote it (quantize, vision_dtype)."""
     if device.type != "cuda":
         return  # the CPU runs all three (fp8 through torch's reference _scaled_mm)
     major, minor = torch.cuda.get_device_capability(device)
     name = torch.cuda.get_device_name(device)
+    instead = "use quantize='int8' or 'int4'" if what == "quantize" else f"leave {what} unset (the model's dtype)"
     if scheme == "fp8" and (major, minor) < (8, 9):
-        raise VideoXLError(f"quantize='fp8' needs a GPU with FP8 (compute capability >= 8.9: Ada, Hopper or "
-                           f"newer); {name} is {major}.{minor}: use quantize='int8' or 'int4'")
+        raise VideoXLError(f"{what}='fp8' needs a GPU with FP8 (compute capability >= 8.9: Ada, Hopper or "
+                           f"newer); {name} is {major}.{minor}: {instead}")
     if scheme == "int4" and major < 8:
         raise VideoXLError(f"quantize='int4' needs compute capability >= 8.0 (tinygemm); {name} is "
                            f"{major}.{minor}: use quantize='int8'")
     if scheme in ("int4", "fp8") and dtype != torch.bfloat16:  # tinygemm's and row-wise _scaled_mm's only dtype
-        raise VideoXLError(f"quantize='{scheme}' on a GPU runs in bfloat16, got dtype {dtype}: "
+        raise VideoXLError(f"{what}='{scheme}' on a GPU runs in bfloat16, got dtype {dtype}: "
                            f"use dtype='bfloat16'")
     if scheme == "fp8":  # row-wise scaled matmul is newer than fp8 itself: one probe, one clear line
         try:
@@ -70,8 +72,8 @@ def check_device(scheme: str, device: torch.device, dtype: torch.dtype) -> None:
             torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device),
                              scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
         except (RuntimeError, NotImplementedError) as e:
-            raise VideoXLError(f"quantize='fp8': this torch cannot run row-wise fp8 matmuls on {name} "
-                               f"({str(e).splitlines()[0][:120]}): use quantize='int8' or 'int4'") from None
+            raise VideoXLError(f"{what}='fp8': this torch cannot run row-wise fp8 matmuls on {name} "
+                               f"({str(e).splitlines()[0][:120]}): {instead}") from None
 
 
 def stored_bytes(name: str, out_features: int, in_features: int, scheme: str) -> int:

@@ -69,7 +69,7 @@ class VisionEncoder(nn.Module):
         """Yield visual tokens slice by slice (on a CPU group by group) ([groups, 144, hidden]) for uint8 frames
         [n, 384, 384, 3]. `frames_per_slice` must be a multiple of 4 so that groups never straddle slices."""
         assert frames_per_slice % FRAMES_PER_GROUP == 0
-        p = self.projector[0].weight
+        p = self.tower.embeddings.patch_embedding.weight  # stays in the model's dtype (fp8 vision: precision.py)
         # On a CPU a slice runs a group at a time: groups are independent here and a CPU gains nothing from a
         # bigger batch, while `cancel` is then seen every fraction of a second (a 96-frame slice of the demo
         # model took seconds on two cores), not once per slice.
