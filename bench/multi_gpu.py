@@ -106,17 +106,24 @@ def batch(args, ckpt, videos, env, budget, results) -> None:
                "--max-num-frames", str(args.frames), "--sample-fps", "1", "--max-new-tokens", str(args.tokens)]
         log(f"batch on {setting}: {len(rows)} rows")
         rc, wall = run_command(cmd, env, budget, out + ".log")
-        got = {}
+        got, by_device = {}, {}
         if os.path.exists(out):
             with open(out) as f:
-                got = {r["id"]: r.get("answer") for r in map(json.loads, f)}
+                records = list(map(json.loads, f))
+            got = {r["id"]: r.get("answer") for r in records}
+            for r in records:  # which worker answered what, and how fast (a late worker takes fewer videos)
+                s = r.get("stats") or {}
+                d = by_device.setdefault(str(s.get("device")), {"rows": 0, "ttft_s": [], "vision_s": []})
+                d["rows"] += 1
+                d["ttft_s"].append(s.get("ttft_s"))
+                d["vision_s"].append(s.get("vision_s"))
         answered = sum(a is not None for a in got.values())
         first = first if first is not None else got
         results["batch"][setting] = {
             "rc": rc, "killed_at_budget": rc is None, "wall_s": round(wall, 2), "rows": len(rows),
             "answered": answered, "rows_per_s": round(answered / wall, 3),
             "same_answers_as_first": sum(got.get(k) == first.get(k) is not None for k in got),
-            "stderr_tail": tail(out + ".log")}
+            "by_device": by_device, "stderr_tail": tail(out + ".log", 14)}
         log(f"batch on {setting}: {results['batch'][setting]}")
         save(args.out, results)
     speedup(results["batch"], args.devices, "rows_per_s")

@@ -117,11 +117,12 @@ def test_output_must_be_a_file_in_an_existing_folder(batch, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_worker_processes_answer_alike(batch):
+def test_two_worker_processes_answer_alike(batch, capsys):
     folder, inp, reference = batch
     out = str(folder / "two.jsonl")
     assert main(["batch", inp, "-o", out, "--devices", "cpu,cpu"] + ARGS) == 0
     assert answers(out) == reference and len(records(out)) == 8
+    assert capsys.readouterr().err.count(": model ready after ") == 2  # each worker says when it could start
 
 
 @pytest.mark.slow

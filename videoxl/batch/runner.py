@@ -14,8 +14,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from videoxl.errors import VideoXLError
 from videoxl.settings import Settings as QuestionSettings
@@ -65,9 +66,10 @@ class Worker:
 
 
 def run(settings: Settings, groups: list[list[Job]], devices: list[str | None], ray_address: str | None = None,
-        ray_workers: int = 0) -> Iterator[list[dict]]:
+        ray_workers: int = 0, on_ready: Callable[[str, float], None] | None = None) -> Iterator[list[dict]]:
     """The records of each video's rows, a video at a time, in the order they finish. `ray_workers` 0: one
-    actor per GPU of the cluster (at least one)."""
+    actor per GPU of the cluster (at least one). `on_ready(device, seconds)`: a worker process has its model
+    (several devices; a late one takes fewer videos, as workers take the next video when free)."""
     if not groups:
         return
     if ray_address is not None:
@@ -77,7 +79,7 @@ def run(settings: Settings, groups: list[list[Job]], devices: list[str | None], 
         for group in groups:
             yield worker.answer(group)
     else:
-        yield from _in_processes(settings, groups, devices)
+        yield from _in_processes(settings, groups, devices, on_ready)
 
 
 # ---- several devices on this machine ------------------------------------------------------------------------
@@ -123,7 +125,9 @@ def _serve(settings: Settings, device: str, tasks, results, parent: int | None =
         results.put(("done", index, worker.answer(group)))
 
 
-def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str]) -> Iterator[list[dict]]:
+def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str],
+                  on_ready: Callable[[str, float], None] | None = None) -> Iterator[list[dict]]:
+    t0 = time.perf_counter()
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     tasks, results = ctx.Queue(), ctx.Queue()
     for item in enumerate(groups):
@@ -147,6 +151,8 @@ def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str
                 continue
             if kind == "failed":
                 failed.append(f"{key}: {payload}")
+            elif kind == "ready" and on_ready is not None:
+                on_ready(key, time.perf_counter() - t0)
             elif kind == "done":
                 pending.discard(key)
                 yield payload

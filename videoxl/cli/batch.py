@@ -66,7 +66,10 @@ def cmd_batch(args) -> int:
                         args.kv_cache_dir, args.quantize, args.vision_dtype)
     t0, answered, failed = time.perf_counter(), 0, 0
     try:
-        for n, records in enumerate(run(settings, groups, devices, args.ray, args.workers), 1):
+        def ready(device, seconds):
+            err(f"{device}: model ready after {seconds:.1f} s")
+
+        for n, records in enumerate(run(settings, groups, devices, args.ray, args.workers, ready), 1):
             for record in records:
                 out.write(record)
                 ok = "answer" in record
