@@ -80,7 +80,9 @@ class SyntheticFeed(threading.Thread):
             self.done.set()
 
 
-def run_mode(model, tok, mode: str, args) -> dict:
+def run_mode(model, tok, mode: str, args, save=lambda partial: None) -> dict:
+    """One session fed to --minutes; `save(partial)` after each question and memory sample, so a run stopped by
+    a time limit still leaves what it measured."""
     total = int(args.minutes * 60)
     session = model.open_live(tok, sample_fps=1.0, **MODES[mode])
     if args.source:
@@ -105,6 +107,7 @@ def run_mode(model, tok, mode: str, args) -> dict:
                            "kv_tokens": stats["kv_tokens"], "estimate_gb": round(est.total / 2**30, 3),
                            **gpu_gb(model.device)})
             next_sample = frames + args.sample_every
+            save({"mode": mode, "partial": True, "video_s": frames, "questions": questions, "memory": memory})
         if checkpoints and frames >= checkpoints[0]:
             at = checkpoints.pop(0)
             t0 = time.perf_counter()
@@ -119,6 +122,7 @@ def run_mode(model, tok, mode: str, args) -> dict:
                               "dense_blocks": len(last.get("dense_blocks", [])) or None, **gpu_gb(model.device)})
             log(f"{mode}: question at {at / 60:g} min: first token {last.get('ttft_s')} s "
                 f"(wall {first:.3f} s), {last['kv_tokens']} KV tokens")
+            save({"mode": mode, "partial": True, "video_s": frames, "questions": questions, "memory": memory})
         if finished() and not checkpoints:
             break
         if finished() and frames < checkpoints[0]:
@@ -151,7 +155,7 @@ def plot(results: dict, path: str) -> None:
     for run in results["runs"]:
         pts = [(m["video_s"] / 60, m.get("allocated_gb")) for m in run["memory"] if "allocated_gb" in m]
         if pts:
-            line, = ax.plot(*zip(*pts), label=f"{run['mode']} ({run['realtime_x']}x real time)")
+            line, = ax.plot(*zip(*pts), label=f"{run['mode']} ({run.get('realtime_x', 'stopped early: ?')}x real time)")
             ax.plot([m["video_s"] / 60 for m in run["memory"]], [m["estimate_gb"] for m in run["memory"]], "--",
                     color=line.get_color(), lw=1, label=f"{run['mode']}, estimate (videoxl.memory)")
         for q in run["questions"]:
@@ -184,15 +188,20 @@ def main():
     tok = make_tokenizer(tempfile.mkdtemp())
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny, "minutes": args.minutes, "runs": []}
+    def save(partial=None):
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out + ".tmp", "w") as f:
+                json.dump(dict(results, runs=results["runs"] + ([partial] if partial else [])), f, indent=1)
+            os.replace(args.out + ".tmp", args.out)
+
     for mode in args.modes:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        results["runs"].append(run_mode(model, tok, mode, args))
+        results["runs"].append(run_mode(model, tok, mode, args, save))
+    save()
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
         log(f"wrote {args.out}")
     if args.plot:
         plot(results, args.plot)
