@@ -116,18 +116,22 @@ def int4_codes(w: torch.Tensor, k_padded: int) -> tuple[torch.Tensor, torch.Tens
     return codes, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
 
 
-def _int4(w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    n, k = w.shape
-    if w.is_cuda:
-        k_padded = -(-k // INT4_K_MULTIPLE) * INT4_K_MULTIPLE
-        codes, sz = int4_codes(w, k_padded)
+def int4_padded_width(k: int, cuda: bool) -> int:
+    return -(-k // (INT4_K_MULTIPLE if cuda else INT4_GROUP)) * (INT4_K_MULTIPLE if cuda else INT4_GROUP)
+
+
+def int4_pack(codes: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """tinygemm's buffers from `int4_codes`' output, in the layout of the device the codes are on."""
+    if codes.is_cuda:
         pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # even column in the high nibble
         packed = torch._convert_weight_to_int4pack(pairs.contiguous(), INT4_INNER_K_TILES)
     else:
-        k_padded = -(-k // INT4_GROUP) * INT4_GROUP
-        codes, sz = int4_codes(w, k_padded)
         packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     return {"qweight": packed, "scale": sz.to(dtype)}
+
+
+def _int4(w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return int4_pack(*int4_codes(w, int4_padded_width(w.shape[1], w.is_cuda)), dtype)
 
 
 class QuantLinear(nn.Module):
