@@ -34,6 +34,7 @@ from videoxl.prefill.growing import GrowingPrefix, prefill_as_encoded
 from videoxl.progress import close, progress
 from videoxl.settings import Settings
 from videoxl.timeline import Timeline
+from videoxl.video.gpu import SideStream
 from videoxl.video.prefetch import take
 from videoxl.video.sources import open_video
 from videoxl.vision.stream import encode_slices
@@ -157,20 +158,22 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
             prefix.add(torch.cat(waiting), times[prefix.groups * FRAMES_PER_GROUP::FRAMES_PER_GROUP])
         waiting.clear()
 
-    for piece in encode_slices(model.vision, stream, per_slice, model.device, show_progress, timeline, cancel):
-        waiting.append(piece.visual)
-        times += piece.timestamps
-        if overlap and not piece.more_waiting:
-            t0 = time.perf_counter()
+    work = SideStream(model.device)  # vision and prefill off the default stream, where NVDEC's frames are waited for
+    with work.work():
+        for piece in encode_slices(model.vision, stream, per_slice, model.device, show_progress, timeline, cancel):
+            waiting.append(piece.visual)
+            times += piece.timestamps
+            if overlap and not piece.more_waiting:
+                t0 = time.perf_counter()
+                add_waiting()
+                t_prefill += time.perf_counter() - t0
+        timer.lap("vision_s")  # frame decoding, vision and (overlap) the prefill of all but the last slice
+        stats = {"prefill_overlapped": overlap, "prefill_launch_s": round(t_prefill, 3)}
+        if not overlap:
+            with timeline.gpu_span("prefill"):
+                stats.update(prefix.add_all(torch.cat(waiting), times[::FRAMES_PER_GROUP], show_progress, cancel))
+        elif waiting:
             add_waiting()
-            t_prefill += time.perf_counter() - t0
-    timer.lap("vision_s")  # frame decoding, vision and (overlap) the prefill of all but the last slice
-    stats = {"prefill_overlapped": overlap, "prefill_launch_s": round(t_prefill, 3)}
-    if not overlap:
-        with timeline.gpu_span("prefill"):
-            stats.update(prefix.add_all(torch.cat(waiting), times[::FRAMES_PER_GROUP], show_progress, cancel))
-    elif waiting:
-        add_waiting()
     timer.lap("prefill_s")  # after the last slice
     frames = len(stream.kept)
     prompt, store = prefix.prompt, prefix.store
