@@ -35,17 +35,17 @@ def _int8_gemv_kernel(X, W, S, B, OUT, N, K, stride_x, stride_o,
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] (M small) -> [M, N] in x's dtype."""
+              bias: torch.Tensor | None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (M small) -> [M, N] in x's dtype. `tiles`: (BLOCK_N, BLOCK_K, warps), for bench/int8_tiles.py."""
     m, k = x.shape
     n = qweight.shape[0]
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     # 16 outputs x 512 inputs: 8 KiB of weight per tile, enough programs (N / 16 >= 224 for the 7B model's
     # layers) to keep every SM reading
-    block_n, block_k = 16, 512
+    block_n, block_k, warps = tiles or (16, 512, 4)
     grid = (triton.cdiv(n, block_n), m)
     _int8_gemv_kernel[grid](x, qweight, scale, bias if bias is not None else scale, out, n, k, x.stride(0),
                             out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-                            num_warps=4)
+                            num_warps=warps)
     return out
