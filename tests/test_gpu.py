@@ -283,3 +283,33 @@ def test_file_prefilled_while_decoding_matches_one_shot_on_gpu(gpu_model, long_v
         for got, ref in zip(entry.cache.layer(layer), whole.layer(layer)):
             got, ref = got.float().cpu(), ref.float().cpu()
             assert ((got - ref).abs().max() / ref.abs().max()).item() < TOL, (mode, layer)
+
+
+def test_nvdec_frames_exact_while_the_gpu_is_busy(tmp_path):
+    """NVDEC frames are converted on a high-priority stream of each decoder thread, ordered after FFmpeg's copy
+    of the surface by an event on the default stream (video/gpu.nvdec_convert). While other streams keep the GPU
+    busy (vision and prefill do, prefill/growing.py), the frames must be the same, bit for bit; and within the
+    documented 3 levels of the CPU decoder's."""
+    from tests.media import make_video
+    from videoxl.video.gpu import nvdec_accel
+    from videoxl.video.sources import open_video
+
+    if nvdec_accel(torch.device("cuda"))[0] is None:
+        pytest.skip("this PyAV has no CUDA decoding")
+    video = make_video(str(tmp_path / "v.mp4"), seconds=8.0, fps=10, size=(320, 240), codec="libx264")
+
+    def frames(decoder):
+        s = open_video(video, max_num_frames=80, sample_fps=None, decoder=decoder, device="cuda")
+        return torch.cat([torch.as_tensor(f).cuda() for f in s.batches(16)])
+
+    quiet = frames("nvdec")
+    other = torch.cuda.Stream()
+    with torch.cuda.stream(other):
+        a = torch.randn(8192, 8192, device="cuda")
+        for _ in range(40):  # about a second of queued work on another stream
+            a = (a @ a).clamp_(-1, 1)
+    busy = frames("nvdec")
+    torch.cuda.synchronize()
+    assert quiet.shape == (80, 384, 384, 3) and torch.equal(quiet, busy)
+    cpu = frames("pyav")
+    assert (cpu.int() - quiet.int()).abs().max().item() <= 3

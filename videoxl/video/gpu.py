@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -148,17 +149,32 @@ def nv12_to_model_input(frame, turns: int) -> torch.Tensor:
                                 turns)
 
 
+CONVERT_PRIORITY = -1  # CUDA stream priority of the frames' conversion (lower is more urgent; 0 = default)
+
+
 def nvdec_convert(rotation_turns, device: torch.device):
     """A CUDA frame -> uint8 [384, 384, 3] on `device`.
 
-    FFmpeg maps the decoded surface on the legacy default stream, which is torch's default stream here, so
-    kernels queued after it see the finished picture. The surface goes back to the decoder when `frame` is
-    freed, so the conversion must be done by then: hence the wait at the end."""
+    FFmpeg copies the decoded surface out on the legacy default stream, so the conversion is ordered after the
+    work queued there (an event, not the stream itself: see below). The surface goes back to the decoder when
+    `frame` is freed, so the conversion must be done by then: hence the wait at the end, during which this
+    decoder feeds NVDEC nothing. The conversion runs on a high-priority stream of the decoder thread's own:
+    while vision or a prefill fills the GPU (prefill/growing.py prefills slices as they are encoded), its
+    small kernels are scheduled ahead of theirs instead of waiting for a whole kernel to drain."""
+    local = threading.local()
+
     def convert(frame) -> torch.Tensor:
         if frame.format.name != "cuda":
             raise VideoXLError(f"NVDEC handed back a {frame.format.name} frame, not a CUDA one")
-        out = nv12_to_model_input(frame, rotation_turns(frame.rotation))
-        torch.cuda.current_stream(device).synchronize()
+        stream = getattr(local, "stream", None)
+        if stream is None:
+            stream = local.stream = torch.cuda.Stream(device, priority=CONVERT_PRIORITY)
+        default = torch.cuda.default_stream(device)
+        stream.wait_stream(default)  # FFmpeg's copy of this surface
+        with torch.cuda.stream(stream):
+            out = nv12_to_model_input(frame, rotation_turns(frame.rotation))
+        stream.synchronize()
+        out.record_stream(default)  # stacked there (decoder thread): not reused before that ran
         return out
     return convert
 
