@@ -65,7 +65,27 @@ def flex_attention(q, k, v, block_mask):
     if _flex is None:
         # dynamic: one kernel for every sequence length (each video has its own), not a recompile per length
         _flex = torch.compile(eager, dynamic=True)
+    mark_lengths_dynamic(q, k, v, block_mask)
     return _flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def mark_lengths_dynamic(q, k, v, block_mask) -> None:
+    """Mark the lengths (queries, keys, and the BlockMask's tile counts) dynamic before every call. Without it,
+    `dynamic=True` still specialised the first call's BlockMask sizes and compiled again for the second video
+    length (one recompile, seconds of the GPU waiting and of the GIL taken from the frame decoders: on the
+    H200 the hour's prefill-while-decoding spent 19 s where one pass spends 6). Dims of size 1 are left alone
+    (torch specialises those)."""
+    import torch._dynamo
+
+    for t in (q, k, v):  # [batch, heads, length, head_dim]: the length only
+        if t.shape[2] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        t = getattr(block_mask, name, None)
+        for d in range(2, t.dim() if t is not None else 0):  # [1, 1, tiles(, tiles)]
+            if t.shape[d] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, d)
 
 
 def causal_lower_right(n: int, m: int):
