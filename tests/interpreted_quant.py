@@ -19,10 +19,25 @@ def gemv_error(n, k, m, bias):
     return (int8_gemv(x, q.qweight, q.scale, q.bias) - ref).abs().max().item() / ref.abs().max().item()
 
 
+def fp8_rows_errors():
+    """The one-pass fp8 row quantization against QuantLinear's unfused arithmetic: the scales, exactly, and the
+    signs of the values. Not their magnitudes: the interpreter's own fp32 -> e4m3 conversion does not round to
+    nearest (126.3 became 64, where the GPU and torch give 128), so tests/test_gpu_quant.py checks the bytes on
+    the GPU."""
+    from videoxl.language.fp8_rows import quantize_rows
+
+    x = (torch.randn(5, 2500) * torch.rand(5, 1) * 3).bfloat16()
+    q, s = quantize_rows(x)
+    ref_s = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / quant.FP8_MAX
+    ref = (x.float() / ref_s).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(torch.float8_e4m3fn).float()
+    signs = (torch.sign(q.float()) * torch.sign(ref) < 0).sum().item()
+    return {"fp8_scale": (s - ref_s).abs().max().item(), "fp8_sign_flips": signs}
+
+
 def main(tiny_dir):
     torch.manual_seed(0)
     errors = {"gemv": max(gemv_error(*c, False) for c in [(40, 1000, 1), (16, 512, 3), (3, 7, 2)]),
-              "gemv_bias": gemv_error(24, 600, 2, True)}
+              "gemv_bias": gemv_error(24, 600, 2, True), **fp8_rows_errors()}
     model, _ = videoxl.load(tiny_dir, device="cpu", dtype="float32", quantize="int8")
     dec = model.decoder
 

@@ -35,6 +35,20 @@ def test_cuda_layers_compute_their_weight(scheme):
             assert err < (0.05 if scheme == "fp8" else 1e-2), (n, k, rows, err)
 
 
+def test_fp8_rows_kernel_equals_the_unfused_arithmetic():
+    """language/fp8_rows.quantize_rows against QuantLinear's unfused fp8 arithmetic: the same scales and bytes
+    (both round to nearest even)."""
+    from videoxl.language.fp8_rows import quantize_rows
+
+    torch.manual_seed(3)
+    for m, k in ((1, 3584), (300, 1152), (7, 18944)):
+        x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 3).bfloat16()
+        q, s = quantize_rows(x)
+        ref_s = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / quant.FP8_MAX
+        ref = (x.float() / ref_s).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(torch.float8_e4m3fn)
+        assert torch.equal(s, ref_s) and torch.equal(q.view(torch.uint8), ref.view(torch.uint8))
+
+
 def test_cuda_int4_packing_matches_the_cpu():
     """tinygemm's CUDA layout (nibble order, tile packing) stands for the same weight as the CPU's layout, for
     the same codes. (Codes rounded on each device may differ by one step where (w - min) / scale lands within
