@@ -91,7 +91,7 @@ def _decode_outputs(model, ids, tokens, captured: bool) -> list[torch.Tensor]:
     step = CapturedStep(dec, cache)
     step.capture()
     step.start()
-    out = [step.step(torch.tensor([t], device="cuda")).float() for t in tokens]
+    out = [step.step(torch.tensor([t], device="cuda")).clone() for t in tokens]  # one output buffer per graph
     step.finish(len(tokens))
     return out
 
