@@ -282,3 +282,27 @@ def test_frames_resized_on_threads_equal_serial():
     with ThreadPoolExecutor(3) as pool:
         assert np.array_equal(prepare(items, pool), prepare(items))
     assert prepare([], None).shape == (0, 384, 384, 3)
+
+
+def test_a_grown_video_frees_the_last_questions_decode_buffers():
+    """DecodeState.video_grew: the mixed store of the last bi-level question goes, and with it its captured
+    step, which holds the store's buffers (on the GPU, a question's dense blocks) until then."""
+    import weakref
+
+    from videoxl.decoding.state import DecodeState
+
+    class Store:
+        pass
+
+    class Step:  # a captured step's references: its store weakly, the store's buffers strongly
+        def __init__(self, store):
+            self.cache_ref, self.buffers = weakref.ref(store), [bytearray(16)]
+
+    state, video, mixed = DecodeState(), Store(), Store()
+    state.keep_step(video, Step(video))
+    state.keep_step(mixed, Step(mixed))
+    state.mixed = mixed
+    del mixed
+    assert len(state._steps) == 2
+    state.video_grew()
+    assert len(state._steps) == 1 and state.captured_step(video) is not None and state.mixed is None

@@ -34,8 +34,12 @@ class DecodeState:
     def video_grew(self) -> None:
         """The video's store grew (a live session appended frames): the mixed store was made for the shorter
         video; the pooled level is extended by the next question (bilevel.sparse_level). (A captured step checks
-        by itself that it still fits its store.)"""
+        by itself that it still fits its store.) The mixed store's captured step goes with it: the step holds
+        the store's buffers (and its graph's memory), so keeping it kept a question's dense blocks on the GPU
+        until the next question; with offload, a live session's GPU memory then grew with every question
+        (bench/live.py on the H200: 15.3 -> 19.7 GiB over an hour with questions at 10 and 30 minutes)."""
         self.mixed = None
+        self._steps = {k: s for k, s in self._steps.items() if s.cache_ref() is not None}
 
     @property
     def nbytes(self) -> int:
