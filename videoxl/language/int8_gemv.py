@@ -34,6 +34,19 @@ def _int8_gemv_kernel(X, W, S, B, OUT, N, K, stride_x, stride_o,
     tl.store(OUT + row * stride_o + rn, out.to(OUT.dtype.element_ty), mask=n_ok)
 
 
+def default_tiles(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for an [n, k] weight, from bench/int8_tiles.py on the H200 (2026-11-29), one
+    row, the 7B model's four decode shapes (int8 weight GB/s, against 16 x 512 x 4 warps before):
+    gate_up 37888 x 3584: 4 x 512 x 4 (3,002 against 2,728); down 3584 x 18944: 8 x 2048 x 8 (1,679 / 1,044);
+    qkv 4608 x 3584: 4 x 2048 x 4 (604 / 274); o_proj 3584 x 3584: 32 x 2048 x 4 (477 / 260). The narrow
+    layers stay far from the bandwidth (too few rows to keep 132 SMs reading: a split-K kernel would do better)."""
+    if n >= 16384:
+        return 4, 512, 4
+    if k >= 8192:
+        return 8, 2048, 8
+    return (4, 2048, 4) if n >= 4096 else (32, 2048, 4)
+
+
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (M small) -> [M, N] in x's dtype. `tiles`: (BLOCK_N, BLOCK_K, warps), for bench/int8_tiles.py."""
@@ -43,7 +56,7 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     # 16 outputs x 512 inputs: 8 KiB of weight per tile, enough programs (N / 16 >= 224 for the 7B model's
     # layers) to keep every SM reading
-    block_n, block_k, warps = tiles or (16, 512, 4)
+    block_n, block_k, warps = tiles or default_tiles(n, k)
     grid = (triton.cdiv(n, block_n), m)
     _int8_gemv_kernel[grid](x, qweight, scale, bias if bias is not None else scale, out, n, k, x.stride(0),
                             out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
