@@ -286,10 +286,9 @@ def test_file_prefilled_while_decoding_matches_one_shot_on_gpu(gpu_model, long_v
 
 
 def test_nvdec_frames_exact_while_the_gpu_is_busy(tmp_path):
-    """NVDEC frames are converted on a high-priority stream of each decoder thread, ordered after FFmpeg's copy
-    of the surface by an event on the default stream (video/gpu.nvdec_convert). While other streams keep the GPU
-    busy (vision and prefill do, prefill/growing.py), the frames must be the same, bit for bit; and within the
-    documented 3 levels of the CPU decoder's."""
+    """While other streams keep the GPU busy (a question's vision and prefill run on their own stream beside the
+    decoders, SideStream), NVDEC frames must be the same, bit for bit; and within the documented 3 levels of the
+    CPU decoder's."""
     from tests.media import make_video
     from videoxl.video.gpu import nvdec_accel
     from videoxl.video.sources import open_video

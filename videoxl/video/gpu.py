@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 
 import numpy as np
 import torch
@@ -149,32 +148,20 @@ def nv12_to_model_input(frame, turns: int) -> torch.Tensor:
                                 turns)
 
 
-CONVERT_PRIORITY = -1  # CUDA stream priority of the frames' conversion (lower is more urgent; 0 = default)
-
-
 def nvdec_convert(rotation_turns, device: torch.device):
     """A CUDA frame -> uint8 [384, 384, 3] on `device`.
 
-    FFmpeg copies the decoded surface out on the legacy default stream, so the conversion is ordered after the
-    work queued there (an event, not the stream itself: see below). The surface goes back to the decoder when
-    `frame` is freed, so the conversion must be done by then: hence the wait at the end, during which this
-    decoder feeds NVDEC nothing. The conversion runs on a high-priority stream of the decoder thread's own:
-    while vision or a prefill fills the GPU (prefill/growing.py prefills slices as they are encoded), its
-    small kernels are scheduled ahead of theirs instead of waiting for a whole kernel to drain."""
-    local = threading.local()
-
+    FFmpeg copies the decoded surface out on the legacy default stream, which is torch's default stream here,
+    so kernels queued after it see the finished picture. The surface goes back to the decoder when `frame` is
+    freed, so the conversion must be done by then: hence the wait at the end. (Converting on a high-priority
+    stream per decoder thread instead was measured on the H200 and was slower: the hour's decoding 19.1 s ->
+    27.3 s, vision's GPU time 8.6 s -> 13.5 s, twelve threads' float64 resizes then running at once ahead of
+    the tower; so the model's own kernels leave the default stream instead, SideStream.)"""
     def convert(frame) -> torch.Tensor:
         if frame.format.name != "cuda":
             raise VideoXLError(f"NVDEC handed back a {frame.format.name} frame, not a CUDA one")
-        stream = getattr(local, "stream", None)
-        if stream is None:
-            stream = local.stream = torch.cuda.Stream(device, priority=CONVERT_PRIORITY)
-        default = torch.cuda.default_stream(device)
-        stream.wait_stream(default)  # FFmpeg's copy of this surface
-        with torch.cuda.stream(stream):
-            out = nv12_to_model_input(frame, rotation_turns(frame.rotation))
-        stream.synchronize()
-        out.record_stream(default)  # stacked there (decoder thread): not reused before that ran
+        out = nv12_to_model_input(frame, rotation_turns(frame.rotation))
+        torch.cuda.current_stream(device).synchronize()
         return out
     return convert
 
