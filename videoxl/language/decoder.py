@@ -71,10 +71,9 @@ def flex_attention(q, k, v, block_mask):
 
 def mark_lengths_dynamic(q, k, v, block_mask) -> None:
     """Mark the lengths (queries, keys, and the BlockMask's tile counts) dynamic before every call. Without it,
-    `dynamic=True` still specialised the first call's BlockMask sizes and compiled again for the second video
-    length (one recompile, seconds of the GPU waiting and of the GIL taken from the frame decoders: on the
-    H200 the hour's prefill-while-decoding spent 19 s where one pass spends 6). Dims of size 1 are left alone
-    (torch specialises those)."""
+    `dynamic=True` still specialised the first call's BlockMask sizes and compiled again at the second length
+    (tests/test_flex_compile.py, through dynamo): a user's second video, or a prefill's second extension, paid
+    a compile. Dims of size 1 are left alone (torch specialises those)."""
     import torch._dynamo
 
     for t in (q, k, v):  # [batch, heads, length, head_dim]: the length only

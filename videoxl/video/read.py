@@ -5,8 +5,8 @@ Decoders (`decoder=`):
   "auto"    NVDEC when the model's device is a CUDA GPU and PyAV's CUDA decoding works on this file, else "pyav".
   "pyav"    FFmpeg on the CPU: one decoder per worker thread over keyframe-aligned stretches (`workers`, default
             one per core up to 16), only the packets sampling needs. Pixels equal a full sequential decode's.
-  "nvdec"   FFmpeg's NVDEC hardware decoding through PyAV (`workers` sessions, default 8, the best measured on an
-            H100); frames stay in GPU memory and reach the model as CUDA
+  "nvdec"   FFmpeg's NVDEC hardware decoding through PyAV (`workers` sessions, default 12, the best measured on
+            an H200; 8 was an H100's best); frames stay in GPU memory and reach the model as CUDA
             tensors. Decoded YUV equals the CPU decoder's; the RGB conversion may differ by a few levels (see
             video_gpu). Refused with a clear line when unavailable.
   "both"    NVDEC's sessions and CPU decoders (one per core up to 16, less two that feed NVDEC) take runs from
@@ -37,7 +37,7 @@ from videoxl.video.stream import FrameStream, _short, resize_frame
 
 NVDEC_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mpeg1video", "mpeg2video", "mpeg4", "vc1"}
 DECODERS = ("auto", "pyav", "nvdec", "both", "decord")
-NVDEC_SESSIONS = 8  # NVDEC sessions by default: the best measured on an H100 (bench/video_decode.py)
+NVDEC_SESSIONS = 12  # NVDEC sessions by default: the best on an H200 (bench/e2e.py: 10 min, 8 / 12 / 16 sessions)
 CPU_DECODERS_MAX = 16  # CPU decoders by default: one per core, up to this many
 BOTH_CPU_DECODERS: int | None = None  # "both": CPU decoders beside the sessions (None: cores up to the max, less 2)
 MODES = ("exact", "keyframes")
