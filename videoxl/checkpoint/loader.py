@@ -5,7 +5,6 @@ A released Video-XL-2 folder holds `config.json`, `model-0000X-of-0000Y.safetens
 """
 from __future__ import annotations
 
-import contextlib
 
 import json
 import os
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from videoxl.checkpoint.devices import on_device, parse_device, parse_dtype
+from videoxl.checkpoint.devices import copy_stream, on_device, parse_device, parse_dtype
 from videoxl.config import VideoXLConfig, config_path
 from videoxl.errors import VideoXLError
 
@@ -169,23 +168,6 @@ def empty_model(cfg: VideoXLConfig):
 
 
 LOAD_THREADS = 8  # shards read at once
-
-
-@contextlib.contextmanager
-def copy_stream(device):
-    """A loading thread's copies on a CUDA stream of its own, finished when the block ends. `videoxl chat`
-    decodes the first question's frames with NVDEC while the weights load, and FFmpeg copies each picture on
-    the legacy default stream, which is ordered with every copy on that stream: on the H200 a 15.2 GB folder
-    took 11.5 s to load from the page cache that way (2.2 s alone) and the 10,730 packets 14.7 s to decode
-    (3.3 s after the load). Taking the weights' copies off that stream is the likely fix; not re-measured."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        yield
-        return
-    stream = torch.cuda.Stream(device)
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()  # the weights are whole before the model is used, on whatever stream
 
 
 def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLConfig | None = None,
