@@ -5,7 +5,6 @@ A released Video-XL-2 folder holds `config.json`, `model-0000X-of-0000Y.safetens
 """
 from __future__ import annotations
 
-
 import json
 import os
 import re

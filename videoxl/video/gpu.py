@@ -171,9 +171,10 @@ class SideStream:
     default stream and each one is waited for there before its surface goes back to the decoder; any kernel
     queued on that stream (the tower's, a prefill's, or one made to wait for them) would make every such wait
     wait for it too, and decoding would stall while the GPU computes. Measured on the H200 (the camera-like
-    hour): prefilling slices as they were encoded on the default stream stretched frame decoding from 22.4 s
-    to 28.4 s. So the vision tower runs on one (`run`), and a question's vision and prefill on another
-    (`work`), which the default stream waits for only at the end."""
+    hour, one prefill pass): with each vision slice joined back into the default stream, frame decoding took
+    22.4 s; with a question's vision and prefill on a stream of their own, 19.1-19.5 s. So the vision tower
+    runs on one (`run`), and a question's vision and prefill on another (`work`), which the default stream
+    waits for only at the end."""
 
     def __init__(self, device: torch.device):
         use = device.type == "cuda" and torch.cuda.is_available()
