@@ -306,3 +306,24 @@ def test_a_grown_video_frees_the_last_questions_decode_buffers():
     assert len(state._steps) == 2
     state.video_grew()
     assert len(state._steps) == 1 and state.captured_step(video) is not None and state.mixed is None
+
+
+def test_memory_estimate_of_a_bilevel_question():
+    """memory.bilevel_question_bytes: what a bi-level question keeps on the GPU beside the video's KVs (the pooled
+    level and the mixed store). Reference: the H200 (bench/results/s3call3/live-bilevel.json), the session's
+    first question at 10 min (25 %, compression 4, full-size shapes) kept 15.425 -> 16.718 GiB = 1.29 GiB;
+    the estimate leaves out the decode graph's workspace and the store's decode room, so it may be up to 30 %
+    low, never above."""
+    from videoxl.checkpoint.tiny import full_size_config
+    from videoxl.memory import bilevel_question_bytes, live_estimate
+
+    cfg = full_size_config()
+    got = bilevel_question_bytes(cfg, 600, 0.25, 4) / 2**30
+    assert 0.7 * 1.293 <= got <= 1.293, got
+    # more dense blocks or less pooling: more memory; twice the video: twice the memory, near enough
+    assert bilevel_question_bytes(cfg, 600, 0.5, 4) > bilevel_question_bytes(cfg, 600, 0.25, 4) \
+        > bilevel_question_bytes(cfg, 600, 0.25, 16)
+    ratio = bilevel_question_bytes(cfg, 3600, 0.25, 4) / bilevel_question_bytes(cfg, 1800, 0.25, 4)
+    assert 1.95 < ratio < 2.05
+    session = live_estimate(cfg, 3600, "streaming+offload", 0, bilevel=(0.25, 4))
+    assert session.total == session.question > session.prefill  # with offload, the question is the peak

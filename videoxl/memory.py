@@ -48,10 +48,11 @@ class Estimate:
     weights: int  # bytes
     vision: int  # bytes above the weights at the vision peak
     prefill: int  # bytes above the weights at the prefill peak
+    question: int = 0  # bytes above the weights while a bi-level question is answered (live sessions)
 
     @property
     def total(self) -> int:
-        return self.weights + max(self.vision, self.prefill)
+        return self.weights + max(self.vision, self.prefill, self.question)
 
     @property
     def working(self) -> int:
@@ -90,11 +91,12 @@ def estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, tokens
 
 
 def live_estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, frames_per_slice: int = 96,
-                  dtype_bytes: int = 2) -> Estimate:
+                  dtype_bytes: int = 2, bilevel: tuple[float, int] | None = None) -> Estimate:
     """GPU memory of a live session holding `frames` frames, at the peak of an append: its KVs on the GPU (every
     layer's; with offload the two staging slots of one layer that each append reads through, sized to the
     session), plus the larger of a vision slice and one append's pass over its new tokens (a slice of frames:
-    hidden states, queries, attention output and MLP of those tokens)."""
+    hidden states, queries, attention output and MLP of those tokens). `bilevel` (the share of the video kept
+    dense, compression): also a question's, `bilevel_question_bytes` beside the KVs."""
     t, b = config.text, dtype_bytes
     n = prompt_tokens(config, frames)
     kv_token = t.num_key_value_heads * t.head_dim
@@ -103,7 +105,26 @@ def live_estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, f
     vision = estimate(config, per_slice, "dense", weights, None, frames_per_slice, b).vision
     new = prompt_tokens(config, per_slice, 0)
     append = new * (4 * t.hidden_size + 3 * t.intermediate_size) * b
-    return Estimate(f"live {mode}", frames, n, weights, kv + vision, kv + append)
+    question = kv + bilevel_question_bytes(config, frames, *bilevel, dtype_bytes) if bilevel else 0
+    return Estimate(f"live {mode}", frames, n, weights, kv + vision, kv + append, question)
+
+
+def bilevel_question_bytes(config: VideoXLConfig, frames: int, share: float, compression: int,
+                           dtype_bytes: int = 2) -> int:
+    """GPU bytes a bi-level question holds beside the video's own KVs (decoding/bilevel.py), kept for follow-ups
+    until the video grows: the pooled level (each visual token averaged over `compression`, each other token
+    its own slot) and the mixed store it decodes over (the text and timestamps, `share` of the visual tokens
+    dense, the rest pooled), K and V of every layer. Activations and the decode graph's workspace are left out:
+    on the H200 the first question of a live session (10 min, 25 %, compression 4) kept 1.29 GiB, this gives
+    0.94 GiB (tests/test_live.py)."""
+    t = config.text
+    per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
+    n = prompt_tokens(config, frames)
+    visual = math.ceil(frames / FRAMES_PER_GROUP) * config.tokens_per_group
+    other = n - visual  # the text before the video and the `Time ...s:` tokens
+    level = visual / compression + other
+    mixed = other + share * visual + (1 - share) * visual / compression
+    return int((level + mixed) * per_token)
 
 
 def max_frames(config: VideoXLConfig, budget: int, mode: str, weights: int, frames_per_slice: int = 96,
