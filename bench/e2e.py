@@ -111,7 +111,8 @@ def breakdown(stats: dict) -> dict:
             out[f"{stage}_start_s"], out[f"{stage}_s"] = s, round(e - s, 3)
     keep = ("video_decoder", "video_nvdec_unavailable", "video_workers", "video_threads_per_decoder",
             "video_packets_by_decoder", "video_frames_read", "video_decode_s", "video_scan_s", "vision_s", "prefill_s", "peak_gpu_gb",
-            "generated_tokens", "decode_tokens_per_s", "prefill", "video_tokens")
+            "generated_tokens", "decode_tokens_per_s", "prefill", "video_tokens",
+            "prefill_overlapped", "prefill_launch_s")  # host time inside the as-encoded prefill calls
     out.update({k: stats[k] for k in keep if k in stats})
     return out
 
