@@ -117,14 +117,12 @@ def bilevel_question_bytes(config: VideoXLConfig, frames: int, share: float, com
     dense, the rest pooled), K and V of every layer. Activations and the decode graph's workspace are left out:
     on the H200 the first question of a live session (10 min, 25 %, compression 4) kept 1.29 GiB, this gives
     0.94 GiB (tests/test_live.py)."""
-    t = config.text
-    per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
     n = prompt_tokens(config, frames)
     visual = math.ceil(frames / FRAMES_PER_GROUP) * config.tokens_per_group
     other = n - visual  # the text before the video and the `Time ...s:` tokens
     level = visual / compression + other
     mixed = other + share * visual + (1 - share) * visual / compression
-    return int((level + mixed) * per_token)
+    return int(host_kv_bytes(config, level + mixed, dtype_bytes))  # every layer's K and V, here on the GPU
 
 
 def max_frames(config: VideoXLConfig, budget: int, mode: str, weights: int, frames_per_slice: int = 96,

@@ -8,7 +8,6 @@ answer: it is tokenised on its own and placed right after `<|im_start|>assistant
 """
 from __future__ import annotations
 
-
 import torch
 
 from videoxl.checkpoint.devices import on_device

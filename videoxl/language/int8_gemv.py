@@ -54,8 +54,6 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     n = qweight.shape[0]
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    # 16 outputs x 512 inputs: 8 KiB of weight per tile, enough programs (N / 16 >= 224 for the 7B model's
-    # layers) to keep every SM reading
     block_n, block_k, warps = tiles or default_tiles(n, k)
     grid = (triton.cdiv(n, block_n), m)
     _int8_gemv_kernel[grid](x, qweight, scale, bias if bias is not None else scale, out, n, k, x.stride(0),

@@ -40,6 +40,7 @@ from videoxl.prefill.growing import GrowingPrefix
 from videoxl.settings import Settings
 from videoxl.video.read import usable_cores
 
+
 def session_settings(model, settings, enable_chunk_prefill, prefill_config, enable_sparse, sparse_config):
     """`settings` (default: the model card's switches on model.config), with the session's own: a dict given
     turns its switch on, `enable_*=False` turns it off, `enable_*=True` alone keeps or defaults the dict."""

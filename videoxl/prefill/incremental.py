@@ -92,9 +92,9 @@ class IncrementalPrefill:
 
 
 # An extension's chunked rows as one FlexAttention kernel (BlockSparseAttention over the new rows against every
-# key) instead of block by block (RowsOfPattern). Off until measured on a GPU: block by block cost 5.2 s of H200
-# time per 10 minutes of mask 16/4 against 0.85 s for the one-shot kernel; whether one kernel per extension
-# closes that gap is the open question (bench/e2e.py with pipeline.prefill_as_encoded returning True).
+# key) instead of block by block (RowsOfPattern). Off: measured on the H200 (bench/e2e.py --flex-extensions,
+# bench/RESULTS.md), the hour's 16 extensions took 19.2 s of GPU-span time against 5.7 s for the one-shot
+# kernel and slowed frame decoding by 9 s; block by block was slower still (5.2 s against 0.85 s per 10 min).
 FLEX_EXTENSIONS = False
 
 
