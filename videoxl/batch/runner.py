@@ -24,7 +24,7 @@ from videoxl.batch.jobs import Job
 
 PARENT_POLL_S = 0.5  # how often a worker process checks that the batch process is still there
 STAT_KEYS = ("ttft_s", "decode_tokens_per_s", "generated_tokens", "prompt_tokens", "cached_tokens", "kv_cache",
-             "frames", "vision_s", "prefill_s", "kept_share")
+             "frames", "vision_s", "prefill_s", "kept_share", "video_decoder", "video_decode_s")
 
 
 @dataclass
@@ -105,9 +105,29 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="videoxl-parent-watch", daemon=True).start()
 
 
-def _serve(settings: Settings, device: str, tasks, results, parent: int | None = None) -> None:
+def core_share(cores: list[int], i: int, n: int) -> list[int]:
+    """Worker i of n's slice of the batch process's cores. Each worker sizes its frame decoders and torch's
+    threads by the cores it may use (video.read.usable_cores), so n workers that each take every core would
+    run n times as many decoder threads as there are cores."""
+    cores = sorted(cores)
+    if n <= 1 or len(cores) < n:
+        return cores
+    return cores[i * len(cores) // n:(i + 1) * len(cores) // n]
+
+
+def _serve(settings: Settings, device: str, tasks, results, parent: int | None = None,
+           cores: list[int] | None = None) -> None:
     if parent is not None:
         die_with_parent(parent)
+    if cores:
+        try:
+            os.sched_setaffinity(0, cores)
+        except (AttributeError, OSError):
+            pass
+        else:
+            import torch
+
+            torch.set_num_threads(len(cores))
     try:
         if device.startswith("cuda:"):  # this process sees its GPU alone, as cuda:0 (as Ray does for actors)
             os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
@@ -132,8 +152,13 @@ def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str
     tasks, results = ctx.Queue(), ctx.Queue()
     for item in enumerate(groups):
         tasks.put(item)
-    procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results, os.getpid()), daemon=True)
-             for d in devices]
+    try:
+        mine = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mine = []
+    procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results, os.getpid(),
+                                              core_share(mine, i, len(devices))), daemon=True)
+             for i, d in enumerate(devices)]
     for p in procs:
         tasks.put(None)
         p.start()
