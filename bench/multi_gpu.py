@@ -48,6 +48,7 @@ from video_decode import encode_chunk, repeat  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CHUNK_S = 10
+ROW_STATS = ("ttft_s", "vision_s", "prefill_s", "video_decode_s", "video_decoder", "kv_cache")  # per answered row
 
 
 def make_videos(work: str, n: int, minutes: float, size: tuple[int, int], prefix: str = "v",
@@ -113,17 +114,17 @@ def batch(args, ckpt, videos, env, budget, results) -> None:
             got = {r["id"]: r.get("answer") for r in records}
             for r in records:  # which worker answered what, and how fast (a late worker takes fewer videos)
                 s = r.get("stats") or {}
-                d = by_device.setdefault(str(s.get("device")), {"rows": 0, "ttft_s": [], "vision_s": []})
+                d = by_device.setdefault(str(s.get("device")), {"rows": 0, **{k: [] for k in ROW_STATS}})
                 d["rows"] += 1
-                d["ttft_s"].append(s.get("ttft_s"))
-                d["vision_s"].append(s.get("vision_s"))
+                for k in ROW_STATS:
+                    d[k].append(s.get(k))
         answered = sum(a is not None for a in got.values())
         first = first if first is not None else got
         results["batch"][setting] = {
             "rc": rc, "killed_at_budget": rc is None, "wall_s": round(wall, 2), "rows": len(rows),
             "answered": answered, "rows_per_s": round(answered / wall, 3),
             "same_answers_as_first": sum(got.get(k) == first.get(k) is not None for k in got),
-            "by_device": by_device, "stderr_tail": tail(out + ".log", 14)}
+            "by_device": by_device, "stderr_tail": tail(out + ".log", 40)}
         log(f"batch on {setting}: {results['batch'][setting]}")
         save(args.out, results)
     speedup(results["batch"], args.devices, "rows_per_s")
