@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -75,7 +76,14 @@ def run(settings: Settings, groups: list[list[Job]], devices: list[str | None], 
     if ray_address is not None:
         yield from _on_ray(settings, groups, ray_address, ray_workers)
     elif len(devices) == 1:
-        worker = Worker(settings, devices[0])
+        prefetch = _prefetch((0, groups[0]), devices[0])  # the first video decodes while the weights load
+        try:
+            worker = Worker(settings, devices[0])
+        except BaseException:
+            if prefetch is not None:
+                prefetch.cancel()
+            raise
+        worker.model.prefetched = prefetch
         for group in groups:
             yield worker.answer(group)
     else:
@@ -115,38 +123,69 @@ def core_share(cores: list[int], i: int, n: int) -> list[int]:
     return cores[i * len(cores) // n:(i + 1) * len(cores) // n]
 
 
+def _pin(cores: list[int] | None) -> None:
+    """Run the calling thread (and the decoder threads it starts) on `cores`; size torch's pool to them."""
+    if not cores:
+        return
+    try:
+        os.sched_setaffinity(0, cores)  # Linux: 0 is the calling thread, which new threads inherit
+    except (AttributeError, OSError):
+        return
+    import torch
+
+    torch.set_num_threads(len(cores))
+
+
+def _prefetch(item, device: str | None):
+    """Start decoding the first video's frames now, while the weights load (video/prefetch.py), as chat does."""
+    if item is None or not item[1]:
+        return None
+    from videoxl.checkpoint.devices import parse_device
+    from videoxl.video.prefetch import Prefetch
+
+    job = item[1][0]
+    try:
+        return Prefetch(job.video, job.sampling, parse_device(device))
+    except Exception:  # noqa: BLE001 - the question reads the video itself and reports what is wrong
+        return None
+
+
 def _serve(settings: Settings, device: str, tasks, results, parent: int | None = None,
-           cores: list[int] | None = None) -> None:
+           cores: list[int] | None = None, here: bool = False) -> None:
+    """A worker: its first video is taken (and its frames decoded) before the model loads; a model that
+    fails to load fails that video's rows, and the other workers go on with the rest. `here`: a thread of
+    the batch process itself, on `device` as named (it needs no process start or second torch import)."""
     if parent is not None:
         die_with_parent(parent)
-    if cores:
-        try:
-            os.sched_setaffinity(0, cores)
-        except (AttributeError, OSError):
-            pass
-        else:
-            import torch
-
-            torch.set_num_threads(len(cores))
+    _pin(cores)
+    visible = device if here or not device.startswith("cuda:") else "cuda:0"
+    if not here and device.startswith("cuda:"):  # this process sees its GPU alone, as cuda:0 (as Ray does)
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+    item = tasks.get()
+    prefetch = _prefetch(item, visible)
     try:
-        if device.startswith("cuda:"):  # this process sees its GPU alone, as cuda:0 (as Ray does for actors)
-            os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-        worker = Worker(settings, "cuda:0" if device.startswith("cuda:") else device)
+        worker = Worker(settings, visible)
         worker.device = device
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
-        results.put(("failed", device, f"{type(e).__name__}: {e}"))
+        if prefetch is not None:
+            prefetch.cancel()
+        why = f"{type(e).__name__}: {e}"
+        results.put(("failed", device, why))
+        if item is not None:
+            results.put(("done", item[0], [job.record(error=f"not answered: {device}: {why}") for job in item[1]]))
         return
+    worker.model.prefetched = prefetch
     results.put(("ready", device, None))
-    while True:
-        item = tasks.get()
-        if item is None:
-            return
+    while item is not None:
         index, group = item
         results.put(("done", index, worker.answer(group)))
+        item = tasks.get()
 
 
 def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str],
                   on_ready: Callable[[str, float], None] | None = None) -> Iterator[list[dict]]:
+    """The first device is served by a thread of this process (its torch is imported already), the others
+    by spawned processes; each takes its own slice of the cores."""
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     tasks, results = ctx.Queue(), ctx.Queue()
@@ -156,20 +195,25 @@ def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str
         mine = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         mine = []
-    procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results, os.getpid(),
-                                              core_share(mine, i, len(devices))), daemon=True)
-             for i, d in enumerate(devices)]
+    shares = [core_share(mine, i, len(devices)) for i in range(len(devices))]
+    procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results, os.getpid(), shares[i]), daemon=True)
+             for i, d in enumerate(devices) if i > 0]
     for p in procs:
         tasks.put(None)
         p.start()
+    tasks.put(None)
+    local = threading.Thread(target=_serve, args=(settings, devices[0], tasks, results, None, shares[0], True),
+                             name="videoxl-batch-worker", daemon=True)
+    local.start()
+    workers = [*procs, local]
     pending, failed = set(range(len(groups))), []
     try:
         while pending:
             try:
                 kind, key, payload = results.get(timeout=5)
             except queue_mod.Empty:
-                if not any(p.is_alive() for p in procs):  # every worker gone: what is left cannot be answered
-                    why = "; ".join(failed) or "the worker processes exited"
+                if not any(w.is_alive() for w in workers):  # every worker gone: what is left cannot be answered
+                    why = "; ".join(failed) or "the workers exited"
                     for i in sorted(pending):
                         yield [job.record(error=f"not answered: {why}") for job in groups[i]]
                     return
@@ -178,7 +222,7 @@ def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str
                 failed.append(f"{key}: {payload}")
             elif kind == "ready" and on_ready is not None:
                 on_ready(key, time.perf_counter() - t0)
-            elif kind == "done":
+            elif kind == "done" and key in pending:
                 pending.discard(key)
                 yield payload
     finally:
