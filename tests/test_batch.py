@@ -157,7 +157,7 @@ def test_a_worker_that_cannot_load_fails_its_first_video_only(batch, capsys, mon
     from videoxl.batch import runner
 
     class Broken(runner.Worker):
-        def __init__(self, settings, device):
+        def __init__(self, settings, device, first=None):
             raise RuntimeError("no memory left on this device")
 
     monkeypatch.setattr(runner, "Worker", Broken)

@@ -67,14 +67,14 @@ def estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, tokens
     n = tokens if tokens is not None else prompt_tokens(config, frames)
     hidden, mlp = t.hidden_size, t.intermediate_size
     kv_token = t.num_key_value_heads * t.head_dim  # one layer's K (or V) per token, elements
-    all_kv = 2 * t.num_hidden_layers * kv_token * b
+    all_kv = kv_bytes_per_token(config, b)
     rope = 2 * t.head_dim * b
     groups = math.ceil(frames / FRAMES_PER_GROUP)
     visual = groups * config.tokens_per_group * hidden * b
     per_frame = (v.image_size // v.patch_size) ** 2 * (6 * v.hidden_size + 2 * v.intermediate_size) * b
     vision = min(frames_per_slice, frames) * per_frame + 2 * visual
     base, offload = mode.split("+")[0], mode.endswith("+offload")
-    kv = 4 * kv_token * b if offload else all_kv  # offload: two GPU staging slots of one layer
+    kv = 2 * kv_bytes_per_token(config, b, 1) if offload else all_kv  # offload: two GPU staging slots of one layer
     if base == "dense":
         attention = n * (all_kv + 4 * hidden * b + rope)
         mlp_phase = n * (all_kv + 3 * hidden * b + rope) + min(n, STREAM_TOKENS_PER_SLICE) * 3 * mlp * b
@@ -99,8 +99,7 @@ def live_estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, f
     dense, compression): also a question's, `bilevel_question_bytes` beside the KVs."""
     t, b = config.text, dtype_bytes
     n = prompt_tokens(config, frames)
-    kv_token = t.num_key_value_heads * t.head_dim
-    kv = n * (4 * kv_token * b if mode.endswith("+offload") else 2 * t.num_hidden_layers * kv_token * b)
+    kv = n * (2 * kv_bytes_per_token(config, b, 1) if mode.endswith("+offload") else kv_bytes_per_token(config, b))
     per_slice = min(frames_per_slice, frames)
     vision = estimate(config, per_slice, "dense", weights, None, frames_per_slice, b).vision
     new = prompt_tokens(config, per_slice, 0)
@@ -184,8 +183,13 @@ def host_available(meminfo: str = "/proc/meminfo") -> int | None:
 
 def host_kv_bytes(config: VideoXLConfig, tokens: int, dtype_bytes: int) -> int:
     """Every layer's K and V for `tokens` tokens: what offload keeps in (pinned) host memory."""
+    return kv_bytes_per_token(config, dtype_bytes) * tokens
+
+
+def kv_bytes_per_token(config: VideoXLConfig, dtype_bytes: int, layers: int | None = None) -> int:
+    """K and V of one token in `layers` layers (default: all of them)."""
     t = config.text
-    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * tokens * dtype_bytes
+    return 2 * (t.num_hidden_layers if layers is None else layers) * t.num_key_value_heads * t.head_dim * dtype_bytes
 
 
 def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames_per_slice: int,

@@ -42,12 +42,20 @@ class Settings:
 
 
 class Worker:
-    def __init__(self, settings: Settings, device: str | None):
+    def __init__(self, settings: Settings, device: str | None, first: list[Job] | None = None):
+        """`first`: the video this worker will answer first; its frames are decoded while the weights load."""
         import videoxl
 
-        self.model, self.tokenizer = videoxl.load(settings.model_dir, device=device, dtype=settings.dtype,
-                                                  kv_cache_dir=settings.kv_cache_dir, quantize=settings.quantize,
-                                                  vision_dtype=settings.vision_dtype)
+        prefetch = _prefetch(first, device)
+        try:
+            self.model, self.tokenizer = videoxl.load(settings.model_dir, device=device, dtype=settings.dtype,
+                                                      kv_cache_dir=settings.kv_cache_dir,
+                                                      quantize=settings.quantize, vision_dtype=settings.vision_dtype)
+        except BaseException:
+            if prefetch is not None:
+                prefetch.cancel()
+            raise
+        self.model.prefetched = prefetch
         self.settings = QuestionSettings.build(settings.prefill_config, settings.sparse_config, settings.generation)
         self.device = str(self.model.device)
 
@@ -76,14 +84,7 @@ def run(settings: Settings, groups: list[list[Job]], devices: list[str | None], 
     if ray_address is not None:
         yield from _on_ray(settings, groups, ray_address, ray_workers)
     elif len(devices) == 1:
-        prefetch = _prefetch((0, groups[0]), devices[0])  # the first video decodes while the weights load
-        try:
-            worker = Worker(settings, devices[0])
-        except BaseException:
-            if prefetch is not None:
-                prefetch.cancel()
-            raise
-        worker.model.prefetched = prefetch
+        worker = Worker(settings, devices[0], groups[0])
         for group in groups:
             yield worker.answer(group)
     else:
@@ -136,14 +137,14 @@ def _pin(cores: list[int] | None) -> None:
     torch.set_num_threads(len(cores))
 
 
-def _prefetch(item, device: str | None):
+def _prefetch(first: list[Job] | None, device: str | None):
     """Start decoding the first video's frames now, while the weights load (video/prefetch.py), as chat does."""
-    if item is None or not item[1]:
+    if not first:
         return None
     from videoxl.checkpoint.devices import parse_device
     from videoxl.video.prefetch import Prefetch
 
-    job = item[1][0]
+    job = first[0]
     try:
         return Prefetch(job.video, job.sampling, parse_device(device))
     except Exception:  # noqa: BLE001 - the question reads the video itself and reports what is wrong
@@ -162,19 +163,15 @@ def _serve(settings: Settings, device: str, tasks, results, parent: int | None =
     if not here and device.startswith("cuda:"):  # this process sees its GPU alone, as cuda:0 (as Ray does)
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
     item = tasks.get()
-    prefetch = _prefetch(item, visible)
     try:
-        worker = Worker(settings, visible)
+        worker = Worker(settings, visible, None if item is None else item[1])
         worker.device = device
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
-        if prefetch is not None:
-            prefetch.cancel()
         why = f"{type(e).__name__}: {e}"
         results.put(("failed", device, why))
         if item is not None:
             results.put(("done", item[0], [job.record(error=f"not answered: {device}: {why}") for job in item[1]]))
         return
-    worker.model.prefetched = prefetch
     results.put(("ready", device, None))
     while item is not None:
         index, group = item
@@ -244,5 +241,12 @@ def _on_ray(settings: Settings, groups: list[list[Job]], address: str, workers: 
     gpus = ray.cluster_resources().get("GPU", 0)
     actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(Worker)
     count = min(workers or int(gpus) or 1, len(groups))
-    pool = ActorPool([actor.remote(settings, None) for _ in range(count)])
-    yield from pool.map_unordered(lambda a, group: a.answer.remote(group), groups)
+    actors = [actor.remote(settings, None, groups[i]) for i in range(count)]  # each decodes its first video
+    pool, answer = ActorPool([]), lambda a, group: a.answer.remote(group)
+    for a, group in zip(actors, groups):  # actor i's first video is the one it decoded while loading
+        pool.push(a)
+        pool.submit(answer, group)
+    for group in groups[count:]:  # then whichever actor is free takes the next
+        pool.submit(answer, group)
+    while pool.has_next():
+        yield pool.get_next_unordered()

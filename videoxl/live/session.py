@@ -35,7 +35,7 @@ from videoxl.checkpoint.devices import on_device
 from videoxl.inputs import check_question
 from videoxl.language.prompt import VideoPrompt, question_ids
 from videoxl.live.frames import Sampler, as_frames, check_timestamps, frame_time, prepare, whole_groups
-from videoxl.memory import memory_errors
+from videoxl.memory import kv_bytes_per_token, memory_errors
 from videoxl.prefill.growing import GrowingPrefix
 from videoxl.settings import Settings
 from videoxl.video.read import usable_cores
@@ -101,8 +101,7 @@ class LiveSession:
         self.last_stats: dict = {}
         self.sources: list = []
         self.closed = False
-        t = model.config.text
-        self._token_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+        self._token_bytes = kv_bytes_per_token(model.config, model.dtype.itemsize)
         self.decode = DecodeState()  # the captured decode step and bi-level's level, kept between questions
         self._resize = ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix="videoxl-live-resize")
         with on_device(model.device), torch.inference_mode():
