@@ -129,20 +129,29 @@ def test_cli_demo_quiz_writes_only_to_the_cache(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path / "cache" / "demo") == ["shapes-64s-seed11.mp4"]
 
 
-def test_training_forward_matches_the_inference_path(demo):
-    """The training forward (TrainCache, all seven questions at once) gives chat's first-token logits."""
+@pytest.mark.parametrize("offset", [0, 400])
+def test_training_forward_matches_the_inference_path(demo, offset):
+    """The training forward (TrainCache, all seven questions at once) gives chat's first-token logits; with an
+    offset, as for timestamps that start `offset` s into a stream and a time question shifted by as much."""
     from videoxl.language.prompt import build_prompt
     from videoxl.demo.train_tiny import Task, forward
 
     model, tok = demo
     v = shapes.make_video(1, 16)
     frames = np.stack(shapes.model_frames(v))
+    task = Task(tok, model.config)
+    assert f"Time {float(offset + 12)}s:" in tok.decode(task.prompts(16, offset)["needle"].input_ids)
+    ids, _ = task.tails(16, [v], "cpu", offset)
+    assert f"at {v.time_n + offset} seconds" in tok.decode(ids[shapes.KINDS.index("time")])
     with torch.no_grad():
-        _, pred, _ = forward(model, Task(tok, model.config), 16, [v], torch.from_numpy(frames))
+        _, pred, _ = forward(model, task, 16, [v], torch.from_numpy(frames), offset=offset)
     with torch.no_grad():
         visual = model.vision(frames)
     for i, (kind, q) in enumerate(v.questions.items()):
-        ts = [float(t) for t in range(16)]
+        if kind == "time":
+            q = shapes.TIME_QUESTION.format(n=v.time_n + offset)
+            assert str(v.time_n + offset) in q
+        ts = [float(t + offset) for t in range(16)]
         p = build_prompt(tok, q, ts, model.config.tokens_per_group, model._placeholder_id(tok))
         with torch.no_grad():
             cache = model.decoder.new_cache(len(p) + 8)

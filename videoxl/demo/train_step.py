@@ -50,13 +50,14 @@ class Task:
         self.placeholder = tokenizer.convert_tokens_to_ids("<|vision_pad|>")
         self.answer_ids = {w: tokenizer(w, add_special_tokens=False)["input_ids"] for w in shapes.ANSWER_WORDS}
 
-    def prompts(self, seconds: int):
-        """The needle question's prompt for a video of `seconds` s (its prefix is every question's prefix)."""
-        if seconds not in self._cache:
-            ts = [float(t) for t in range(seconds)]
-            self._cache[seconds] = {"needle": build_prompt(self.tok, shapes.QUESTIONS["needle"], ts,
-                                                           self.cfg.tokens_per_group, self.placeholder)}
-        return self._cache[seconds]
+    def prompts(self, seconds: int, offset: int = 0):
+        """The needle question's prompt for a video of `seconds` s whose timestamps start at `offset` s (its
+        prefix is every question's prefix)."""
+        if (seconds, offset) not in self._cache:
+            ts = [float(t + offset) for t in range(seconds)]
+            self._cache[seconds, offset] = {"needle": build_prompt(self.tok, shapes.QUESTIONS["needle"], ts,
+                                                                   self.cfg.tokens_per_group, self.placeholder)}
+        return self._cache[seconds, offset]
 
     def tail(self, question: str) -> list[int]:
         """The ids after the video (question, end of turn, assistant header): the same for every length."""
@@ -65,14 +66,16 @@ class Task:
             self._tails[question] = p.input_ids[p.video_end:]
         return self._tails[question]
 
-    def tails(self, seconds: int, videos, device):
-        """ids [7B, T], labels [7B, T] (-100 off the answer): question tail + answer + <|im_end|>."""
+    def tails(self, seconds: int, videos, device, offset: int = 0):
+        """ids [7B, T], labels [7B, T] (-100 off the answer): question tail + answer + <|im_end|>. `offset`: the
+        timestamps start there, so the time question names its second shifted by as much."""
         rows, labels = [], []
         for v in videos:
             if v.kinds != shapes.KINDS:
                 raise ValueError("training needs version 2 videos with all seven question kinds")
             for k in shapes.KINDS:
-                q = self.tail(v.questions[k])
+                text = shapes.TIME_QUESTION.format(n=v.time_n + offset) if k == "time" else v.questions[k]
+                q = self.tail(text)
                 a = self.answer_ids[v.answers[k]] + [self.end]
                 rows.append(q + a)
                 labels.append([-100] * (len(q) - 1) + a + [-100])  # position i predicts token i+1
@@ -130,9 +133,10 @@ class Probes(torch.nn.Module):
 
 
 def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=None, probes: Probes | None = None,
-            kind_weight: dict[str, float] | None = None):
+            kind_weight: dict[str, float] | None = None, offset: int = 0):
     """Loss and first-answer-token predictions and labels ([7B], kind-major per video) for B version 2 videos of
-    `seconds` s; frames uint8 [B*seconds, 384, 384, 3]."""
+    `seconds` s; frames uint8 [B*seconds, 384, 384, 3]. `offset`: the `Time` tokens start at that second (a clip
+    cut from later in a stream), so where a group sits in the prompt no longer tells its time."""
     dev = frames.device
     cuda = dev.type == "cuda"
     seen = []
@@ -142,7 +146,7 @@ def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             feats = model.vision.patch_features(normalise(frames, dev, torch.float32))
             tokens = model.vision.groups_to_tokens(feats)  # [B*G, 144, h]
-            p = task.prompts(seconds)["needle"]
+            p = task.prompts(seconds, offset)["needle"]
             b = len(videos)
             ids = torch.tensor(p.input_ids[:p.video_end], device=dev)
             embeds = model.decoder.embed_tokens(ids)[None].repeat(b, 1, 1)
@@ -152,7 +156,7 @@ def forward(model, task: Task, seconds: int, videos, frames: torch.Tensor, mask=
                 embeds = embeds.to(torch.bfloat16)  # bf16 residual stream and RoPE tables, as bf16 inference runs
             cache = TrainCache(len(model.decoder.layers))
             model.decoder(embeds, cache, mask=mask, logits_for="none")
-            ids, labels = task.tails(seconds, videos, dev)
+            ids, labels = task.tails(seconds, videos, dev, offset)
             tail = model.decoder.embed_tokens(ids)
             logits = model.decoder(tail.to(embeds.dtype), cache.repeat(len(shapes.KINDS)), logits_for="all")
     finally:

@@ -188,6 +188,9 @@ def parse_args(argv):
     ap.add_argument("--v2-weight", type=float, default=0.3, help="weight of the digit/count/group read-outs")
     ap.add_argument("--kind-weights", nargs="*", default=["after=3", "digit=2", "count=2", "time=2"],
                     help="KIND=W: weight of a kind's answers in the loss (the slow-to-learn kinds more)")
+    ap.add_argument("--time-offsets", type=float, default=0.0,
+                    help="share of steps whose timestamps start at a random multiple of 4 s (0-1024 s), so `time` "
+                         "must read the Time tokens, not the group's place")
     ap.add_argument("--try-lengths", type=int, nargs="*", default=[], help="lengths to try once before training")
     ap.add_argument("--export", action="store_true", help="also write DIR/model in the released format")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -198,6 +201,8 @@ def parse_args(argv):
         ap.error("--kind-weights takes KIND=WEIGHT pairs, e.g. after=3 time=2")
     if set(args.kind_weights) - set(shapes.KINDS):
         ap.error(f"--kind-weights: kinds are {', '.join(shapes.KINDS)}")
+    if not 0.0 <= args.time_offsets <= 1.0:
+        ap.error("--time-offsets is a share of the steps, from 0 to 1")
     args.budget_minutes = args.budget_minutes or args.minutes
     return args
 
@@ -264,8 +269,10 @@ def main(argv=None) -> int:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (cosine if total else 1.0)
         model_lr = args.lr * min(1.0, max(0, step + 1 - args.head_warmup) / args.warmup) * (cosine if total else 1.0)
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = model_lr, lr
+        shifted = args.time_offsets > 0 and rng.random() < args.time_offsets  # (no draw when off: same runs)
+        offset = 4 * int(rng.integers(1, (1024 - seconds) // 4 + 1)) if shifted else 0
         loss, _, _ = forward(model, task, seconds, videos, frames, chunk_mask(task, seconds, rng, dev),
-                             probes if args.probes else None, args.kind_weights)
+                             probes if args.probes else None, args.kind_weights, offset)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
