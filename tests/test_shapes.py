@@ -159,6 +159,17 @@ def test_training_forward_matches_the_inference_path(demo, offset):
         assert logits[0, -1].argmax().item() == pred[i].item()
 
 
+def test_a_chunk_mask_fits_the_shifted_prompt(demo):
+    """`--time-offsets`: later timestamps take more tokens, so the chunked-prefill mask is built on the shifted prompt."""
+    from videoxl.demo.train_tiny import Task, chunk_mask
+
+    model, tok = demo
+    task = Task(tok, model.config)
+    mask = next(m for seed in range(50) if (m := chunk_mask(task, 16, np.random.default_rng(seed), "cpu", 400))
+                is not None)
+    assert mask.shape[-1] == task.prompts(16, 400)["needle"].video_end > task.prompts(16)["needle"].video_end
+
+
 def test_training_is_deterministic_on_the_cpu(tmp_path):
     from videoxl.demo.train_tiny import load_blob, main
 

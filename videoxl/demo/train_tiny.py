@@ -123,12 +123,12 @@ def schedule(step: int, total: int, rng: np.random.Generator, frames: int, grow:
     return seconds, max(1, frames // seconds)
 
 
-def chunk_mask(task: Task, seconds: int, rng: np.random.Generator, device):
+def chunk_mask(task: Task, seconds: int, rng: np.random.Generator, device, offset: int = 0):
     if seconds > 256 or rng.random() > 1 / 3:
         return None
     c, s = ((4, 1), (16, 4))[int(rng.integers(2))]
     cfg = PrefillConfig.from_dict({"chunk_prefill_mode": "mask", "chunk_size": c, "step_size": s})
-    return BlockPlan.from_prompt(task.prompts(seconds)["needle"], cfg).dense_mask(device)
+    return BlockPlan.from_prompt(task.prompts(seconds, offset)["needle"], cfg).dense_mask(device)
 
 
 def heldout_frames(video: shapes.ShapesVideo, device) -> torch.Tensor:
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = model_lr, lr
         shifted = args.time_offsets > 0 and rng.random() < args.time_offsets  # (no draw when off: same runs)
         offset = 4 * int(rng.integers(1, (1024 - seconds) // 4 + 1)) if shifted else 0
-        loss, _, _ = forward(model, task, seconds, videos, frames, chunk_mask(task, seconds, rng, dev),
+        loss, _, _ = forward(model, task, seconds, videos, frames, chunk_mask(task, seconds, rng, dev, offset),
                              probes if args.probes else None, args.kind_weights, offset)
         opt.zero_grad(set_to_none=True)
         loss.backward()
