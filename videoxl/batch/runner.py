@@ -152,17 +152,18 @@ def _prefetch(first: list[Job] | None, device: str | None):
 
 
 def _serve(settings: Settings, device: str, tasks, results, parent: int | None = None,
-           cores: list[int] | None = None, here: bool = False) -> None:
-    """A worker: its first video is taken (and its frames decoded) before the model loads; a model that
-    fails to load fails that video's rows, and the other workers go on with the rest. `here`: a thread of
-    the batch process itself, on `device` as named (it needs no process start or second torch import)."""
+           cores: list[int] | None = None, here: bool = False, first=None) -> None:
+    """A worker: its first video (`first`, else the queue's next) is taken (and its frames decoded) before the
+    model loads; a model that fails to load fails that video's rows, and the other workers go on with the rest.
+    `here`: a thread of the batch process itself, on `device` as named (no process start or second torch
+    import)."""
     if parent is not None:
         die_with_parent(parent)
     _pin(cores)
     visible = device if here or not device.startswith("cuda:") else "cuda:0"
     if not here and device.startswith("cuda:"):  # this process sees its GPU alone, as cuda:0 (as Ray does)
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-    item = tasks.get()
+    item = first if first is not None else tasks.get()
     try:
         worker = Worker(settings, visible, None if item is None else item[1])
         worker.device = device
@@ -181,12 +182,13 @@ def _serve(settings: Settings, device: str, tasks, results, parent: int | None =
 
 def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str],
                   on_ready: Callable[[str, float], None] | None = None) -> Iterator[list[dict]]:
-    """The first device is served by a thread of this process (its torch is imported already), the others
-    by spawned processes; each takes its own slice of the cores."""
+    """The first device is served by a thread of this process (its torch is imported already), handed the first
+    video at once (it decodes while the spawned processes still start); the other devices by spawned processes,
+    which take the rest from a queue. Each takes its own slice of the cores."""
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     tasks, results = ctx.Queue(), ctx.Queue()
-    for item in enumerate(groups):
+    for item in list(enumerate(groups))[1:]:
         tasks.put(item)
     try:
         mine = sorted(os.sched_getaffinity(0))
@@ -199,8 +201,8 @@ def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str
         tasks.put(None)
         p.start()
     tasks.put(None)
-    local = threading.Thread(target=_serve, args=(settings, devices[0], tasks, results, None, shares[0], True),
-                             name="videoxl-batch-worker", daemon=True)
+    local = threading.Thread(target=_serve, args=(settings, devices[0], tasks, results, None, shares[0], True,
+                                                  (0, groups[0])), name="videoxl-batch-worker", daemon=True)
     local.start()
     workers = [*procs, local]
     pending, failed = set(range(len(groups))), []
