@@ -170,6 +170,17 @@ def test_a_chunk_mask_fits_the_shifted_prompt(demo):
     assert mask.shape[-1] == task.prompts(16, 400)["needle"].video_end > task.prompts(16)["needle"].video_end
 
 
+def test_time_offsets_are_multiples_of_4_that_keep_the_video_within_1024_s():
+    from videoxl.demo.train_tiny import time_offset
+
+    rng = np.random.default_rng(0)
+    for seconds in (16, 256, 1020, 1024):
+        offsets = {time_offset(rng, seconds) for _ in range(200)}
+        assert all(o % 4 == 0 and 0 <= o <= 1024 - seconds for o in offsets)
+    assert offsets == {0}  # 1,024 s: no room to shift
+    assert len({time_offset(rng, 16) for _ in range(200)}) > 100
+
+
 def test_training_is_deterministic_on_the_cpu(tmp_path):
     from videoxl.demo.train_tiny import load_blob, main
 

@@ -123,6 +123,12 @@ def schedule(step: int, total: int, rng: np.random.Generator, frames: int, grow:
     return seconds, max(1, frames // seconds)
 
 
+def time_offset(rng: np.random.Generator, seconds: int) -> int:
+    """A random multiple of 4 s at which a `--time-offsets` step's timestamps start, its video still ending by
+    1,024 s (so a 1,024-s video starts at 0)."""
+    return 4 * int(rng.integers(0, (1024 - seconds) // 4 + 1))
+
+
 def chunk_mask(task: Task, seconds: int, rng: np.random.Generator, device, offset: int = 0):
     if seconds > 256 or rng.random() > 1 / 3:
         return None
@@ -270,7 +276,7 @@ def main(argv=None) -> int:
         model_lr = args.lr * min(1.0, max(0, step + 1 - args.head_warmup) / args.warmup) * (cosine if total else 1.0)
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = model_lr, lr
         shifted = args.time_offsets > 0 and rng.random() < args.time_offsets  # (no draw when off: same runs)
-        offset = 4 * int(rng.integers(1, (1024 - seconds) // 4 + 1)) if shifted else 0
+        offset = time_offset(rng, seconds) if shifted else 0
         loss, _, _ = forward(model, task, seconds, videos, frames, chunk_mask(task, seconds, rng, dev, offset),
                              probes if args.probes else None, args.kind_weights, offset)
         opt.zero_grad(set_to_none=True)
