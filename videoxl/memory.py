@@ -121,7 +121,7 @@ def bilevel_question_bytes(config: VideoXLConfig, frames: int, share: float, com
     other = n - visual  # the text before the video and the `Time ...s:` tokens
     level = visual / compression + other
     mixed = other + share * visual + (1 - share) * visual / compression
-    return int(host_kv_bytes(config, level + mixed, dtype_bytes))  # every layer's K and V, here on the GPU
+    return int(kv_bytes_per_token(config, dtype_bytes) * (level + mixed))  # every layer's K and V
 
 
 def max_frames(config: VideoXLConfig, budget: int, mode: str, weights: int, frames_per_slice: int = 96,
