@@ -1,5 +1,5 @@
 """The `device` and `dtype` a user names, checked where they enter (`videoxl.load`, the CLI), and the device as a
-thread's current CUDA device; a thread's copies on a stream of its own."""
+thread's current CUDA device."""
 from __future__ import annotations
 
 import contextlib
@@ -44,20 +44,3 @@ def parse_dtype(dtype, device: torch.device) -> torch.dtype:
         raise VideoXLError(f"dtype must be one of {sorted(names)} (or torch.float32 / bfloat16 / float16), "
                            f"got {dtype!r}")
     return names[dtype]
-
-
-@contextlib.contextmanager
-def copy_stream(device):
-    """A loading thread's copies on a CUDA stream of its own, finished when the block ends. `videoxl chat`
-    decodes the first question's frames with NVDEC while the weights load, and FFmpeg copies each picture on
-    the legacy default stream, which is ordered with every copy on that stream: on the H200 a 15.2 GB folder
-    took 11.5 s to load from the page cache that way (2.2 s alone) and the 10,730 packets 14.7 s to decode
-    (3.3 s after the load). Taking the weights' copies off that stream is the likely fix; not re-measured."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        yield
-        return
-    stream = torch.cuda.Stream(device)
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()  # the weights are whole before the model is used, on whatever stream

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from videoxl.checkpoint.devices import copy_stream, on_device, parse_device, parse_dtype
+from videoxl.checkpoint.devices import on_device, parse_device, parse_dtype
+from videoxl.checkpoint.read import header, read_all
 from videoxl.config import VideoXLConfig, config_path
 from videoxl.errors import VideoXLError
 
@@ -107,29 +108,24 @@ class CheckpointReport:
 
 
 def scan(model_dir: str, cfg: VideoXLConfig, expected: dict[str, torch.Size]) -> CheckpointReport:
-    from safetensors import safe_open
-
     report = CheckpointReport()
     for path, names in weight_files(model_dir).items():
-        try:
-            with safe_open(path, framework="pt") as f:
-                for name in names if names is not None else f.keys():
-                    shape = tuple(f.get_slice(name).get_shape())
-                    ours = map_name(name, cfg)
-                    if ours == IGNORED:
-                        report.ignored.append(name)
-                    elif ours is None or ours not in expected:
-                        report.unexpected.append(name)
-                    elif shape != tuple(expected[ours]):
-                        report.mismatched.append(f"{name} {list(shape)} != {list(expected[ours])}")
-                    else:
-                        report.found[ours] = (path, name, shape)
-                        report.groups[ours.split(".")[1] if ours.startswith("vision.") else "decoder"] += \
-                            torch.Size(shape).numel()
-        except (OSError, ValueError, Exception) as e:
-            if isinstance(e, VideoXLError):
-                raise
-            raise VideoXLError(f"unreadable safetensors file {path}: {str(e).splitlines()[0][:200]}") from None
+        entries = header(path)
+        for name in names if names is not None else entries:
+            if name not in entries:
+                raise VideoXLError(f"checkpoint index names {name}, which {path} does not hold")
+            shape = entries[name].shape
+            ours = map_name(name, cfg)
+            if ours == IGNORED:
+                report.ignored.append(name)
+            elif ours is None or ours not in expected:
+                report.unexpected.append(name)
+            elif shape != tuple(expected[ours]):
+                report.mismatched.append(f"{name} {list(shape)} != {list(expected[ours])}")
+            else:
+                report.found[ours] = (path, name, shape)
+                report.groups[ours.split(".")[1] if ours.startswith("vision.") else "decoder"] += \
+                    torch.Size(shape).numel()
     tied = cfg.text.tie_word_embeddings and "decoder.lm_head.weight" not in report.found
     report.missing = [our_to_checkpoint(n) for n in expected
                       if n not in report.found and not (tied and n == "decoder.lm_head.weight")]
@@ -166,15 +162,13 @@ def empty_model(cfg: VideoXLConfig):
                 setattr(init, name, real)
 
 
-LOAD_THREADS = 8  # shards read at once
+LOAD_THREADS = 8  # reading threads (each with its own pinned buffers and stream): tensors are shared out, not files
 
 
 def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLConfig | None = None,
                quantize: str | None = None):
     """`quantize` (a scheme of `language/quant.py`, checked by the caller): each decoder linear weight is
     quantized as it is read, so the full-precision decoder is never resident at once."""
-    from safetensors import safe_open
-
     from videoxl.language import quant
 
     cfg = cfg or read_config(model_dir)
@@ -183,24 +177,25 @@ def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLCo
     report = scan(model_dir, cfg, expected)
     if not report.ok:
         raise VideoXLError(report.problem())
-    state, quantized = {}, {}
-    by_file: dict[str, list[tuple[str, str]]] = {}
-    for ours, (path, name, _) in report.found.items():
-        by_file.setdefault(path, []).append((ours, name))
+    headers = {path: header(path) for path in {path for path, _, _ in report.found.values()}}
+    entries = [(ours, headers[path][name]) for ours, (path, name, _) in report.found.items()]
+    state, quantized, lock = {}, {}, threading.Lock()
+    device = torch.device(device)
 
-    def read(path: str) -> None:
-        # one thread per shard: a cold disk serves several sequential streams faster than one (this 2-core VM:
-        # 4 shards of 0.8 GB, 0.3-0.5 GB/s one after another, 0.9-1.0 GB/s at once; the disk's own 1.5 GB/s)
-        with on_device(device), copy_stream(device), safe_open(path, framework="pt", device="cpu") as f:
-            for ours, name in by_file[path]:
-                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
-                if quantize and quant.is_target(ours):
-                    quantized[ours[:-len(".weight")]] = quant.QuantLinear.quantize(tensor, None, quantize)
-                else:
-                    state[ours] = tensor
+    def keep(ours: str, tensor: torch.Tensor, reader) -> None:
+        if tensor.dtype != dtype or (quantize and quant.is_target(ours)):
+            reader.wait()  # the bytes have landed before they are converted and the raw copy is freed
+            tensor = tensor.to(dtype)
+        if quantize and quant.is_target(ours):
+            tensor = quant.QuantLinear.quantize(tensor, None, quantize)
+            with lock:
+                quantized[ours[:-len(".weight")]] = tensor
+        else:
+            with lock:
+                state[ours] = tensor
 
-    with ThreadPoolExecutor(max(1, min(len(by_file), LOAD_THREADS)), thread_name_prefix="videoxl-load") as pool:
-        list(pool.map(read, by_file))  # list(): a shard's error is raised here
+    threads = max(1, min(LOAD_THREADS, os.cpu_count() or 1))
+    read_all(entries, device, threads, keep)  # every copy has landed when it returns
     if "decoder.lm_head.weight" not in state:  # tie_word_embeddings
         state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
     quant.install(model, quantized, state)
