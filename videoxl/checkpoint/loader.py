@@ -208,8 +208,14 @@ _tokenizer_lock = threading.Lock()  # transformers' lazy imports are not thread-
 
 
 def load_tokenizer(model_dir: str):
-    with _tokenizer_lock:
-        return _load_tokenizer(model_dir)
+    """The folder's tokenizer: `tokenizer.json` through the `tokenizers` library (checkpoint/tokenizer.py: no
+    transformers import, seconds of a fresh process), else transformers' AutoTokenizer."""
+    from videoxl.checkpoint.tokenizer import FolderTokenizer
+
+    check_tokenizer_files(model_dir)
+    if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        return FolderTokenizer(model_dir)
+    return load_transformers_tokenizer(model_dir)
 
 
 def check_tokenizer_files(model_dir: str) -> None:
@@ -217,20 +223,20 @@ def check_tokenizer_files(model_dir: str) -> None:
         raise VideoXLError(f"no tokenizer files (tokenizer.json or vocab.json) in {model_dir}")
 
 
-def _load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
+def load_transformers_tokenizer(model_dir: str):
+    with _tokenizer_lock:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-    check_tokenizer_files(model_dir)
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # it warns that config.json's `llava_qwen` is not a type it knows
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # transformers raises many types here
-        raise VideoXLError(f"cannot load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") from None
-    finally:
-        hf_logging.set_verbosity(level)
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # it warns that config.json's `llava_qwen` is not a type it knows
+        try:
+            return AutoTokenizer.from_pretrained(model_dir)
+        except Exception as e:  # transformers raises many types here
+            raise VideoXLError(f"cannot load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") \
+                from None
+        finally:
+            hf_logging.set_verbosity(level)
 
 
 def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
@@ -260,7 +266,7 @@ def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.
     kv_cache = VideoKVCache(VideoKVCache.parse_gb(kv_cache_gb), kv_cache_dir)
     check_tokenizer_files(model_dir)  # before the weights are read, as its error is clearer than theirs
     with ThreadPoolExecutor(1, thread_name_prefix="videoxl-tokenizer") as pool:
-        tokenizer = pool.submit(load_tokenizer, model_dir)  # beside the weights: importing transformers takes seconds
+        tokenizer = pool.submit(load_tokenizer, model_dir)  # beside the weights
         model = load_model(model_dir, device, dtype, cfg, scheme)
         tokenizer = tokenizer.result()
     if vision_scheme:
