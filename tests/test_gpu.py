@@ -312,3 +312,47 @@ def test_nvdec_frames_exact_while_the_gpu_is_busy(tmp_path):
     assert quiet.shape == (80, 384, 384, 3) and torch.equal(quiet, busy)
     cpu = frames("pyav")
     assert (cpu.int() - quiet.int()).abs().max().item() <= 3
+
+
+def test_lower_right_flash_equals_sdpas_lower_right_bias():
+    """`attend`'s n queries after cached keys (decoder.flash_lower_right) against SDPA with torch's own
+    lower-right CausalBias (the path it replaces), grouped-query heads, bf16: equal bytes when SDPA's dispatch
+    takes the same flash op, else within 2e-2 (bf16 rounding of two kernels); and against fp32 math within 2e-2."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from videoxl.language.decoder import flash_lower_right
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, m in ((37, 1000), (1, 64), (256, 4096)):
+        q = torch.randn(1, 28, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(1, 4, m, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        got = flash_lower_right(q, k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, m),
+                                                               enable_gqa=True)
+        assert got is not None and got.shape == ref.shape
+        assert torch.equal(got, ref) or (got.float() - ref.float()).abs().max() < 2e-2
+        kf, vf = (t.float().repeat_interleave(7, dim=1) for t in (k, v))
+        allowed = torch.ones(n, m, dtype=torch.bool, device="cuda").tril(m - n)
+        exact = torch.nn.functional.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=allowed)
+        assert (got.float() - exact).abs().max() < 2e-2
+
+
+QUESTION_WITHOUT_DYNAMO = """
+import sys, torch, videoxl
+model, tok = videoxl.load(sys.argv[1], device="cuda", dtype="bfloat16")
+model.chat(sys.argv[2], tok, "What moves?", max_num_frames=16, generation_config={"max_new_tokens": 4})
+model.chat(sys.argv[2], tok, "And then?", max_num_frames=16, generation_config={"max_new_tokens": 4})
+print("torch._dynamo" in sys.modules, "transformers" in sys.modules)
+"""
+
+
+def test_a_dense_question_imports_neither_dynamo_nor_transformers(tiny_dir, long_video):
+    """A fresh process's first questions (dense, bf16, a follow-up over cached KVs) import neither torch._dynamo
+    nor transformers: seconds of start-up on the first question's path (issue 19)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", QUESTION_WITHOUT_DYNAMO, tiny_dir, long_video], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "False"], out.stdout
