@@ -153,6 +153,7 @@ def test_health_names_each_device(two):
     r = httpx.get(server.url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert [(d["device"], d["worker"], d["up"]) for d in r.json()["devices"]] == [("cpu", 0, True), ("cpu", 1, True)]
+    assert [w.remote for w in server.engine.pool] == [False, True]  # the second device's model: its own process
     assert server.metrics()['videoxl_worker_up{device="cpu",worker="1"}'] == 1
 
 

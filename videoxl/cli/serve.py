@@ -24,6 +24,9 @@ def add_serve_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Ar
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
     p.add_argument("--devices", default=None,
                    help="one engine worker per device, comma-separated (default: every GPU, else cpu)")
+    p.add_argument("--worker-threads", action="store_true",
+                   help="every device's worker in the server's process (default: each device after the first in a "
+                        "process of its own: two GPUs' threads in one process decode frames at half speed)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU)")
     add_quantize_arg(p)
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond these get HTTP 429")
@@ -63,6 +66,7 @@ def build(args):
     from videoxl.serving.live import LiveLimits
     from videoxl.serving.media import MediaLimits
     from videoxl.serving.metrics import Metrics
+    from videoxl.serving.remote import RemoteModel
     from videoxl.serving.protocol import ServerDefaults
 
     if args.demo == bool(args.model):
@@ -92,15 +96,20 @@ def build(args):
     question_settings = settings_from_args(args)  # the same options and checks as `videoxl chat`
     devices = parse_devices(args.devices or "auto")
 
-    def load(device):
-        return videoxl.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize,
-                            vision_dtype=args.vision_dtype, kv_cache_gb=args.kv_cache_gb,
-                            kv_cache_dir=args.kv_cache_dir)
-
-    # one thread per device: the loads (file reads, copies to each GPU) overlap, so two GPUs start in about the
-    # time of one; the loader serialises its one shared step (patching torch.nn.init)
-    with ThreadPoolExecutor(len(devices), thread_name_prefix="videoxl-load") as pool:
-        replicas = list(pool.map(load, devices))
+    load_kwargs = dict(model_dir=args.model, dtype=args.dtype, quantize=args.quantize, vision_dtype=args.vision_dtype,
+                       kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
+    here = devices if args.worker_threads else devices[:1]
+    remotes = [RemoteModel(dict(load_kwargs, device=d)) for d in devices[len(here):]]  # loading beside ours
+    try:
+        with ThreadPoolExecutor(len(here), thread_name_prefix="videoxl-load") as pool:
+            replicas = list(pool.map(lambda d: videoxl.load(device=d, **load_kwargs), here))
+        for remote in remotes:
+            remote.wait_ready()
+    except BaseException:
+        for remote in remotes:
+            remote.close(timeout=0)
+        raise
+    replicas += [(remote, replicas[0][1]) for remote in remotes]  # its tokenizer is the child's; this one is unused
     mb = 2**20
     limits = MediaLimits(args.allowed_local_media_path, tuple(args.allowed_media_domains),
                          int(args.max_media_mb * mb), int(args.max_base64_mb * mb), int(args.max_request_mb * mb),

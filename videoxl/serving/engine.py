@@ -1,4 +1,5 @@
-"""Engine workers: one thread per model replica (one per GPU), each fed by its own queue.
+"""Engine workers: one thread per model replica (one per GPU), each fed by its own queue. A replica may live in a
+process of its own (remote.py: every GPU after the first), its thread then relaying the question to it.
 
 A request becomes a `Job`; the router (router.py) picks its worker (the one holding its video's KVs, else the
 least loaded) and it waits in that worker's queue (`max_queue` waiting in all: HTTP 429). A worker runs the
@@ -20,6 +21,7 @@ import torch
 
 from videoxl.serving.errors import APIError
 from videoxl.serving.metrics import Metrics
+from videoxl.serving.remote import RemoteModel, kv_gauges
 from videoxl.serving.router import Router
 from videoxl.serving.protocol import ChatRequest
 from videoxl.cancel import Cancel, Cancelled, TimedOut
@@ -89,8 +91,12 @@ class Worker:
     def load(self) -> int:
         return self.jobs.qsize() + self.running
 
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.model, RemoteModel)
+
     def up(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return self.thread is not None and self.thread.is_alive() and (not self.remote or self.model.alive())
 
 
 def affinity_key(job: Job) -> tuple | None:
@@ -113,7 +119,8 @@ class Engine:
 
     @property
     def replicas(self) -> list[tuple]:
-        return [(w.model, w.tokenizer) for w in self.pool]
+        """The replicas in this process (live sessions open on them: their frames arrive here)."""
+        return [(w.model, w.tokenizer) for w in self.pool if not w.remote]
 
     @property
     def workers(self) -> list[threading.Thread]:
@@ -139,7 +146,7 @@ class Engine:
             if w.thread.ident is not None:  # started
                 w.thread.join()
         for w in self.pool:
-            w.model.kv_cache.flush()
+            w.model.close() if w.remote else w.model.kv_cache.flush()
 
     def health(self) -> list[dict]:
         """Each worker: its device, whether its thread is up, and its requests waiting and running."""
@@ -161,7 +168,7 @@ class Engine:
 
     def _work(self, worker: Worker) -> None:
         model = worker.model
-        if model.device.type == "cuda":
+        if model.device.type == "cuda" and not worker.remote:  # (a relay must not make a context on its GPU)
             torch.cuda.set_device(model.device)  # per thread: kernels launched without a device go to this GPU
         while (job := worker.jobs.get()) is not None:
             with self._lock:
@@ -260,14 +267,8 @@ class Engine:
         out = {}
         for w in self.pool:
             on = tuple(sorted(w.labels.items()))
-            cache = w.model.kv_cache
-            entries = list(cache.entries.values())  # one C call: safe against the worker changing the dict
             values = {"videoxl_queue_depth": w.jobs.qsize(), "videoxl_running_requests": w.running,
                       "videoxl_worker_up": int(w.up()),
-                      **{f"videoxl_kv_cache_{name}": value for name, value in dict(cache.counts).items()},
-                      "videoxl_kv_cache_bytes": sum(e.nbytes for e in entries),
-                      "videoxl_kv_cache_entries": len(entries),
-                      "videoxl_kv_cache_disk_writes": cache.disk.writes if cache.disk else 0,
-                      "videoxl_kv_cache_disk_rejected": cache.disk.rejected if cache.disk else 0}
+                      **(w.model.gauges if w.remote else kv_gauges(w.model.kv_cache))}
             out.update(((name, on), value) for name, value in values.items())
         return out
