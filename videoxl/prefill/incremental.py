@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from videoxl.errors import VideoXLError
-from videoxl.language.decoder import Qwen2Decoder, causal_lower_right
+from videoxl.language.decoder import Qwen2Decoder
 from videoxl.language.kv_store import KVStore
 from videoxl.language.prompt import VideoPrompt
 from videoxl.prefill.modes import BlockSparseAttention, block_attention, flex_available
@@ -76,10 +76,9 @@ class IncrementalPrefill:
         store = self.store
         store.truncate(start)  # a question asked in between left its tokens after the video
         store.reserve(start + n)
-        # dense: causal with the new rows at the end of the keys, as a lower-right causal bias rather than a
-        # [n, start + n] boolean mask: SDPA then runs a fused kernel instead of scores for every key (on a GPU
-        # a boolean mask with grouped-query heads falls back to the math kernel)
-        mask = causal_lower_right(n, start + n) if start else None
+        # dense: None = causal with the new rows at the end of the keys (`attend` runs a fused lower-right
+        # causal kernel; a [n, start + n] boolean mask with grouped-query heads would take the math kernel)
+        mask = None
         if self.chunking is not None and prompt.group_starts:  # text before the video: plain causal
             self.plan = BlockPlan.from_prompt(prompt, self.chunking)
             mask = BlockSparseAttention(self.plan, embeds.device, rows=slice(start, start + n)) \

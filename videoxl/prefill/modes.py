@@ -20,7 +20,7 @@ import torch
 
 from videoxl.cancel import Cancel, check
 from videoxl.prefill.plan import STREAM_TOKENS_PER_SLICE, BlockPlan
-from videoxl.language.decoder import (Qwen2Decoder, apply_rope, attend, causal_lower_right, flex_attention,
+from videoxl.language.decoder import (Qwen2Decoder, apply_rope, attend, flex_attention,
                                       rope_cos_sin)
 from videoxl.language.kv_store import KVStore
 
@@ -180,7 +180,7 @@ def block_attention(plan: BlockPlan, queries, k_all, v_all, rows: slice, cancel:
         for a, b in runs(torch.nonzero(plan.timestamp[s:e]).flatten().tolist()):
             a, b = a + s, b + s
             local = slice(a - rows.start, b - rows.start)
-            out[:, :, local] = attend(q[:, :, local], k_all[:, :, :b], v_all[:, :, :b], causal_lower_right(b - a, b))
+            out[:, :, local] = attend(q[:, :, local], k_all[:, :, :b], v_all[:, :, :b])  # lower-right causal
     return out
 
 
