@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from videoxl.checkpoint.loader import load_tokenizer, load_transformers_tokenizer
-from videoxl.checkpoint.tokenizer import FolderTokenizer
+from videoxl.checkpoint.loader import load_tokenizer
+from videoxl.checkpoint.tokenizer import FolderTokenizer, load_transformers_tokenizer
 from videoxl.demo import demo_model_path
 
 TEXTS = ["", "Time 12.0s:", "<|im_start|>user\nWhat shape is at the end?<|im_end|>\n", "a <|vision_pad|> b",

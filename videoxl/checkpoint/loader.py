@@ -203,14 +203,10 @@ def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLCo
     return model.eval()
 
 
-_tokenizer_lock = threading.Lock()  # transformers' lazy imports are not thread-safe (serve loads a model per GPU
-# in threads: two first imports at once fail with "cannot import name 'AutoTokenizer'")
-
-
 def load_tokenizer(model_dir: str):
     """The folder's tokenizer: `tokenizer.json` through the `tokenizers` library (checkpoint/tokenizer.py: no
     transformers import, seconds of a fresh process), else transformers' AutoTokenizer."""
-    from videoxl.checkpoint.tokenizer import FolderTokenizer
+    from videoxl.checkpoint.tokenizer import FolderTokenizer, load_transformers_tokenizer
 
     check_tokenizer_files(model_dir)
     if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
@@ -221,22 +217,6 @@ def load_tokenizer(model_dir: str):
 def check_tokenizer_files(model_dir: str) -> None:
     if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.json")):
         raise VideoXLError(f"no tokenizer files (tokenizer.json or vocab.json) in {model_dir}")
-
-
-def load_transformers_tokenizer(model_dir: str):
-    with _tokenizer_lock:
-        from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # it warns that config.json's `llava_qwen` is not a type it knows
-        try:
-            return AutoTokenizer.from_pretrained(model_dir)
-        except Exception as e:  # transformers raises many types here
-            raise VideoXLError(f"cannot load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") \
-                from None
-        finally:
-            hf_logging.set_verbosity(level)
 
 
 def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,

@@ -33,6 +33,26 @@ def clean_up_spaces(text: str) -> str:
     return text
 
 
+_transformers_lock = threading.Lock()  # transformers' lazy imports are not thread-safe (serve loads a model per
+# GPU in threads: two first imports at once failed with "cannot import name 'AutoTokenizer'")
+
+
+def load_transformers_tokenizer(model_dir: str):
+    with _transformers_lock:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # it warns that config.json's `llava_qwen` is not a type it knows
+        try:
+            return AutoTokenizer.from_pretrained(model_dir)
+        except Exception as e:  # transformers raises many types here
+            raise VideoXLError(f"cannot load the tokenizer from {model_dir}: {str(e).splitlines()[0][:200]}") \
+                from None
+        finally:
+            hf_logging.set_verbosity(level)
+
+
 class FolderTokenizer:
     """A checkpoint folder's `tokenizer.json` through the `tokenizers` library, answering as transformers' fast
     tokenizer does for the calls videoxl makes."""
@@ -132,8 +152,6 @@ class FolderTokenizer:
     def transformers(self):
         with self._lock:
             if self._hf is None:
-                from videoxl.checkpoint.loader import load_transformers_tokenizer
-
                 self._hf = load_transformers_tokenizer(self.model_dir)
             return self._hf
 
