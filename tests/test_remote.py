@@ -64,3 +64,14 @@ def test_a_load_failure_is_one_line(tmp_path):
         r.wait_ready()
     assert "\n" not in str(e.value)
     r.close()
+
+
+def test_a_child_that_dies_fails_its_question_and_reads_as_down(tiny_dir, clip_path):
+    r = RemoteModel(dict(model_dir=tiny_dir, device="cpu", dtype="float32"))
+    r.wait_ready()
+    r.process.kill()
+    r.process.join(timeout=10)
+    assert not r.alive()
+    with pytest.raises(RuntimeError, match="worker process on cpu exited"):
+        list(r.stream_chat(clip_path, None, "What?", max_num_frames=8, generation_config=GEN))
+    r.close()

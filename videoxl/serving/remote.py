@@ -137,12 +137,19 @@ class RemoteModel:
     def alive(self) -> bool:
         return self.process.is_alive()
 
+    def _send(self, msg: tuple) -> None:
+        try:
+            self._requests.send(msg)
+        except (OSError, EOFError):  # a broken pipe: the child is gone
+            raise RuntimeError(f"the worker process on {self.device} exited (code {self.process.exitcode})") \
+                from None
+
     def _recv(self, cancel: Cancel | None = None, sent_cancel: list | None = None):
         while not self._events.poll(POLL_S):
             if not self.process.is_alive():
                 raise RuntimeError(f"the worker process on {self.device} exited (code {self.process.exitcode})")
             if cancel is not None and cancel.is_set() and not sent_cancel:
-                self._requests.send(("cancel",))
+                self._send(("cancel",))
                 sent_cancel.append(True)
         try:
             return self._events.recv()
@@ -155,7 +162,7 @@ class RemoteModel:
                       sample_fps=sample_fps, max_sample_fps=max_sample_fps, generation_config=generation_config,
                       settings=settings, system=system)
         cancel = cancel or Cancel()
-        self._requests.send(("ask", kwargs, cancel.deadline))
+        self._send(("ask", kwargs, cancel.deadline))
         sent_cancel: list = []
         finished = False
         try:
@@ -174,7 +181,7 @@ class RemoteModel:
         finally:
             if not finished and self.process.is_alive():  # closed early: stop the child, then drain to its end
                 if not sent_cancel:
-                    self._requests.send(("cancel",))
+                    self._send(("cancel",))
                 while (msg := self._recv())[0] == "text":
                     pass
                 if msg[0] == "done":
