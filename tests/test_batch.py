@@ -140,13 +140,12 @@ def test_ray_actors_answer_alike(batch):
 def test_worker_processes_split_the_cores_between_them():
     """Each worker process takes its own slice of the batch's cores (its decoders and torch threads are sized by
     them); together they cover every core once; fewer cores than workers leaves every worker all of them."""
-    from videoxl.batch.runner import core_share
+    from videoxl.video.read import core_shares
 
     cores = [0, 1, 2, 3, 5, 8, 9]
-    shares = [core_share(cores, i, 2) for i in range(2)]
-    assert shares == [[0, 1, 2], [3, 5, 8, 9]]
-    assert core_share(cores, 0, 1) == cores
-    assert core_share([4], 1, 2) == [4]
+    assert core_shares(cores, 2) == [[0, 1, 2], [3, 5, 8, 9]]
+    assert core_shares(cores, 1) == [cores]
+    assert core_shares([4], 2) == [[4], [4]]
 
 
 @pytest.mark.slow

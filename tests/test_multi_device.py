@@ -1,6 +1,7 @@
 """Several engine workers (`serve --devices cpu,cpu` here; cuda:0,cuda:1 on a GPU host): a video's follow-ups go to
 the worker holding its KVs, new videos to the least loaded, answers never mixed, metrics and /health per worker,
 and one disk KV cache shared by the workers."""
+import os
 import shutil
 import threading
 
@@ -154,6 +155,8 @@ def test_health_names_each_device(two):
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert [(d["device"], d["worker"], d["up"]) for d in r.json()["devices"]] == [("cpu", 0, True), ("cpu", 1, True)]
     assert [w.remote for w in server.engine.pool] == [False, True]  # the second device's model: its own process
+    mine, theirs = server.engine.pool[0].cores, server.engine.pool[1].model.cores  # each its slice of the cores
+    assert mine and theirs and not set(mine) & set(theirs) or len(os.sched_getaffinity(0)) < 2
     assert server.metrics()['videoxl_worker_up{device="cpu",worker="1"}'] == 1
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 from videoxl.errors import VideoXLError
 from videoxl.settings import Settings as QuestionSettings
 from videoxl.batch.jobs import Job
+from videoxl.video.read import core_shares, pin_to_cores
 
 PARENT_POLL_S = 0.5  # how often a worker process checks that the batch process is still there
 STAT_KEYS = ("ttft_s", "decode_tokens_per_s", "generated_tokens", "prompt_tokens", "cached_tokens", "kv_cache",
@@ -114,29 +115,6 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="videoxl-parent-watch", daemon=True).start()
 
 
-def core_share(cores: list[int], i: int, n: int) -> list[int]:
-    """Worker i of n's slice of the batch process's cores. Each worker sizes its frame decoders and torch's
-    threads by the cores it may use (video.read.usable_cores), so n workers that each take every core would
-    run n times as many decoder threads as there are cores."""
-    cores = sorted(cores)
-    if n <= 1 or len(cores) < n:
-        return cores
-    return cores[i * len(cores) // n:(i + 1) * len(cores) // n]
-
-
-def _pin(cores: list[int] | None) -> None:
-    """Run the calling thread (and the decoder threads it starts) on `cores`; size torch's pool to them."""
-    if not cores:
-        return
-    try:
-        os.sched_setaffinity(0, cores)  # Linux: 0 is the calling thread, which new threads inherit
-    except (AttributeError, OSError):
-        return
-    import torch
-
-    torch.set_num_threads(len(cores))
-
-
 def _prefetch(first: list[Job] | None, device: str | None):
     """Start decoding the first video's frames now, while the weights load (video/prefetch.py), as chat does."""
     if not first:
@@ -159,7 +137,7 @@ def _serve(settings: Settings, device: str, tasks, results, parent: int | None =
     import)."""
     if parent is not None:
         die_with_parent(parent)
-    _pin(cores)
+    pin_to_cores(cores)
     visible = device if here or not device.startswith("cuda:") else "cuda:0"
     if not here and device.startswith("cuda:"):  # this process sees its GPU alone, as cuda:0 (as Ray does)
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
@@ -194,7 +172,7 @@ def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str
         mine = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         mine = []
-    shares = [core_share(mine, i, len(devices)) for i in range(len(devices))]
+    shares = core_shares(mine, len(devices))
     procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results, os.getpid(), shares[i]), daemon=True)
              for i, d in enumerate(devices) if i > 0]
     for p in procs:

@@ -67,6 +67,7 @@ def build(args):
     from videoxl.serving.media import MediaLimits
     from videoxl.serving.metrics import Metrics
     from videoxl.serving.remote import RemoteModel
+    from videoxl.video.read import core_shares
     from videoxl.serving.protocol import ServerDefaults
 
     if args.demo == bool(args.model):
@@ -99,7 +100,12 @@ def build(args):
     load_kwargs = dict(model_dir=args.model, dtype=args.dtype, quantize=args.quantize, vision_dtype=args.vision_dtype,
                        kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
     here = devices if args.worker_threads else devices[:1]
-    remotes = [RemoteModel(dict(load_kwargs, device=d)) for d in devices[len(here):]]  # loading beside ours
+    # each worker in a process of its own takes its slice of the cores, as `batch` does (threads would share
+    # one torch pool and one affinity)
+    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    shares = core_shares(mine, len(devices)) if len(here) < len(devices) else [None] * len(devices)
+    remotes = [RemoteModel(dict(load_kwargs, device=d), shares[i])  # they load beside ours
+               for i, d in enumerate(devices) if i >= len(here)]
     try:
         with ThreadPoolExecutor(len(here), thread_name_prefix="videoxl-load") as pool:
             replicas = list(pool.map(lambda d: videoxl.load(device=d, **load_kwargs), here))
@@ -123,7 +129,7 @@ def build(args):
                       idle_s=args.live_idle_s)
     settings = Settings(name, limits, defaults, args.request_timeout, tmp_dir, registry, live)
     metrics = Metrics()
-    engine = Engine(replicas, args.max_queue, metrics, question_settings)
+    engine = Engine(replicas, args.max_queue, metrics, question_settings, cores=shares[0])
     return create_app(engine, settings, metrics), engine, settings
 
 

@@ -28,6 +28,7 @@ from videoxl.cancel import Cancel, Cancelled, TimedOut
 from videoxl.errors import VideoXLError, VideoXLMemoryError
 from videoxl.live.session import LiveSession
 from videoxl.settings import Settings
+from videoxl.video.read import pin_to_cores
 from videoxl.cache.identity import VideoRef
 
 log = logging.getLogger("videoxl.serving")
@@ -77,6 +78,7 @@ class Worker:
     jobs: queue.Queue = field(default_factory=queue.Queue)
     running: int = 0
     thread: threading.Thread | None = None
+    cores: list[int] | None = None  # the cores this worker's thread and its decoders run on (None: all)
 
     @property
     def device(self) -> str:
@@ -108,10 +110,14 @@ def affinity_key(job: Job) -> tuple | None:
 
 
 class Engine:
-    def __init__(self, replicas: list[tuple], max_queue: int, metrics: Metrics, settings: Settings | None = None):
+    def __init__(self, replicas: list[tuple], max_queue: int, metrics: Metrics, settings: Settings | None = None,
+                 cores: list[int] | None = None):
+        """`cores`: the in-process worker's share of the cores when the others run in processes of their own."""
         self.metrics, self.max_queue = metrics, max_queue
         self.settings = settings or Settings()  # prefill and bi-level settings; generation comes per request
         self.pool = [Worker(i, model, tok) for i, (model, tok) in enumerate(replicas)]
+        if cores and self.pool and not self.pool[0].remote:
+            self.pool[0].cores = cores
         for w in self.pool:
             w.thread = threading.Thread(target=self._work, args=(w,), name=f"videoxl-engine-{w.index}", daemon=True)
         self.router = Router(len(self.pool))
@@ -168,6 +174,7 @@ class Engine:
 
     def _work(self, worker: Worker) -> None:
         model = worker.model
+        pin_to_cores(worker.cores, size_torch=False)  # torch's pool is the server process's, shared
         if model.device.type == "cuda" and not worker.remote:  # (a relay must not make a context on its GPU)
             torch.cuda.set_device(model.device)  # per thread: kernels launched without a device go to this GPU
         while (job := worker.jobs.get()) is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 
@@ -39,16 +40,19 @@ def kv_gauges(cache) -> dict:
             "videoxl_kv_cache_disk_rejected": cache.disk.rejected if cache.disk else 0}
 
 
-def _child(load_kwargs: dict, requests, events) -> None:
+def _child(load_kwargs: dict, requests, events, cores: list[int] | None = None) -> None:
     """The child's life: load, say ready (or why not), then answer one question at a time until told to stop."""
     import videoxl
+    from videoxl.video.read import pin_to_cores
 
+    pin_to_cores(cores)  # its slice of the server's cores, as `batch` gives each worker process
     try:
         model, tokenizer = videoxl.load(**load_kwargs)
     except BaseException as e:  # the parent reports it and keeps the other workers
         events.send(("failed", str(e).splitlines()[0][:300] if isinstance(e, VideoXLError) else repr(e)[:300]))
         return
-    events.send(("ready", str(model.device), kv_gauges(model.kv_cache)))
+    where = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    events.send(("ready", str(model.device), kv_gauges(model.kv_cache), where))
     cancel, lock = None, threading.Lock()
     jobs = []
     arrived = threading.Condition()
@@ -114,25 +118,26 @@ class RemoteModel:
     """The part of a model the engine's worker uses (`stream_chat`, `last_stats`, `device`, gauges), answered by
     a child process that holds the real model on `device`."""
 
-    def __init__(self, load_kwargs: dict):
+    def __init__(self, load_kwargs: dict, cores: list[int] | None = None):
         ctx = multiprocessing.get_context("spawn")  # never fork a process that has CUDA and threads
         self._requests, child_requests = ctx.Pipe(duplex=False)[::-1]
         child_events, self._events = ctx.Pipe(duplex=False)[::-1]
         self.device = torch.device(load_kwargs["device"])
-        self.process = ctx.Process(target=_child, args=(load_kwargs, child_requests, child_events),
+        self.process = ctx.Process(target=_child, args=(load_kwargs, child_requests, child_events, cores),
                                    name=f"videoxl-worker-{self.device}", daemon=True)
         self.process.start()
         child_requests.close()
         child_events.close()
         self.last_stats: dict = {}
         self.gauges: dict = {}
+        self.cores: list[int] | None = None
         self.kv_cache = None  # the cache lives in the child; `gauges` holds its last figures
 
     def wait_ready(self) -> None:
         msg = self._recv()
         if msg[0] != "ready":
             raise VideoXLError(f"the worker on {self.device} could not load the model: {msg[1]}")
-        self.gauges = msg[2]
+        self.gauges, self.cores = msg[2], msg[3]  # the cores the child runs on
 
     def alive(self) -> bool:
         return self.process.is_alive()
