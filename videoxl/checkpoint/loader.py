@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from videoxl.checkpoint.devices import on_device, parse_device, parse_dtype
-from videoxl.checkpoint.read import header, read_all
+from videoxl.checkpoint.read import Entry, header, read_all
 from videoxl.config import VideoXLConfig, config_path
 from videoxl.errors import VideoXLError
 
@@ -82,7 +82,7 @@ def weight_files(model_dir: str) -> dict[str, list[str]]:
 class CheckpointReport:
     """What a folder holds against what the model needs: the basis of both `load` and `videoxl inspect`."""
 
-    found: dict[str, tuple[str, str, tuple]] = field(default_factory=dict)  # ours -> (file, ckpt name, shape)
+    found: dict[str, Entry] = field(default_factory=dict)  # ours -> where its bytes are (file, name, shape)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
@@ -123,7 +123,7 @@ def scan(model_dir: str, cfg: VideoXLConfig, expected: dict[str, torch.Size]) ->
             elif shape != tuple(expected[ours]):
                 report.mismatched.append(f"{name} {list(shape)} != {list(expected[ours])}")
             else:
-                report.found[ours] = (path, name, shape)
+                report.found[ours] = entries[name]
                 report.groups[ours.split(".")[1] if ours.startswith("vision.") else "decoder"] += \
                     torch.Size(shape).numel()
     tied = cfg.text.tie_word_embeddings and "decoder.lm_head.weight" not in report.found
@@ -177,8 +177,7 @@ def load_model(model_dir: str, device="cpu", dtype=torch.float32, cfg: VideoXLCo
     report = scan(model_dir, cfg, expected)
     if not report.ok:
         raise VideoXLError(report.problem())
-    headers = {path: header(path) for path in {path for path, _, _ in report.found.values()}}
-    entries = [(ours, headers[path][name]) for ours, (path, name, _) in report.found.items()]
+    entries = list(report.found.items())  # the headers scan read: no file is opened twice
     state, quantized, lock = {}, {}, threading.Lock()
     device = torch.device(device)
 
