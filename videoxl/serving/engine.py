@@ -152,7 +152,10 @@ class Engine:
             if w.thread.ident is not None:  # started
                 w.thread.join()
         for w in self.pool:
-            w.model.close() if w.remote else w.model.kv_cache.flush()
+            if w.remote:
+                w.model.close()  # the child flushes its cache's pending writes, then exits
+            else:
+                w.model.kv_cache.flush()
 
     def health(self) -> list[dict]:
         """Each worker: its device, whether its thread is up, and its requests waiting and running."""

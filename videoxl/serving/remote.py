@@ -28,6 +28,7 @@ from videoxl.errors import VideoXLError, VideoXLMemoryError
 
 log = logging.getLogger("videoxl.serving")
 POLL_S = 0.05  # how often a waiting relay looks at its job's cancel flag
+# an error's kind across the pipe, most specific class first (TimedOut is a Cancelled, both are VideoXLErrors)
 ERRORS = {"timeout": TimedOut, "cancelled": Cancelled, "memory": VideoXLMemoryError, "input": VideoXLError}
 
 
@@ -101,14 +102,8 @@ def _answer(model, tokenizer, kwargs: dict, cancel: Cancel, events) -> tuple:
         finally:
             stream.close()
         return ("done", dict(model.last_stats), kv_gauges(model.kv_cache))
-    except TimedOut as e:
-        return ("error", "timeout", str(e))
-    except Cancelled as e:
-        return ("error", "cancelled", str(e))
-    except VideoXLMemoryError as e:
-        return ("error", "memory", str(e))
-    except VideoXLError as e:
-        return ("error", "input", str(e))
+    except VideoXLError as e:  # sent as its kind, raised again as the same class in the parent
+        return ("error", next(kind for kind, cls in ERRORS.items() if isinstance(e, cls)), str(e))
     except Exception as e:  # a bug or out of memory: logged here, the parent sends a 500/503 without internals
         log.exception("request failed in the worker process")
         return ("error", "memory" if "out of memory" in str(e) else "internal", "")
@@ -131,7 +126,6 @@ class RemoteModel:
         self.last_stats: dict = {}
         self.gauges: dict = {}
         self.cores: list[int] | None = None
-        self.kv_cache = None  # the cache lives in the child; `gauges` holds its last figures
 
     def wait_ready(self) -> None:
         msg = self._recv()
