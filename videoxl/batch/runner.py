@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 from videoxl.errors import VideoXLError
 from videoxl.settings import Settings as QuestionSettings
 from videoxl.batch.jobs import Job
-from videoxl.video.read import core_shares, pin_to_cores
+from videoxl.video.read import core_shares, pin_to_cores, usable_core_ids
 
 PARENT_POLL_S = 0.5  # how often a worker process checks that the batch process is still there
 STAT_KEYS = ("ttft_s", "decode_tokens_per_s", "generated_tokens", "prompt_tokens", "cached_tokens", "kv_cache",
@@ -168,11 +168,7 @@ def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str
     tasks, results = ctx.Queue(), ctx.Queue()
     for item in list(enumerate(groups))[1:]:
         tasks.put(item)
-    try:
-        mine = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        mine = []
-    shares = core_shares(mine, len(devices))
+    shares = core_shares(usable_core_ids(), len(devices))
     procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results, os.getpid(), shares[i]), daemon=True)
              for i, d in enumerate(devices) if i > 0]
     for p in procs:

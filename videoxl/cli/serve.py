@@ -67,7 +67,7 @@ def build(args):
     from videoxl.serving.media import MediaLimits
     from videoxl.serving.metrics import Metrics
     from videoxl.serving.remote import RemoteModel
-    from videoxl.video.read import core_shares
+    from videoxl.video.read import core_shares, usable_core_ids
     from videoxl.serving.protocol import ServerDefaults
 
     if args.demo == bool(args.model):
@@ -102,8 +102,7 @@ def build(args):
     here = devices if args.worker_threads else devices[:1]
     # each worker in a process of its own takes its slice of the cores, as `batch` does (threads would share
     # one torch pool and one affinity)
-    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    shares = core_shares(mine, len(devices)) if len(here) < len(devices) else [None] * len(devices)
+    shares = core_shares(usable_core_ids(), len(devices)) if len(here) < len(devices) else [None] * len(devices)
     remotes = [RemoteModel(dict(load_kwargs, device=d), shares[i])  # they load beside ours
                for i, d in enumerate(devices) if i >= len(here)]
     try:

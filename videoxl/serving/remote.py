@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import threading
 import time
 
@@ -44,7 +43,7 @@ def kv_gauges(cache) -> dict:
 def _child(load_kwargs: dict, requests, events, cores: list[int] | None = None) -> None:
     """The child's life: load, say ready (or why not), then answer one question at a time until told to stop."""
     import videoxl
-    from videoxl.video.read import pin_to_cores
+    from videoxl.video.read import pin_to_cores, usable_core_ids
 
     pin_to_cores(cores)  # its slice of the server's cores, as `batch` gives each worker process
     try:
@@ -52,8 +51,7 @@ def _child(load_kwargs: dict, requests, events, cores: list[int] | None = None) 
     except BaseException as e:  # the parent reports it and keeps the other workers
         events.send(("failed", str(e).splitlines()[0][:300] if isinstance(e, VideoXLError) else repr(e)[:300]))
         return
-    where = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    events.send(("ready", str(model.device), kv_gauges(model.kv_cache), where))
+    events.send(("ready", str(model.device), kv_gauges(model.kv_cache), usable_core_ids()))
     cancel, lock = None, threading.Lock()
     jobs = []
     arrived = threading.Condition()

@@ -240,12 +240,18 @@ def _sequential(path, wanted, size, stats, cancel=None):
         raise VideoXLError(f"corrupt video, no frame could be decoded: {path}")
 
 
+def usable_core_ids() -> list[int]:
+    """The cores the calling thread may run on (taskset, a container's CPU set, a worker's slice); [] where the
+    platform does not say."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return []
+
+
 def usable_cores() -> int:
     """Cores this process may run on (taskset, a container's CPU set), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return len(usable_core_ids()) or os.cpu_count() or 1
 
 
 def core_shares(cores: list[int], n: int) -> list[list[int]]:
