@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -61,6 +62,17 @@ def child(model_dir: str, video: str, order: str, device: str, frames: int) -> N
         mark("tokenizer_first_done")
     prefetch = None if order == "no-prefetch" else Prefetch(video, (frames, 1.0, None), dev)
     mark("prefetch_started")
+    if prefetch is not None:  # when its stream is open (index read, decoders made) and its first frames came
+        def watch():
+            while not prefetch.done and "prefetch_first_frames" not in marks:
+                if prefetch.stream is not None and "prefetch_stream_open" not in marks:
+                    mark("prefetch_stream_open")
+                if prefetch.parts:
+                    mark("prefetch_first_frames")
+                time.sleep(0.005)
+            prefetch.thread.join()
+            mark("prefetch_all_frames")
+        threading.Thread(target=watch, daemon=True).start()
     model, tokenizer = videoxl.load(model_dir, device=dev)
     mark("loaded")
     if prefetch is not None:
