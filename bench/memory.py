@@ -1,6 +1,7 @@
 """The memory estimate (`videoxl/memory.py`) against the measured peaks of `bench/prefill.py`, and the frames
-that fit on 16 / 24 / 40 / 80 GB cards per mode and weight precision (bf16, and the decoder layers in int8 or
-int4: `quantize=`). CPU only: it reads `bench/results/*.json`, measures nothing.
+that fit on 16 / 24 / 40 / 80 GB cards per mode, weight precision (bf16, and the decoder layers in int8 or
+int4: `quantize=`) and KV cache (bf16, or fp8: `kv_dtype=`). CPU only: it reads `bench/results/*.json`, measures
+nothing.
 
     python bench/memory.py [--out bench/results/memory_estimate.json]
 """
@@ -23,7 +24,8 @@ from videoxl.checkpoint.tiny import full_size_config  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 WAY_TO_MODE = {"dense": "dense", "mask": "mask", "streaming": "streaming+offload"}  # bench's streaming offloads
 CARDS_GB = (16, 24, 40, 80)
-PRECISIONS = ("bf16", "int8", "int4")  # of the decoder layers' weights; the KVs stay bf16
+PRECISIONS = ("bf16", "int8", "int4")  # of the decoder layers' weights
+KV_DTYPES = ("bf16", "fp8")  # of the KV cache
 CONTEXT_GIB = 1.0  # the CUDA context and what else the card holds: not free to us
 VISION_SLICE = {"dense": 96, "mask": 24, "streaming": 24, "streaming+offload": 24}  # chat's / the CLI's defaults
 
@@ -63,11 +65,13 @@ def card_table(weights: dict[str, int]) -> list[dict]:
     rows = []
     for mode in ("dense", "mask", "streaming", "streaming+offload"):
         for precision in PRECISIONS:
-            row = {"mode": mode, "weights": precision, "vision_slice": VISION_SLICE[mode]}
-            for gb in CARDS_GB:
-                budget = int((gb - CONTEXT_GIB) * GiB)
-                row[f"{gb}GB"] = max_frames(cfg, budget, mode, weights[precision], VISION_SLICE[mode], 2)
-            rows.append(row)
+            for kv in KV_DTYPES:
+                row = {"mode": mode, "weights": precision, "kv": kv, "vision_slice": VISION_SLICE[mode]}
+                for gb in CARDS_GB:
+                    budget = int((gb - CONTEXT_GIB) * GiB)
+                    row[f"{gb}GB"] = max_frames(cfg, budget, mode, weights[precision], VISION_SLICE[mode], 2,
+                                                kv_dtype=None if kv == "bf16" else kv)
+                rows.append(row)
     return rows
 
 
@@ -84,10 +88,10 @@ def main():
     for r in comp:
         print(f"| {r['frames']} | {r['mode']} | {r['tokens']} | {r['measured_gib']} | {r['estimate_gib']} | "
               f"{100 * r['error']:+.1f}% |")
-    print("\n| mode (vision batch) | weights | " + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |")
-    print("|---|---|" + "---:|" * len(CARDS_GB))
+    print("\n| mode (vision batch) | weights | KVs | " + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |")
+    print("|---|---|---|" + "---:|" * len(CARDS_GB))
     for r in cards:
-        print(f"| {r['mode']} ({r['vision_slice']}) | {r['weights']} | "
+        print(f"| {r['mode']} ({r['vision_slice']}) | {r['weights']} | {r['kv']} | "
               + " | ".join(f"{r[f'{gb}GB']:,}" for gb in CARDS_GB) + " |")
     with open(args.out, "w") as f:
         json.dump({"weights_gib": {p: round(w / GiB, 3) for p, w in all_weights.items()}, "comparison": comp, "cards": cards,

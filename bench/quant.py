@@ -11,6 +11,8 @@ Per scheme (bf16 first, then each quantized copy of the same bf16 weights; embed
   accuracy      against bf16 over the same cache: logits' relative L2 error and top-1 agreement, teacher-forced
                 on bf16's greedy tokens; and how many free-running greedy tokens equal bf16's;
   prefill       a 2,048-token eager prefill (the prefill path's layers, M > 1): last logits' relative error.
+A scheme "W+kv-fp8" (or "kv-fp8" alone: bf16 weights) runs weights W over an FP8 copy of the same cache
+(`kv_dtype="fp8"`, language/kv_fp8.py), its prefill with an FP8 cache too; `kv_GB` gives the cache's bytes.
 Results: DIR/quant.json (and printed). `--tiny` runs the tiny config on the CPU (a smoke test of the script).
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from videoxl.decoding.eager import EagerStep  # noqa: E402
 from videoxl.decoding.generation import GenerationConfig  # noqa: E402
 from videoxl.language import quant  # noqa: E402
 from videoxl.language.decoder import Qwen2Decoder  # noqa: E402
+from videoxl.language.kv_store import KVStore  # noqa: E402
 from videoxl.memory import weight_bytes  # noqa: E402
 
 GB = 1e9
@@ -85,6 +88,20 @@ def kernel_check(decoder: Qwen2Decoder, scheme: str) -> dict:
             out[kind] = round(worst, 5)
             del w
     return out
+
+
+def fp8_copy(model, store):
+    """An FP8 store holding the same K/V as `store`, quantized a layer at a time."""
+    fp8 = KVStore(store.num_layers, store.num_kv_heads, store.head_dim, store.dtype, store.device, store.capacity,
+                  kv_dtype="fp8")
+    with torch.inference_mode():
+        for layer in range(store.num_layers):
+            k, v = fp8.layer_slot(layer, store.length)
+            src_k, src_v = store.layer(layer)
+            k.copy_(src_k)
+            v.copy_(src_v)
+            fp8.commit(layer, store.length)
+    return fp8
 
 
 def make_step(decoder, store):
@@ -167,21 +184,27 @@ def main():
     ref_prefill = prefill_logits(base, args.prefill_tokens)
     log("bf16 model and cache ready")
     ref_greedy = ref_forced = None
+    bf16_store, fp8_store = store, None
     for scheme in ["bf16", *args.schemes]:
         t0 = time.perf_counter()
+        weights, kv = ("bf16", scheme) if scheme == "kv-fp8" else (scheme.split("+")[0], scheme.partition("+")[2])
+        if kv:
+            fp8_store = fp8_store or fp8_copy(model, bf16_store)
+        store = fp8_store if kv else bf16_store
         try:
-            dec = base if scheme == "bf16" else quantized_copy(base, scheme)
+            dec = base if weights == "bf16" else quantized_copy(base, weights)
+            dec.kv_dtype = "fp8" if kv else None  # the prefill check's cache
         except Exception as e:  # noqa: BLE001  (one scheme failing must not lose the others' numbers)
             res["schemes"][scheme] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             print(json.dumps({scheme: res["schemes"][scheme]}), flush=True)
             continue
-        r = {"quantize_s": round(time.perf_counter() - t0, 2),
-             "weights_estimate_GB": round((weight_bytes(shapes, None if scheme == "bf16" else scheme, 2)
+        r = {"quantize_s": round(time.perf_counter() - t0, 2), "kv_GB": round(store.nbytes / GB, 3),
+             "weights_estimate_GB": round((weight_bytes(shapes, None if weights == "bf16" else weights, 2)
                                            - weight_bytes({k: v for k, v in shapes.items()
                                                            if not k.startswith("decoder.")}, None, 2)) / GB, 3)}
         try:
-            if scheme != "bf16":
-                r["kernel_check_rel_err"] = kernel_check(dec, scheme)
+            if weights != "bf16":
+                r["kernel_check_rel_err"] = kernel_check(dec, weights)
             step = make_step(dec, store)
             r["weights_GB"] = round(stored_bytes(dec) / GB, 3)  # after the step's fusion (int4's scale copies)
             greedy = run_tokens(step, store, n, first, None, args.steps)
@@ -202,7 +225,8 @@ def main():
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         res["schemes"][scheme] = r
         print(json.dumps({scheme: r}), flush=True)
-        if scheme != "bf16":
+        dec.kv_dtype = None
+        if weights != "bf16":
             del dec
         if device.type == "cuda":
             torch.cuda.empty_cache()

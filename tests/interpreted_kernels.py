@@ -3,6 +3,7 @@ captured-step body, interpreted on the CPU, against plain PyTorch (float32). Pri
 import json
 import sys
 
+import numpy as np
 import triton.runtime.interpreter as interpreter
 
 _patch = interpreter._patch_lang_tensor
@@ -16,12 +17,26 @@ def _patched(tensor, scope):
 
 
 interpreter._patch_lang_tensor = _patched
+_convert = interpreter._convert_float
+
+
+def _to_fp8(input, input_dtype, output_dtype, rounding_mode):
+    # the interpreter's float32 -> e4m3 rounding drops the carry when a mantissa rounds up into the next binade
+    # (126.2 -> 64, not 128); the GPU's conversion (cvt.rn.satfinite) is IEEE round-to-nearest-even, as torch's is
+    if input_dtype == interpreter.tl.float32 and output_dtype == interpreter.tl.float8e4nv:
+        import torch
+        return torch.from_numpy(np.ascontiguousarray(input)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return _convert(input, input_dtype, output_dtype, rounding_mode)
+
+
+interpreter._convert_float = _to_fp8
 
 import torch  # noqa: E402
 
 import videoxl  # noqa: E402
 from videoxl.language.decoder import apply_rope, rope_cos_sin  # noqa: E402
 from videoxl.decoding import kernels  # noqa: E402
+from videoxl.language import kv_fp8  # noqa: E402
 from videoxl.decoding.captured import CapturedStep  # noqa: E402
 
 
@@ -32,6 +47,37 @@ def attention_error(n_kv, g, d, length, capacity, splits):
     kk, vv = k[:, :length].repeat_interleave(g, 0), v[:, :length].repeat_interleave(g, 0)
     ref = (torch.softmax(torch.einsum("hd,hnd->hn", q, kk) * d ** -0.5, -1)[:, :, None] * vv).sum(1)
     return (out - ref).abs().max().item()
+
+
+def fp8_attention_error(n_kv, g, d, length, capacity, splits):
+    """The kernel reading an FP8 cache (scales per token) against plain attention over the dequantized cache."""
+    q = torch.randn(n_kv * g, d)
+    k8, ks = kv_fp8.quantize(torch.randn(1, n_kv, capacity, d) * torch.rand(1, 1, capacity, 1) * 8)
+    v8, vs = kv_fp8.quantize(torch.randn(1, n_kv, capacity, d))
+    out = kernels.decode_attention(q, k8[0], v8[0], torch.tensor([length], dtype=torch.int32), splits=splits,
+                                   scales=(ks, vs))
+    k, v = (kv_fp8.dequantize(x[0], s, torch.float32) for x, s in ((k8, ks), (v8, vs)))
+    kk, vv = k[:, :length].repeat_interleave(g, 0), v[:, :length].repeat_interleave(g, 0)
+    ref = (torch.softmax(torch.einsum("hd,hnd->hn", q, kk) * d ** -0.5, -1)[:, :, None] * vv).sum(1)
+    return (out - ref).abs().max().item()
+
+
+def fp8_store_mismatch(n_heads, n_kv, d):
+    """rope_store_fp8's quantized K, V and scales at position 3 against kv_fp8.quantize of rope_store's."""
+    qkv, pos = torch.randn(n_heads + 2 * n_kv, d) * 3, torch.tensor([3])
+    cos, sin = rope_cos_sin(pos, d, 1e6, torch.float32)
+    q_out, k_ref, v_ref = torch.empty(n_heads, d), torch.zeros(n_kv, 5, d), torch.zeros(n_kv, 5, d)
+    kernels.rope_store(qkv, cos[0], sin[0], pos, q_out, k_ref, v_ref, n_heads, n_kv, d)
+    buffers = (torch.zeros(n_kv, 5, d, dtype=kv_fp8.FP8), torch.zeros(n_kv, 5, d, dtype=kv_fp8.FP8),
+               torch.zeros(5), torch.zeros(5))
+    kernels.rope_store_fp8(qkv, cos[0], sin[0], pos, torch.empty(n_heads, d), torch.empty(2, n_kv, 1, d),
+                           torch.zeros(1, dtype=torch.long), buffers, n_heads, n_kv, d)
+    worst = 0.0
+    for i, ref in enumerate((k_ref, v_ref)):
+        q8, scale = kv_fp8.quantize(ref[None, :, 3:4])
+        worst = max(worst, (buffers[2 + i][3] - scale[0]).abs().item() / scale[0].item(),
+                    (buffers[i][:, 3].float() - q8[0, :, 0].float()).abs().max().item())
+    return worst
 
 
 def step_against_eager(dec, reference=lambda run: run()):
@@ -88,6 +134,14 @@ def main(tiny_dir):
         same = all(a.data_ptr() == b.data_ptr() and a.shape == b.shape
                    for w1, w2 in zip(step.weights, again.weights) for a, b in zip(w1, w2))
     errors["step_logits"], errors["step_kv"], errors["fused_reused"] = worst, kv, same
+
+    # the FP8 cache: its kernels, and the captured step's body over an fp8 store against the eager fp8 path
+    errors["fp8_attention"] = max(fp8_attention_error(*case) for case in [
+        (2, 2, 16, 37, 64, 4), (4, 7, 128, 300, 512, 4), (1, 1, 32, 5, 64, 8)])
+    errors["fp8_store"] = fp8_store_mismatch(4, 2, 16)
+    dec.kv_dtype = "fp8"
+    with torch.inference_mode():
+        _, _, errors["fp8_step_logits"], errors["fp8_step_kv"] = step_against_eager(dec)
     print(json.dumps(errors))
 
 

@@ -90,3 +90,8 @@ def test_interpreted_kernels_match_torch(tiny_dir):
     assert errors["rms_norm"] == 0 and errors["rope_store"] == 0  # same operations, same roundings
     assert errors["step_logits"] < 1e-4 and errors["step_kv"] < 1e-5
     assert errors["fused_reused"]
+    # the FP8 cache (fp32 compute): the kernel over e4m3 K/V with per-token scales against attention over the
+    # dequantized cache (summation order only); its store kernel against kv_fp8.quantize, byte for byte; the
+    # captured body over an fp8 store against the eager forward over another (same rounding points)
+    assert errors["fp8_attention"] < 1e-5 and errors["fp8_store"] == 0
+    assert errors["fp8_step_logits"] < 1e-4 and errors["fp8_step_kv"] < 1e-5

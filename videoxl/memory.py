@@ -28,6 +28,7 @@ import torch
 
 from videoxl.config import FRAMES_PER_GROUP, VideoXLConfig
 from videoxl.errors import VideoXLMemoryError
+from videoxl.language import kv_fp8
 from videoxl.language.prompt import SYSTEM_TOKENS, prompt_tokens
 from videoxl.prefill.plan import STREAM_TOKENS_PER_SLICE
 
@@ -60,21 +61,26 @@ class Estimate:
 
 
 def estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, tokens: int | None = None,
-             frames_per_slice: int = 96, dtype_bytes: int = 2) -> Estimate:
+             frames_per_slice: int = 96, dtype_bytes: int = 2, kv_dtype: str | None = None) -> Estimate:
     """Peak memory of vision + prefill for `frames` frames with `weights` bytes of parameters; `tokens` =
-    prompt tokens through the video when known, else from the frame count."""
+    prompt tokens through the video when known, else from the frame count. `kv_dtype="fp8"`: the KVs stored
+    in fp8 (language/kv_fp8.py), and one layer's K/V read back in the model's dtype (twice in the chunked
+    modes: `layer_slot`'s buffers and what `commit` returns)."""
     t, v, b = config.text, config.vision, dtype_bytes
     n = tokens if tokens is not None else prompt_tokens(config, frames)
     hidden, mlp = t.hidden_size, t.intermediate_size
     kv_token = t.num_key_value_heads * t.head_dim  # one layer's K (or V) per token, elements
-    all_kv = kv_bytes_per_token(config, b)
+    all_kv = kv_bytes_per_token(config, b, kv_dtype=kv_dtype)
     rope = 2 * t.head_dim * b
     groups = math.ceil(frames / FRAMES_PER_GROUP)
     visual = groups * config.tokens_per_group * hidden * b
     per_frame = (v.image_size // v.patch_size) ** 2 * (6 * v.hidden_size + 2 * v.intermediate_size) * b
     vision = min(frames_per_slice, frames) * per_frame + 2 * visual
     base, offload = mode.split("+")[0], mode.endswith("+offload")
-    kv = 2 * kv_bytes_per_token(config, b, 1) if offload else all_kv  # offload: two GPU staging slots of one layer
+    kv = 2 * kv_bytes_per_token(config, b, 1, kv_dtype) if offload else all_kv  # offload: two GPU staging slots
+    if kv_dtype:  # one layer in the model's dtype: `append`'s read back, or `layer_slot`'s buffers
+        all_kv += (2 if base == "dense" else 0) * kv_token * b
+        kv += (0 if base == "dense" else 2) * kv_token * b
     if base == "dense":
         attention = n * (all_kv + 4 * hidden * b + rope)
         mlp_phase = n * (all_kv + 3 * hidden * b + rope) + min(n, STREAM_TOKENS_PER_SLICE) * 3 * mlp * b
@@ -91,7 +97,8 @@ def estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, tokens
 
 
 def live_estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, frames_per_slice: int = 96,
-                  dtype_bytes: int = 2, bilevel: tuple[float, int] | None = None) -> Estimate:
+                  dtype_bytes: int = 2, bilevel: tuple[float, int] | None = None,
+                  kv_dtype: str | None = None) -> Estimate:
     """GPU memory of a live session holding `frames` frames, at the peak of an append: its KVs on the GPU (every
     layer's; with offload the two staging slots of one layer that each append reads through, sized to the
     session), plus the larger of a vision slice and one append's pass over its new tokens (a slice of frames:
@@ -99,7 +106,8 @@ def live_estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, f
     dense, compression): also a question's, `bilevel_question_bytes` beside the KVs."""
     t, b = config.text, dtype_bytes
     n = prompt_tokens(config, frames)
-    kv = n * (2 * kv_bytes_per_token(config, b, 1) if mode.endswith("+offload") else kv_bytes_per_token(config, b))
+    kv = n * (2 * kv_bytes_per_token(config, b, 1, kv_dtype) if mode.endswith("+offload")
+              else kv_bytes_per_token(config, b, kv_dtype=kv_dtype))
     per_slice = min(frames_per_slice, frames)
     vision = estimate(config, per_slice, "dense", weights, None, frames_per_slice, b).vision
     new = prompt_tokens(config, per_slice, 0)
@@ -125,10 +133,10 @@ def bilevel_question_bytes(config: VideoXLConfig, frames: int, share: float, com
 
 
 def max_frames(config: VideoXLConfig, budget: int, mode: str, weights: int, frames_per_slice: int = 96,
-               dtype_bytes: int = 2, limit: int = 1 << 20) -> int:
+               dtype_bytes: int = 2, limit: int = 1 << 20, kv_dtype: str | None = None) -> int:
     """The most frames (a multiple of 4) whose estimate, with headroom, fits in `budget` bytes; 0 if none."""
     def fits(frames):
-        e = estimate(config, frames, mode, weights, None, frames_per_slice, dtype_bytes)
+        e = estimate(config, frames, mode, weights, None, frames_per_slice, dtype_bytes, kv_dtype)
         return e.weights + e.working * HEADROOM <= budget
 
     if not fits(FRAMES_PER_GROUP):
@@ -181,15 +189,20 @@ def host_available(meminfo: str = "/proc/meminfo") -> int | None:
     return None
 
 
-def host_kv_bytes(config: VideoXLConfig, tokens: int, dtype_bytes: int) -> int:
+def host_kv_bytes(config: VideoXLConfig, tokens: int, dtype_bytes: int, kv_dtype: str | None = None) -> int:
     """Every layer's K and V for `tokens` tokens: what offload keeps in (pinned) host memory."""
-    return kv_bytes_per_token(config, dtype_bytes) * tokens
+    return kv_bytes_per_token(config, dtype_bytes, kv_dtype=kv_dtype) * tokens
 
 
-def kv_bytes_per_token(config: VideoXLConfig, dtype_bytes: int, layers: int | None = None) -> int:
-    """K and V of one token in `layers` layers (default: all of them)."""
+def kv_bytes_per_token(config: VideoXLConfig, dtype_bytes: int, layers: int | None = None,
+                       kv_dtype: str | None = None) -> int:
+    """K and V of one token in `layers` layers (default: all of them), as stored (`kv_dtype="fp8"`: e4m3 values
+    and a scale per token)."""
     t = config.text
-    return 2 * (t.num_hidden_layers if layers is None else layers) * t.num_key_value_heads * t.head_dim * dtype_bytes
+    layers = t.num_hidden_layers if layers is None else layers
+    if kv_dtype == "fp8":
+        return kv_fp8.bytes_per_token(layers, t.num_key_value_heads, t.head_dim)
+    return 2 * layers * t.num_key_value_heads * t.head_dim * dtype_bytes
 
 
 def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames_per_slice: int,
@@ -205,9 +218,9 @@ def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames
     b = model.dtype.itemsize
     w = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # resident (quantized:
     # the weights are buffers)
-    mode = mode_of(chunking)
+    mode, kv = mode_of(chunking), model.decoder.kv_dtype
     tokens = prompt_tokens(model.config, frames, text_tokens)
-    est = estimate(model.config, frames, mode, w, tokens, frames_per_slice, b)
+    est = estimate(model.config, frames, mode, w, tokens, frames_per_slice, b, kv)
     cuda = model.device.type == "cuda"
     frames_held = 0 if cuda else held_frames * FRAME_BYTES  # on a GPU, decoded frames wait in host memory
     if est.working * HEADROOM + frames_held > available:
@@ -215,13 +228,13 @@ def check_fits(model, frames: int, tokenizer, texts: list[str], chunking, frames
                 f"{gib(est.working + frames_held)} working memory); {gib(available)} free on {model.device} besides "
                 "the weights")
         if not cuda:  # chunking modes and offload save GPU memory, not RAM: fewer frames is the setting
-            most = max_frames(model.config, w + available - frames_held, mode, w, frames_per_slice, b)
+            most = max_frames(model.config, w + available - frames_held, mode, w, frames_per_slice, b, kv_dtype=kv)
             raise VideoXLMemoryError(f"{head}; use at most {most} frames (--max-num-frames)")
         raise VideoXLMemoryError(head + "; " + suggestion(model.config, frames, text_tokens, w + available, b, w,
-                                                          mode, frames_per_slice))
+                                                          mode, frames_per_slice, kv))
     host = host_available()
-    if mode.endswith("+offload") and host is not None and host_kv_bytes(model.config, tokens, b) > host:
-        raise VideoXLMemoryError(f"{frames} frames offload ~{gib(host_kv_bytes(model.config, tokens, b))} of KVs "
+    if mode.endswith("+offload") and host is not None and host_kv_bytes(model.config, tokens, b, kv) > host:
+        raise VideoXLMemoryError(f"{frames} frames offload ~{gib(host_kv_bytes(model.config, tokens, b, kv))} of KVs "
                                  f"to host RAM; {gib(host)} available: use fewer frames (--max-num-frames)")
     return est
 
@@ -230,9 +243,9 @@ def gib(x: int) -> str:
     return f"{x / GiB:.1f} GiB"
 
 
-def suggestion(config, frames, text_tokens, budget, b, w, mode, frames_per_slice) -> str:
+def suggestion(config, frames, text_tokens, budget, b, w, mode, frames_per_slice, kv_dtype=None) -> str:
     def fits(m, per_slice):
-        e = estimate(config, frames, m, w, prompt_tokens(config, frames, text_tokens), per_slice, b)
+        e = estimate(config, frames, m, w, prompt_tokens(config, frames, text_tokens), per_slice, b, kv_dtype)
         return e.weights + e.working * HEADROOM <= budget
 
     for m in ("mask", "dense", "streaming", "streaming+offload"):
@@ -243,7 +256,7 @@ def suggestion(config, frames, text_tokens, budget, b, w, mode, frames_per_slice
         if fits("streaming+offload", per_slice):
             return (f"use --chunk-prefill streaming --offload --vision-chunk {per_slice} "
                     "(prefill_config chunk_size_for_vision_tower)")
-    most = max_frames(config, budget, "streaming+offload", w, 8, b)
+    most = max_frames(config, budget, "streaming+offload", w, 8, b, kv_dtype=kv_dtype)
     if most == 0:
         return "the weights alone leave no room: use a card with more memory"
     return f"use --max-num-frames {most} with --chunk-prefill streaming --offload --vision-chunk 8"

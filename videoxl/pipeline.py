@@ -98,7 +98,8 @@ def video_prefix(model, video, tokenizer, question, history, sampling: tuple, ch
         ident = pending.result()  # an entry could match: the lookup needs the hash now
 
     def key_of(ident):
-        return VideoKey(model.weights_digest(), ident, tuple(sampling), chunking_key(chunking), system)
+        return VideoKey(model.weights_digest(), ident, tuple(sampling), chunking_key(chunking), system,
+                        model.decoder.kv_dtype)
 
     key = None
     if ident is not None:

@@ -40,6 +40,7 @@ class Settings:
     kv_cache_dir: str | None = None
     quantize: str | None = None
     vision_dtype: str | None = None
+    kv_dtype: str | None = None
 
 
 class Worker:
@@ -51,7 +52,8 @@ class Worker:
         try:
             self.model, self.tokenizer = videoxl.load(settings.model_dir, device=device, dtype=settings.dtype,
                                                       kv_cache_dir=settings.kv_cache_dir,
-                                                      quantize=settings.quantize, vision_dtype=settings.vision_dtype)
+                                                      quantize=settings.quantize, vision_dtype=settings.vision_dtype,
+                                                      kv_dtype=settings.kv_dtype)
         except BaseException:
             if prefetch is not None:
                 prefetch.cancel()

@@ -146,7 +146,7 @@ class KVDisk:
         return m, tensors
 
 
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn}
 READ_CHUNK = 16 << 20
 READERS = 8  # cold reads are disk-bound at any count; from the page cache 8 threads read 22 GB/s, 4 read 12
 

@@ -45,12 +45,15 @@ class VideoKey:
     sampling: tuple  # (max_num_frames, sample_fps, max_sample_fps)
     chunking: tuple | None  # the PrefillConfig fields that change the KVs; None = dense
     system: str | None = None  # a custom system message (the prefix's KVs depend on it); None = the default
+    kv_dtype: str | None = None  # how the KVs are stored ("fp8"); None = the model's dtype
 
     def as_dict(self) -> dict:
         d = {"weights": self.weights, "video": self.video, "sampling": list(self.sampling),
              "chunking": None if self.chunking is None else list(self.chunking)}
         if self.system is not None:  # absent for the default: entries written before custom systems still match
             d["system"] = self.system
+        if self.kv_dtype is not None:  # likewise
+            d["kv_dtype"] = self.kv_dtype
         return d
 
     @property
@@ -184,7 +187,8 @@ class VideoKVCache:
         manifest = {"key": entry.key.as_dict(), "prompt": prompt_dict(entry.prompt),
                     "stats": {k: v for k, v in entry.stats.items() if k not in ("kv_cache", "cached_tokens")},
                     "layout": {"layers": s.num_layers, "kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
-                               "dtype": str(s.dtype).removeprefix("torch."), "tokens": entry.prompt.video_end}}
+                               "dtype": str(s.dtype).removeprefix("torch."), "tokens": entry.prompt.video_end,
+                               "kv_dtype": s.kv_dtype}}
         self.disk.submit(entry.key.digest, manifest, s.to_tensors(entry.prompt.video_end))
 
     def flush(self) -> None:
@@ -205,7 +209,7 @@ class VideoKVCache:
             return None
         lay = m["layout"]
         store = KVStore(lay["layers"], lay["kv_heads"], lay["head_dim"], getattr(torch, lay["dtype"]), device,
-                        prompt.video_end + DECODE_ROOM, offload)
+                        prompt.video_end + DECODE_ROOM, offload, lay.get("kv_dtype"))
         try:
             store.load_tensors(tensors)
         except ValueError as e:

@@ -220,14 +220,15 @@ def check_tokenizer_files(model_dir: str) -> None:
 
 def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
          kv_cache_gb: float = 0, kv_cache_dir: str | None = None, quantize: str | None = None,
-         vision_dtype: str | None = None):
+         vision_dtype: str | None = None, kv_dtype: str | None = None):
     """`videoxl.load(path)` -> (model, tokenizer). Defaults: CUDA + bfloat16 when there is a GPU, else CPU + fp32.
     Videos' prefix KVs are kept in memory up to `kv_cache_gb` (0: the latest video only) and, with
     `kv_cache_dir`, on disk, where a later process finds them (see video_kv.py). `quantize`: None, "int8",
     "int4" or "fp8", the decoder layers' weights (see language/quant.py). `vision_dtype`: None (the model's
-    dtype) or "fp8", the vision side's linear layers (see vision/precision.py)."""
+    dtype) or "fp8", the vision side's linear layers (see vision/precision.py). `kv_dtype`: None (the model's
+    dtype) or "fp8", how every KV cache stores keys and values (see language/kv_fp8.py)."""
     from videoxl.cache.store import VideoKVCache
-    from videoxl.language import quant
+    from videoxl.language import kv_fp8, quant
     from videoxl.vision.precision import parse_vision_dtype, quantize_vision
 
     if not isinstance(model_dir, (str, os.PathLike)):
@@ -239,6 +240,9 @@ def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.
     if scheme:
         quant.check_device(scheme, device, dtype)
     vision_scheme = parse_vision_dtype(vision_dtype)
+    kv_scheme = kv_fp8.parse_kv_dtype(kv_dtype)
+    if kv_scheme:
+        kv_fp8.check_kv_device(device)
     if vision_scheme:
         quant.check_device(vision_scheme, device, dtype, what="vision_dtype")
     cfg = read_config(model_dir)  # first: its errors are the clearest
@@ -252,6 +256,7 @@ def load(model_dir: str, device: str | torch.device | None = None, dtype: torch.
         with on_device(device):
             quantize_vision(model.vision, vision_scheme)
     model.kv_cache = kv_cache
+    model.decoder.kv_dtype = kv_scheme  # every store the model makes (decoder.new_cache) stores KVs so
     return model, tokenizer
 
 

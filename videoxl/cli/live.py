@@ -9,7 +9,8 @@ import argparse
 import os
 
 from videoxl.cli.console import AnswerTimer, Loading, err, questions, report
-from videoxl.cli.options import add_chunk_args, add_generation_args, add_sparse_args, settings_from_args
+from videoxl.cli.options import (add_chunk_args, add_generation_args, add_kv_dtype_arg, add_sparse_args,
+                                 settings_from_args)
 from videoxl.errors import VideoXLError
 from videoxl.live.source import wait_for
 
@@ -26,6 +27,7 @@ def add_live_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Arg
     p.add_argument("--demo-seed", type=int, default=None, help="--demo: which shapes video (default: random)")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu; auto = cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", help="bfloat16, float16, float32; auto = bf16 on a GPU")
+    add_kv_dtype_arg(p)
     p.add_argument("--sample-fps", type=float, default=1.0, help="frames per second taken from the source")
     p.add_argument("--max-frames", type=int, default=None, help="stop taking frames after this many (default: "
                                                                  "no limit but memory)")
@@ -58,7 +60,7 @@ def cmd_live(args) -> int:
         raise VideoXLError("give --model DIR (a Video-XL-2 checkpoint folder), or --demo")
     with Loading(model_dir):
         model, tok = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
-                                  dtype=None if args.dtype == "auto" else args.dtype)
+                                  dtype=None if args.dtype == "auto" else args.dtype, kv_dtype=args.kv_dtype)
     session = model.open_live(tok, sample_fps=args.sample_fps, max_frames=args.max_frames, settings=settings)
     video, feed = None, None
     try:

@@ -96,7 +96,8 @@ def cmd_chat(args) -> int:
             with Loading(model_dir):
                 model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
                                                 dtype=None if args.dtype == "auto" else args.dtype,
-                                                quantize=args.quantize, vision_dtype=args.vision_dtype)
+                                                quantize=args.quantize, vision_dtype=args.vision_dtype,
+                                                kv_dtype=args.kv_dtype)
             quiz(model, tokenizer, seed=args.seed, questions=[args.question] if args.question else None)
             return 0
         if args.question is None and not (args.interactive or not sys.stdin.isatty()):
@@ -118,7 +119,7 @@ def cmd_chat(args) -> int:
     prefetch = Prefetch(video, (args.max_num_frames, args.sample_fps, args.max_sample_fps), device)
     with Loading(model_dir):  # the first question's frames are decoded meanwhile
         model, tokenizer = videoxl.load(model_dir, device=device, dtype=None if args.dtype == "auto" else args.dtype,
-                                        quantize=args.quantize, vision_dtype=args.vision_dtype)
+                                        quantize=args.quantize, vision_dtype=args.vision_dtype, kv_dtype=args.kv_dtype)
     model.prefetched = prefetch
     if model.config.random_weights and not args.demo:
         err(f"note: {model_dir} holds RANDOM weights (made by `videoxl make-tiny`): the answers are noise")

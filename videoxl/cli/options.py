@@ -66,6 +66,13 @@ def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision-dtype", choices=["model", "fp8"], default="model",
                    help="the vision side's linear layers (SigLIP, projector): the model's dtype, or fp8 GEMMs "
                         "(compute capability >= 8.9)")
+    add_kv_dtype_arg(p)
+
+
+def add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-dtype", choices=["model", "fp8"], default="model",
+                   help="how the KV cache stores keys and values: the model's dtype, or fp8 (e4m3 with a scale per "
+                        "token: half the bytes; on a GPU, compute capability >= 8.9)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:

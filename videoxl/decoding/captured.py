@@ -77,6 +77,10 @@ class CapturedStep:
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.q = torch.empty(self.n_heads, self.head_dim, dtype=decoder.embed_tokens.weight.dtype, device=dev)
+        # an FP8 store's token is rotated into this, then quantized into the store (kernels.rope_store_fp8)
+        self.kv_tmp = torch.empty(2, self.n_kv, 1, self.head_dim, dtype=self.q.dtype, device=dev) \
+            if cache.fp8 else None
+        self.zero = torch.zeros(1, dtype=torch.long, device=dev)
         self.graph = None
         self.logits = None
         self.capture_s = None
@@ -94,15 +98,19 @@ class CapturedStep:
         delta = None
         for i, layer in enumerate(d.layers):
             qkv_w, qkv_b, gate_up_w = self.weights[i]
-            k_cache, v_cache = self.buffers[i]
+            k_cache, v_cache, *scales = self.buffers[i]
             if delta is None:
                 x = kernels.rms_norm(h, layer.input_layernorm.weight, eps)
             else:
                 x, h = kernels.rms_norm(delta, layer.input_layernorm.weight, eps, residual=h)
             qkv = _linear(x, qkv_w, qkv_b)
-            kernels.rope_store(qkv.view(-1, self.head_dim), cos[0], sin[0], self.pos, self.q, k_cache, v_cache,
-                               self.n_heads, self.n_kv, self.head_dim)
-            attn = kernels.decode_attention(self.q, k_cache, v_cache, length)
+            if scales:
+                kernels.rope_store_fp8(qkv.view(-1, self.head_dim), cos[0], sin[0], self.pos, self.q, self.kv_tmp,
+                                       self.zero, self.buffers[i], self.n_heads, self.n_kv, self.head_dim)
+            else:
+                kernels.rope_store(qkv.view(-1, self.head_dim), cos[0], sin[0], self.pos, self.q, k_cache, v_cache,
+                                   self.n_heads, self.n_kv, self.head_dim)
+            attn = kernels.decode_attention(self.q, k_cache, v_cache, length, scales=scales or None)
             o = layer.self_attn.o_proj(attn.view(1, -1))
             x, h = kernels.rms_norm(o, layer.post_attention_layernorm.weight, eps, residual=h)
             gate, up = _linear(x, gate_up_w, None).chunk(2, dim=-1)

@@ -81,11 +81,47 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
                                              N_HEADS=n_heads, N_KV=n_kv, D=head_dim, num_warps=1)
 
 
+# ---- the FP8 cache's write: one token's K and V, quantized with a scale per token (language/kv_fp8.py) -------------
+@triton.jit
+def _fp8_store_kernel(SRC_K, SRC_V, POS, K_CACHE, V_CACHE, K_SCALE, V_SCALE, stride_kh, stride_kn, stride_vh,
+                      stride_vn, N_KV: tl.constexpr, KV_PAD: tl.constexpr, D: tl.constexpr):
+    which = tl.program_id(0)  # 0: keys, 1: values
+    offs_h = tl.arange(0, KV_PAD)
+    offs_d = tl.arange(0, D)
+    m = offs_h[:, None] < N_KV
+    pos = tl.load(POS)
+    if which == 0:
+        x = tl.load(SRC_K + offs_h[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(SRC_V + offs_h[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    scale = tl.where(amax > 0, amax / 448.0, 1.0)
+    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0).to(tl.float8e4nv)
+    if which == 0:
+        tl.store(K_CACHE + offs_h[:, None] * stride_kh + pos * stride_kn + offs_d[None, :], q, mask=m)
+        tl.store(K_SCALE + pos, scale)
+    else:
+        tl.store(V_CACHE + offs_h[:, None] * stride_vh + pos * stride_vn + offs_d[None, :], q, mask=m)
+        tl.store(V_SCALE + pos, scale)
+
+
+def rope_store_fp8(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, q_out: torch.Tensor,
+                   kv_tmp: torch.Tensor, zero: torch.Tensor, buffers: tuple, n_heads: int, n_kv: int,
+                   head_dim: int) -> None:
+    """`rope_store` into an FP8 cache: q rotated into q_out; k rotated and v into `kv_tmp` [2, n_kv, 1, head_dim]
+    (the model's dtype, as the eager path rounds them; `zero` a device tensor holding 0), then both quantized
+    into `buffers` = (K, V, K scales, V scales) at position `pos`."""
+    rope_store(qkv, cos, sin, zero, q_out, kv_tmp[0], kv_tmp[1], n_heads, n_kv, head_dim)
+    k, v, ks, vs = buffers
+    _fp8_store_kernel[(2,)](kv_tmp[0], kv_tmp[1], pos, k, v, ks, vs, k.stride(0), k.stride(1), v.stride(0),
+                            v.stride(1), N_KV=n_kv, KV_PAD=triton.next_power_of_2(n_kv), D=head_dim, num_warps=1)
+
+
 # ---- split-KV attention for one query token ----------------------------------------------------------------------
 @triton.jit
-def _attn_split_kernel(Q, K, V, LEN, O_PART, M_PART, L_PART, stride_kh, stride_kn, stride_vh, stride_vn, scale,
-                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SPLITS: tl.constexpr, IEEE: tl.constexpr):
+def _attn_split_kernel(Q, K, V, K_SCALE, V_SCALE, LEN, O_PART, M_PART, L_PART, stride_kh, stride_kn, stride_vh,
+                       stride_vn, scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SPLITS: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr):
     kv = tl.program_id(0)
     split = tl.program_id(1)
     length = tl.load(LEN)
@@ -105,19 +141,27 @@ def _attn_split_kernel(Q, K, V, LEN, O_PART, M_PART, L_PART, stride_kh, stride_k
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < end
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if FP8:  # e4m3 -> the query's dtype is exact; each key's scale multiplies its dot products
+            k = k.to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if FP8:
+            s = s * tl.load(K_SCALE + offs_n, mask=valid, other=0.0)[None, :]
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        pw = p
+        if FP8:  # each value's scale multiplies its weight (the sum l_i keeps the unscaled weights)
+            v = v.to(q.dtype)
+            pw = p * tl.load(V_SCALE + offs_n, mask=valid, other=0.0)[None, :]
         if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            pv = tl.dot(pw.to(v.dtype), v, input_precision="ieee")
         else:
-            pv = tl.dot(p.to(v.dtype), v)
+            pv = tl.dot(pw.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
@@ -153,9 +197,10 @@ def _splits(device_index: int, n_kv: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
-                     splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+                     splits: int | None = None, block_n: int = 64, scales: tuple | None = None) -> torch.Tensor:
     """q [n_heads, head_dim] (one token, RoPE applied) over k_cache/v_cache [n_kv, capacity, head_dim], of which
-    the first `length` (a one-element int device tensor) positions are valid -> [n_heads, head_dim]."""
+    the first `length` (a one-element int device tensor) positions are valid -> [n_heads, head_dim]. An FP8
+    cache passes its (K scales, V scales) [capacity]."""
     n_heads, d = q.shape
     n_kv = k_cache.shape[0]
     g = n_heads // n_kv
@@ -165,10 +210,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o_part = torch.empty((n_kv * splits * g_pad, d), dtype=torch.float32, device=q.device)
     m_part = torch.empty((n_kv * splits * g_pad,), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
-    _attn_split_kernel[(n_kv, splits)](q, k_cache, v_cache, length, o_part, m_part, l_part, k_cache.stride(0),
-                                      k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), d ** -0.5, G=g,
-                                      G_PAD=g_pad, D=d, BLOCK_N=block_n, SPLITS=splits,
-                                      IEEE=q.dtype == torch.float32, num_warps=4, num_stages=3)
+    k_scale, v_scale = scales if scales is not None else (length, length)  # (unread without FP8)
+    _attn_split_kernel[(n_kv, splits)](q, k_cache, v_cache, k_scale, v_scale, length, o_part, m_part, l_part,
+                                      k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+                                      d ** -0.5, G=g, G_PAD=g_pad, D=d, BLOCK_N=block_n, SPLITS=splits,
+                                      IEEE=q.dtype == torch.float32, FP8=scales is not None, num_warps=4,
+                                      num_stages=3)
     out = torch.empty_like(q)
     _attn_combine_kernel[(n_heads,)](o_part, m_part, l_part, out, G=g, G_PAD=g_pad, D=d, SPLITS=splits,
                                      num_warps=4)

@@ -189,10 +189,12 @@ class Qwen2Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
+    kv_dtype: str | None = None  # None: KVs stored in the weights' dtype; "fp8" (set by `videoxl.load`)
+
     def new_cache(self, capacity: int = 256, offload: bool = False) -> KVStore:
         p = self.embed_tokens.weight
         return KVStore(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim,
-                       p.dtype, p.device, capacity, offload)
+                       p.dtype, p.device, capacity, offload, self.kv_dtype)
 
     def forward(self, embeds: torch.Tensor, cache: KVStore, mask=None,
                 logits_for: str = "last") -> torch.Tensor:

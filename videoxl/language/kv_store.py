@@ -11,24 +11,31 @@ Keys are stored after RoPE at their absolute positions. Nothing else reaches int
 
 With `offload=True` the buffers live in CPU memory (pinned when a GPU is present) and a layer's K/V travels to
 the GPU when it is read, the next layer's copy overlapping the current layer's compute on a side stream.
+
+With `kv_dtype="fp8"` each layer's buffers are e4m3 keys and values plus a scale per token (language/kv_fp8.py):
+they are written quantized and read back in the model's dtype (`dtype`), so callers see no difference but the
+bytes. A layer's "parts" are (K, V) or, in fp8, (K, V, K scales, V scales), wherever they live.
 """
 from __future__ import annotations
 
 import torch
 
+from videoxl.language import kv_fp8
+
 
 class KVStore:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, capacity: int = 256, offload: bool = False):
+                 device: torch.device | str, capacity: int = 256, offload: bool = False, kv_dtype: str | None = None):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device, self.offload = dtype, torch.device(device), offload
+        self.kv_dtype = kv_fp8.parse_kv_dtype(kv_dtype)  # None: stored in `dtype`
+        self.fp8 = self.kv_dtype == "fp8"
         self.home = torch.device("cpu") if offload else self.device
         self._pin = offload and self.device.type == "cuda"
         self._capacity = capacity
         # Offloaded (pinned) buffers are made when a layer is first written: pinning ~20 GB of host memory up
         # front stalls for seconds, while one layer at a time hides behind the GPU's work on the layer before.
-        self._k: list[torch.Tensor | None] = [None] * num_layers
-        self._v: list[torch.Tensor | None] = [None] * num_layers
+        self._parts: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers
         if not offload:
             for i in range(num_layers):
                 self._home(i)
@@ -36,17 +43,38 @@ class KVStore:
         self.plan = None  # chunking.BlockPlan of the prefilled video, when chunk prefill made it
         cuda = offload and self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # GPU staging, two slots
+        self._scratch: dict[int, tuple[torch.Tensor, ...]] = {}  # GPU staging (parts), two slots
         self._fetched: dict[int, tuple[int, torch.cuda.Event | None]] = {}  # layer -> (slot, copy done)
+        self._written: tuple[torch.Tensor, torch.Tensor] | None = None  # fp8: layer_slot's buffers, model dtype
 
-    def _empty(self, capacity: int) -> torch.Tensor:
-        return torch.empty((1, self.num_kv_heads, capacity, self.head_dim), dtype=self.dtype, device=self.home,
-                           pin_memory=self._pin)
+    def _empty(self, capacity: int, device=None, pin=None) -> tuple[torch.Tensor, ...]:
+        device, pin = device or self.home, self._pin if pin is None else pin
+        shape = (1, self.num_kv_heads, capacity, self.head_dim)
+        stored = kv_fp8.FP8 if self.fp8 else self.dtype
+        parts = [torch.empty(shape, dtype=stored, device=device, pin_memory=pin) for _ in range(2)]
+        if self.fp8:
+            parts += [torch.empty((capacity,), dtype=torch.float32, device=device, pin_memory=pin) for _ in range(2)]
+        return tuple(parts)
 
-    def _home(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._k[layer] is None:
-            self._k[layer], self._v[layer] = self._empty(self._capacity), self._empty(self._capacity)
-        return self._k[layer], self._v[layer]
+    def _home(self, layer: int) -> tuple[torch.Tensor, ...]:
+        if self._parts[layer] is None:
+            self._parts[layer] = self._empty(self._capacity)
+        return self._parts[layer]
+
+    def _write(self, parts: tuple, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = start + k.shape[2]
+        if not self.fp8:
+            parts[0][:, :, start:end], parts[1][:, :, start:end] = k, v
+            return
+        for i, x in enumerate((k, v)):
+            q, scale = kv_fp8.quantize(x)
+            parts[i][:, :, start:end], parts[2 + i][start:end] = q, scale
+
+    def _read(self, parts: tuple, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [1, heads, end, d] in the model's dtype: views of the buffers, or (fp8) dequantized copies."""
+        if not self.fp8:
+            return parts[0][:, :, :end], parts[1][:, :, :end]
+        return tuple(kv_fp8.dequantize(parts[i][:, :, :end], parts[2 + i][:end], self.dtype) for i in range(2))
 
     # ---- sizes ----------------------------------------------------------------------------------------------
     @property
@@ -60,7 +88,9 @@ class KVStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the K and V buffers at full capacity, wherever they live."""
+        """Bytes of the K and V buffers (and fp8 scales) at full capacity, wherever they live."""
+        if self.fp8:
+            return kv_fp8.bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim) * self._capacity
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self._capacity * self.dtype.itemsize
 
     def reserve(self, total: int) -> None:
@@ -69,13 +99,12 @@ class KVStore:
             return
         new_cap = max(total, 2 * self.capacity)
         for i in range(self.num_layers):
-            n = self._len[i]
-            for buf in (self._k, self._v):
-                if buf[i] is None:
-                    continue
-                grown = self._empty(new_cap)
-                grown[:, :, :n] = buf[i][:, :, :n]
-                buf[i] = grown
+            if self._parts[i] is None:
+                continue
+            grown = self._empty(new_cap)
+            for new, old in zip(grown, self._parts[i]):
+                copy_prefix(new, old, self._len[i])  # stream-ordered on a GPU: the old buffers may go at once
+            self._parts[i] = grown
         self._capacity = new_cap
         self._scratch.clear()
         self._fetched.clear()
@@ -97,46 +126,36 @@ class KVStore:
 
     # ---- token-by-token access (dense prefill, decoding) -----------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add `k`, `v` ([1, kv_heads, new, head_dim]) to `layer`; return that layer's whole K and V."""
+        """Add `k`, `v` ([1, kv_heads, new, head_dim]) to `layer`; return that layer's whole K and V (as stored:
+        an fp8 store hands back the new tokens quantized too, as every later reader sees them)."""
         start = self._len[layer]
         end = start + k.shape[2]
         if end > self.capacity:
             self.reserve(end)
-        home_k, home_v = self._home(layer)
-        home_k[:, :, start:end] = k
-        home_v[:, :, start:end] = v
+        self._write(self._home(layer), start, k, v)
         self._len[layer] = end
-        if not self.offload:
-            return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
-        return self._read_offloaded(layer, end, k, v)
-
-    def _read_offloaded(self, layer, end, k_new, v_new):
-        if self._copy_stream is None:  # offload on a CPU-only machine: home and compute are the same memory
-            return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
-        start = end - k_new.shape[2]
+        if not self.offload or self._copy_stream is None:  # (offload without a GPU: home is compute memory)
+            return self._read(self._home(layer), end)
         slot, done = self._fetched.pop(layer, (None, None))
         if slot is None:  # not prefetched: copy now
             slot, done = self._fetch(layer, start)
         torch.cuda.current_stream(self.device).wait_event(done)
-        kb, vb = self._scratch[slot]
-        kb[:, :, start:end] = k_new  # the new tokens are already on the GPU
-        vb[:, :, start:end] = v_new
+        staging = self._scratch[slot]
+        self._write(staging, start, k, v)  # the new tokens are already on the GPU
         if layer + 1 < self.num_layers:  # overlap the next layer's copy with this layer's attention
             self._fetched[layer + 1] = self._fetch(layer + 1, self._len[layer + 1])
-        return kb[:, :, :end], vb[:, :, :end]
+        return self._read(staging, end)
 
-    def _staging(self, layer: int) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+    def _staging(self, layer: int) -> tuple[int, tuple[torch.Tensor, ...]]:
         """GPU staging buffers for `layer`: two slots, so one layer's copy overlaps its neighbour's compute."""
         slot = layer % 2
         if slot not in self._scratch:
-            shape = (1, self.num_kv_heads, self.capacity, self.head_dim)
-            self._scratch[slot] = (torch.empty(shape, dtype=self.dtype, device=self.device),
-                                   torch.empty(shape, dtype=self.dtype, device=self.device))
+            self._scratch[slot] = self._empty(self.capacity, self.device, False)
         return slot, self._scratch[slot]
 
     def _copy_behind_compute(self, dst: tuple, src: tuple, n: int) -> torch.cuda.Event:
-        """Copy K and V positions [0, n) on the side stream, after the work queued so far on the compute stream
-        (which may still be reading the destination or writing the source)."""
+        """Copy positions [0, n) of every part on the side stream, after the work queued so far on the compute
+        stream (which may still be reading the destination or writing the source)."""
         stream = self._copy_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -152,101 +171,136 @@ class KVStore:
 
     def gather(self, layer: int, spans: list[tuple[int, int]], device: torch.device | None = None):
         """K, V [kv_heads, n, head_dim] of `layer`'s positions in `spans` ([start, end) pairs, in order), on
-        `device` (default: the compute device). From an offloaded store only these positions travel, as
-        asynchronous per-head copies from pinned memory (what bi-level decoding reads: chosen blocks)."""
+        `device` (default: the compute device), in the model's dtype. From an offloaded store only these
+        positions travel (fp8: quantized), as asynchronous per-head copies from pinned memory (what bi-level
+        decoding reads: chosen blocks)."""
         device = self.device if device is None else torch.device(device)
         self.synchronize()
-        home_k, home_v = self._home(layer)
         n = sum(e - s for s, e in spans)
         out = []
-        for home in (home_k, home_v):
+        for home in self._home(layer):
             if home.device == device:
-                out.append(torch.cat([home[0, :, s:e] for s, e in spans], dim=1))
+                out.append(torch.cat([home[..., s:e, :] if home.ndim == 4 else home[s:e] for s, e in spans],
+                                     dim=-2 if home.ndim == 4 else 0))
                 continue
-            dst = torch.empty((self.num_kv_heads, n, self.head_dim), dtype=self.dtype, device=device)
+            dst = torch.empty(home.shape[:-2] + (n, home.shape[-1]) if home.ndim == 4 else (n,), dtype=home.dtype,
+                              device=device)
             offset = 0
             for s, e in spans:
-                for h in range(self.num_kv_heads):  # a head's span is contiguous: a plain async copy
-                    dst[h, offset:offset + e - s].copy_(home[0, h, s:e], non_blocking=True)
+                if home.ndim == 1:
+                    dst[offset:offset + e - s].copy_(home[s:e], non_blocking=True)
+                for h in range(self.num_kv_heads if home.ndim == 4 else 0):  # a head's span is contiguous
+                    dst[0, h, offset:offset + e - s].copy_(home[0, h, s:e], non_blocking=True)
                 offset += e - s
             out.append(dst)
-        return out[0], out[1]
+        k, v = self._read(tuple(out), n)
+        return k[0], v[0]
 
-    def decode_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's whole-capacity K, V buffers [kv_heads, capacity, head_dim] on the compute device, for a
-        decode step that writes its token's K/V at a position held in a device tensor (a captured graph holds
-        these addresses: they stay valid until `reserve` grows the store). Resident stores only."""
+    def decode_buffers(self) -> list[tuple[torch.Tensor, ...]]:
+        """Each layer's whole-capacity buffers on the compute device, for a decode step that writes its token's
+        K/V at a position held in a device tensor (a captured graph holds these addresses: they stay valid
+        until `reserve` grows the store): (K, V) [kv_heads, capacity, head_dim], and in fp8 the K and V scales
+        [capacity] after them. Resident stores only."""
         if self.offload:
             raise ValueError("an offloaded store has no resident decode buffers")
-        return [(self._home(i)[0][0], self._home(i)[1][0]) for i in range(self.num_layers)]
+        return [tuple(p[0] if p.ndim == 4 else p for p in self._home(i)) for i in range(self.num_layers)]
 
     # ---- layer-at-a-time access (chunked prefill) ------------------------------------------------------------
     def layer_slot(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writable K, V buffers [1, kv_heads, n, head_dim] on the compute device for positions [0, n) of
-        `layer`. Without offload they are the store itself; with offload, GPU staging sent home by `commit`."""
+        """Writable K, V buffers [1, kv_heads, n, head_dim] on the compute device, in the model's dtype, for
+        positions [0, n) of `layer`: the store itself, or (offload, fp8) buffers that `commit` stores."""
         self.reserve(n)
+        if self.fp8:
+            if self._written is None or self._written[0].shape[2] < n:
+                shape = (1, self.num_kv_heads, n, self.head_dim)
+                self._written = tuple(torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+            return self._written[0][:, :, :n], self._written[1][:, :, :n]
         if not self.offload or self._copy_stream is None:
-            home_k, home_v = self._home(layer)
-            return home_k[:, :, :n], home_v[:, :, :n]
+            k, v = self._home(layer)
+            return k[:, :, :n], v[:, :, :n]
         _, (kb, vb) = self._staging(layer)
         # the previous user of this slot (layer-2) must have finished its copy home before we overwrite it
         torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
         return kb[:, :, :n], vb[:, :, :n]
 
-    def commit(self, layer: int, n: int) -> None:
-        """Positions [0, n) of `layer` are final. With offload, copy them home behind the next layer's work."""
+    def commit(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [0, n) of `layer`, written into `layer_slot`'s buffers, are final: store them (with
+        offload, the copy home runs behind the next work on the GPU) and return them as stored, which is what
+        the layer's attention must read (fp8: quantized and back)."""
         self._len[layer] = n
-        if not self.offload or self._copy_stream is None:
-            return
-        self._copy_behind_compute(self._home(layer), self._staging(layer)[1], n)
+        offloading = self.offload and self._copy_stream is not None
+        if not self.fp8:
+            if offloading:
+                self._copy_behind_compute(self._home(layer), self._staging(layer)[1], n)
+                return tuple(p[:, :, :n] for p in self._scratch[layer % 2][:2])
+            k, v = self._home(layer)
+            return k[:, :, :n], v[:, :, :n]
+        if offloading:
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)  # the slot's last copy home
+            parts = self._staging(layer)[1]
+        else:
+            parts = self._home(layer)
+        written = self._written[0][:, :, :n], self._written[1][:, :, :n]
+        self._write(parts, 0, *written)
+        if offloading:
+            self._copy_behind_compute(self._home(layer), parts, n)
+        # read back as stored, into the written buffers (their values are in `parts` now): no third copy
+        return tuple(kv_fp8.dequantize(parts[i][:, :, :n], parts[2 + i][:n], self.dtype, written[i]) for i in (0, 1))
 
     def synchronize(self) -> None:
         if self._copy_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's K/V where they live (home memory): for inspection and tests."""
+        """The layer's K/V in the model's dtype, where they live (home memory): for inspection and tests."""
         self.synchronize()
-        n = self._len[layer]
-        home_k, home_v = self._home(layer)
-        return home_k[:, :, :n], home_v[:, :, :n]
+        return self._read(self._home(layer), self._len[layer])
 
     # ---- snapshots (the video KV cache keeps them in memory and writes them to disk) -------------------------
+    def _names(self, i: int) -> tuple[str, ...]:
+        return (f"k.{i}", f"v.{i}", f"ks.{i}", f"vs.{i}")[:4 if self.fp8 else 2]
+
     def to_tensors(self, n: int | None = None) -> dict[str, torch.Tensor]:
-        """Contiguous CPU copies of every layer's first `n` positions (default: all): {"k.0", "v.0", ...}."""
+        """Contiguous CPU copies of every layer's first `n` positions (default: all), as stored: {"k.0", "v.0",
+        ...}, and in fp8 the scales {"ks.0", "vs.0", ...}."""
         n = self.length if n is None else n
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot snapshot {n} tokens of a store holding {self.length}")
         self.synchronize()
         out = {}
         for i in range(self.num_layers):
-            home_k, home_v = self._home(i)
-            for name, home in ((f"k.{i}", home_k), (f"v.{i}", home_v)):
-                out[name] = home[:, :, :n].to("cpu", copy=True, memory_format=torch.contiguous_format)
+            for name, home in zip(self._names(i), self._home(i)):
+                part = home[:, :, :n] if home.ndim == 4 else home[:n]
+                out[name] = part.to("cpu", copy=True, memory_format=torch.contiguous_format)
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Replace the contents with a `to_tensors` snapshot (same layers, heads, head size; cast to our dtype)."""
+        """Replace the contents with a `to_tensors` snapshot (same layers, heads, head size and KV dtype; values
+        in another float dtype are cast to ours)."""
         n = tensors["k.0"].shape[2]
-        expected = (1, self.num_kv_heads, n, self.head_dim)
         for i in range(self.num_layers):
-            for name in (f"k.{i}", f"v.{i}"):
+            for name in self._names(i):
+                expected = (1, self.num_kv_heads, n, self.head_dim) if name[1] != "s" else (n,)
                 if name not in tensors or tuple(tensors[name].shape) != expected:
                     raise ValueError(f"snapshot tensor {name} missing or not of shape {expected}")
+                if (tensors[name].dtype == kv_fp8.FP8) != (self.fp8 and name[1] != "s"):
+                    raise ValueError(f"snapshot tensor {name} is {tensors[name].dtype}, not this store's KV dtype")
         self.truncate(0)
         self.reserve(n)
         for i in range(self.num_layers):
-            home_k, home_v = self._home(i)
-            copy_prefix(home_k, tensors[f"k.{i}"].to(self.dtype), n)
-            copy_prefix(home_v, tensors[f"v.{i}"].to(self.dtype), n)
+            for name, home in zip(self._names(i), self._home(i)):
+                copy_prefix(home, tensors[name].to(home.dtype), n)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the sources may be freed after we return
         self._len = [n] * self.num_layers
 
 
 def copy_prefix(dst: torch.Tensor, src: torch.Tensor, n: int) -> None:
-    """dst[:, :, :n] = src[:, :, :n] between devices, asynchronously. Per head, because the prefix of a
-    [1, heads, capacity, dim] buffer is not contiguous, and a non-contiguous copy to or from the CPU goes
-    through a pageable staging buffer, synchronously, at a few GB/s."""
+    """dst[..., :n, :] = src[..., :n, :] between devices, asynchronously (a 1-D part: dst[:n] = src[:n]). Per
+    head, because the prefix of a [1, heads, capacity, dim] buffer is not contiguous, and a non-contiguous copy
+    to or from the CPU goes through a pageable staging buffer, synchronously, at a few GB/s."""
+    if dst.ndim == 1:
+        dst[:n].copy_(src[:n], non_blocking=True)
+        return
     for h in range(dst.shape[1]):
         dst[0, h, :n].copy_(src[0, h, :n], non_blocking=True)

@@ -101,7 +101,7 @@ class LiveSession:
         self.last_stats: dict = {}
         self.sources: list = []
         self.closed = False
-        self._token_bytes = kv_bytes_per_token(model.config, model.dtype.itemsize)
+        self._token_bytes = kv_bytes_per_token(model.config, model.dtype.itemsize, kv_dtype=model.decoder.kv_dtype)
         self.decode = DecodeState()  # the captured decode step and bi-level's level, kept between questions
         self._resize = ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix="videoxl-live-resize")
         with on_device(model.device), torch.inference_mode():

@@ -119,7 +119,7 @@ def layerwise_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStor
                       on_layer=None, cancel: Cancel | None = None) -> None:
     """Run the decoder a layer at a time over all tokens: that layer's K/V for every token (in slices), then
     `attention(queries, k_all, v_all, slices)` -> outputs per slice, then the MLP in slices. Only one layer's
-    K/V must be on the GPU at a time; `store.commit` sends it home (CPU with offload) behind the next layer."""
+    K/V must be on the GPU at a time; `store.commit` sends it home (CPU with offload) behind the layer's attention."""
     assert store.length == 0
     n, device = embeds.shape[1], embeds.device
     h = embeds[0].clone()  # [n, hidden], updated in place layer by layer
@@ -134,6 +134,8 @@ def layerwise_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStor
             x = layer.input_layernorm(h[s])[None]
             k_all[:, :, s] = apply_rope(heads(attn.k_proj(x), attn.n_kv), cos[s], sin[s])
             v_all[:, :, s] = heads(attn.v_proj(x), attn.n_kv)
+        # final now: stored (with offload, sent home behind this layer's attention), and read back as stored
+        k_all, v_all = store.commit(i, n)
 
         def queries(s):
             return apply_rope(heads(attn.q_proj(layer.input_layernorm(h[s])[None]), attn.n_heads), cos[s], sin[s])
@@ -142,8 +144,7 @@ def layerwise_prefill(decoder: Qwen2Decoder, embeds: torch.Tensor, store: KVStor
         for s, o in zip(slices, attn_out):
             h[s] += attn.o_proj(o.transpose(1, 2).reshape(1, s.stop - s.start, -1))[0]
             h[s] += layer.mlp(layer.post_attention_layernorm(h[s]))
-        del attn_out
-        store.commit(i, n)
+        del attn_out, k_all, v_all
         if on_layer is not None:
             on_layer(i)
     store.synchronize()
