@@ -203,11 +203,18 @@ def test_model_args_presets_and_overrides():
     (f"pretrained={DEMO},bilevel_budget=0.25", "needs chunk_prefill"),
     (f"pretrained={DEMO},block", "key=value pairs"),
     ("pretrained=/no/such/folder", "is not a folder"),
+    (f"pretrained={DEMO},kv_dtype=int8", "model_args kv_dtype must be 'fp8' or none"),
+    (f"pretrained={DEMO},quantize=int3", "model_args quantize must be one of"),
 ])
 def test_bad_model_args_are_one_line(args, says):
     with pytest.raises(VideoXLError) as e:
         parse_model_args(args)
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_precision_model_args_reach_the_model():
+    s = parse_model_args(f"pretrained={DEMO},kv_dtype=fp8,quantize=int8")
+    assert (s.kv_dtype, s.quantize) == ("fp8", "int8")
 
 
 def test_generation_kwargs_map_to_the_models():

@@ -23,9 +23,9 @@ def test_codec_on_the_gpu_equals_the_cpus():
     x = torch.randn(1, 4, 999, 128) * torch.logspace(-3, 3, 128)
     q_cpu, s_cpu = kv_fp8.quantize(x)
     q_gpu, s_gpu = kv_fp8.quantize(x.cuda())
-    assert torch.equal(s_gpu.cpu(), s_cpu)
-    # the same scale and round-to-nearest-even: the division may differ in its last bit, so a value on a tie
-    # can land one e4m3 step away; not more, and rarely
+    # the same amax; the CPU divides by a scalar as a multiply by its reciprocal, so a scale may differ in its
+    # last bit (seen on the H200), and a value on a rounding tie may then land one e4m3 step away: rarely
+    assert ((s_gpu.cpu() - s_cpu).abs() <= s_cpu * 2.0 ** -23).all()
     diff = (q_gpu.cpu().float() - q_cpu.float()).abs()
     assert (diff > 0).float().mean() < 1e-3 and (diff <= q_cpu.float().abs() / 8 + 2 ** -9).all()
 

@@ -37,6 +37,8 @@ class EvalSettings:
     kv_cache_dir: str | None = None  # prefix KVs on disk: a second run answers known videos without prefill
     kv_cache_gb: float = 0.0  # memory for prefix KVs beyond the latest video's
     max_new_tokens: int = 256  # when a task's generation_kwargs do not say
+    quantize: str | None = None  # the decoder layers' weights: int8 | int4 | fp8 (videoxl.load's quantize)
+    kv_dtype: str | None = None  # fp8: the KV cache in e4m3 (videoxl.load's kv_dtype)
 
     @property
     def sampling(self) -> tuple:
@@ -161,3 +163,11 @@ def _check(s: EvalSettings) -> None:
         raise VideoXLError(f"model_args vision_chunk must be a multiple of 4 frames, got {s.vision_chunk}")
     if s.kv_cache_gb < 0:
         raise VideoXLError(f"model_args kv_cache_gb must be >= 0, got {s.kv_cache_gb}")
+    from videoxl.language.kv_fp8 import parse_kv_dtype
+    from videoxl.language.quant import parse_quantize
+
+    for parse, value in ((parse_quantize, s.quantize), (parse_kv_dtype, s.kv_dtype)):
+        try:
+            parse(value)
+        except VideoXLError as e:
+            raise VideoXLError(f"model_args {e}") from None
