@@ -1,7 +1,7 @@
 """Answer quality of the demo model on held-out "shapes" videos (version 2), per question kind, length and mode.
 
     python bench/quality.py [--model DIR] [--lengths 64 256 1024] [--videos 100] [--json out.json] [--quick]
-                            [--quantize int8|int4|fp8]
+                            [--quantize int8|int4|fp8] [--kv-dtype fp8]
 
 Modes: dense; chunked prefill mask 16/4 and 4/1; streaming + offload 16/4; bi-level decoding over a mask 16/4
 prefill at budgets 10/25/50 % x compression 4/16 with the dense blocks chosen in-model, at random and by an
@@ -79,7 +79,8 @@ def ask(model, tok, video, source, seconds: int) -> dict[str, bool]:
 
 
 def run(args) -> dict:
-    model, tok = videoxl.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    model, tok = videoxl.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                              kv_dtype=args.kv_dtype)
     modes = {m: MODES[m] for m in args.modes}
     settings = grid(args.budgets, args.compressions, args.selects)
     meta = {m: {"kind_of_mode": "prefill"} for m in modes} | {n: {"kind_of_mode": "bi-level", **s}
@@ -120,7 +121,7 @@ def run(args) -> dict:
     print_table(results)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "quantize": args.quantize,
+            "quantize": args.quantize, "kv_dtype": args.kv_dtype,
             "torch": torch.__version__, "model": os.path.abspath(args.model), "task": "shapes v2",
             "heldout_seeds": f"{HELDOUT_SEED + args.skip}..", "results": results,
             "seconds_total": round(time.time() - t_start)}
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--quantize", default=None, choices=["int8", "int4", "fp8"], help="the decoder layers' weights")
+    ap.add_argument("--kv-dtype", default=None, choices=["fp8"], help="the KV cache (language/kv_fp8.py)")
     ap.add_argument("--time-limit", type=float, nargs="+", default=[1e9],
                     help="seconds per length (one value, or one per length): stop adding videos after this")
     ap.add_argument("--json", default=None, help="default: bench/results/quality_v2-DEVICE-DATE.json")
