@@ -75,7 +75,8 @@ def test_captured_fp8_decoding_equals_eager(fp8_model, length):
         model.decoder(model.decoder.embed_tokens(ids), store)
     eager, _ = _decode(model, store, "eager", {}, 48)
     captured, stats = _decode(model, store, "captured", {}, 48)
-    assert eager == captured and stats["generated_tokens"] == 48
+    again, _ = _decode(model, store, "captured", {}, 48)  # the store's graph replayed (a follow-up question)
+    assert eager == captured == again and stats["generated_tokens"] == 48
 
 
 def test_fp8_chat_in_every_prefill_mode(fp8_model, tmp_path):
@@ -92,8 +93,8 @@ def test_fp8_chat_in_every_prefill_mode(fp8_model, tmp_path):
             model.kv_cache.clear()
             model.config.prefill_config = {"chunk_prefill_mode": "streaming", "chunk_size": 4, "step_size": 2,
                                            "offload": offload}
-            answers.append(model.chat(video, tok, "What moves?", max_num_frames=32,
-                                      generation_config={"max_new_tokens": 12}))
+            answers.append([model.chat(video, tok, q, max_num_frames=32, generation_config={"max_new_tokens": 12})
+                            for q in ("What moves?", "And then?")])  # the follow-up replays the captured step
             assert model.last_stats["decode_path"] == ("eager" if offload else "captured")
     finally:
         model.config.enable_chunk_prefill = False

@@ -87,7 +87,7 @@ class CapturedStep:
 
     def valid_for(self, cache: KVStore) -> bool:
         return cache is self.cache_ref() and all(
-            k.data_ptr() == k2.data_ptr() for (k, _), (k2, _) in zip(self.buffers, cache.decode_buffers()))
+            mine[0].data_ptr() == now[0].data_ptr() for mine, now in zip(self.buffers, cache.decode_buffers()))
 
     def _body(self) -> torch.Tensor:
         d, cfg = self.decoder, self.cfg
