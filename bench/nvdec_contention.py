@@ -12,6 +12,9 @@ decoding is most of that time, so this times `open_video` (NVDEC, 600 frames of 
   threads6     the same with 6 NVDEC sessions each instead of 12;
   processes    cuda:0 and cuda:1 at once, one process each (as batch does).
 Each case decodes files it has not decoded before (all of them are in the page cache: written just before).
+--same-gpu (issue 19): whether one process's decoding is bound by NVDEC or by the host: P processes on cuda:0 at
+once, S sessions each, each decoding its own file, for (P, S) in --shapes (default 1x12 2x6 2x12 3x4 4x6);
+the aggregate is the frames of all over the span from the first start to the last end.
 --tiny: 320x240 files of a few seconds on the CPU decoder (a check of this script without a GPU).
 """
 from __future__ import annotations
@@ -63,35 +66,46 @@ def in_processes(jobs: list[tuple], warm: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..") + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, "--one", path, device, str(frames), warm],
-                              stdout=subprocess.PIPE, env=env, text=True) for path, device, frames in jobs]
+    procs = [subprocess.Popen([sys.executable, __file__, "--one", path, device, str(frames), warm, *map(str, rest)],
+                              stdout=subprocess.PIPE, env=env, text=True) for path, device, frames, *rest in jobs]
     each = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     return {"wall_s_with_start": round(time.perf_counter() - t, 3), "each": each,
             "decode_span_s": round(max(e["end"] for e in each) - min(e["start"] for e in each), 3)}
 
 
-def one_process(path: str, device: str, frames: int, warm: str) -> None:
+def one_process(path: str, device: str, frames: int, warm: str, workers: int | None = None,
+                start_at: float | None = None) -> None:
     decode(warm, device, 8)
+    if start_at is not None:  # every process of a case starts decoding together, after its imports and warm-up
+        time.sleep(max(0.0, start_at - time.time()))
     start = time.time()
-    r = decode(path, device, frames)
+    r = decode(path, device, frames, workers)
     print(json.dumps(dict(r, start=start, end=time.time())))
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        one_process(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        extra = sys.argv[6:]
+        one_process(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(extra[0]) if extra else None,
+                    float(extra[1]) if len(extra) > 1 else None)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--work", default="/tmp/mg")
     ap.add_argument("--out", default="nvdec_contention.json")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--same-gpu", action="store_true")
+    ap.add_argument("--shapes", nargs="+", default=["1x12", "2x6", "2x12", "3x4", "4x6"])
     args = ap.parse_args()
     from multi_gpu import make_videos
 
     os.makedirs(args.work, exist_ok=True)
     size = (320, 240) if args.tiny else (1920, 1080)
     files = make_videos(args.work, 8, 0.2 if args.tiny else args.minutes, size, prefix="nc")
+    if args.same_gpu:  # a file per process of the largest case, fresh for each case
+        most = max(int(s.split("x")[0]) for s in args.shapes)
+        files = make_videos(args.work, most * len(args.shapes), 0.2 if args.tiny else args.minutes, size,
+                            prefix="sg")
     warm = make_videos(args.work, 1, 0, size, prefix="ncwarm")[0]
     frames = int((0.2 if args.tiny else args.minutes) * 60)
     devs = ["cpu", "cpu"] if args.tiny else ["cuda:0", "cuda:1"]
@@ -102,6 +116,8 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 
+    if args.same_gpu:
+        return same_gpu(args, files, warm, frames, devs[0], results, save)
     for d in devs:
         decode(warm, d, 8)  # NVDEC and CUDA set up on both GPUs before anything is timed
     results["alone"] = decode(files[0], devs[0], frames)
@@ -121,6 +137,22 @@ def main() -> int:
     results["processes"] = in_processes([(files[6], devs[0], frames), (files[7], devs[1], frames)], warm)
     save()
     print(json.dumps(results, indent=1))
+    return 0
+
+
+def same_gpu(args, files, warm, frames, device, results, save) -> int:
+    results["same_gpu"] = {}
+    for i, shape in enumerate(args.shapes):
+        procs, sessions = map(int, shape.split("x"))
+        mine = files[i * procs:(i + 1) * procs]
+        start_at = time.time() + (8 if not args.tiny else 3)  # after every child's imports and warm-up
+        r = in_processes([(f, device, frames, sessions, start_at) for f in mine], warm)
+        r["frames"] = sum(e["frames"] for e in r["each"])
+        r["frames_per_s"] = round(r["frames"] / r["decode_span_s"], 1)
+        results["same_gpu"][shape] = r
+        print(shape, json.dumps({k: r[k] for k in ("frames", "decode_span_s", "frames_per_s")}),
+              [e["wall_s"] for e in r["each"]], flush=True)
+        save()
     return 0
 
 
