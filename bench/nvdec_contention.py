@@ -101,11 +101,11 @@ def main() -> int:
 
     os.makedirs(args.work, exist_ok=True)
     size = (320, 240) if args.tiny else (1920, 1080)
-    files = make_videos(args.work, 8, 0.2 if args.tiny else args.minutes, size, prefix="nc")
-    if args.same_gpu:  # a file per process of the largest case, fresh for each case
-        most = max(int(s.split("x")[0]) for s in args.shapes)
-        files = make_videos(args.work, most * len(args.shapes), 0.2 if args.tiny else args.minutes, size,
-                            prefix="sg")
+    if args.same_gpu:  # a file per process of each case: none decoded twice
+        files = make_videos(args.work, sum(int(s.split("x")[0]) for s in args.shapes),
+                            0.2 if args.tiny else args.minutes, size, prefix="sg")
+    else:
+        files = make_videos(args.work, 8, 0.2 if args.tiny else args.minutes, size, prefix="nc")
     warm = make_videos(args.work, 1, 0, size, prefix="ncwarm")[0]
     frames = int((0.2 if args.tiny else args.minutes) * 60)
     devs = ["cpu", "cpu"] if args.tiny else ["cuda:0", "cuda:1"]
@@ -142,9 +142,10 @@ def main() -> int:
 
 def same_gpu(args, files, warm, frames, device, results, save) -> int:
     results["same_gpu"] = {}
-    for i, shape in enumerate(args.shapes):
+    used = 0
+    for shape in args.shapes:
         procs, sessions = map(int, shape.split("x"))
-        mine = files[i * procs:(i + 1) * procs]
+        mine, used = files[used:used + procs], used + procs
         start_at = time.time() + (8 if not args.tiny else 3)  # after every child's imports and warm-up
         r = in_processes([(f, device, frames, sessions, start_at) for f in mine], warm)
         r["frames"] = sum(e["frames"] for e in r["each"])
