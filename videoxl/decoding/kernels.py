@@ -197,7 +197,8 @@ def _splits(device_index: int, n_kv: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
-                     splits: int | None = None, block_n: int = 64, scales: tuple | None = None) -> torch.Tensor:
+                     splits: int | None = None, block_n: int = 64, scales: tuple | None = None, num_warps: int = 4,
+                     num_stages: int = 3) -> torch.Tensor:
     """q [n_heads, head_dim] (one token, RoPE applied) over k_cache/v_cache [n_kv, capacity, head_dim], of which
     the first `length` (a one-element int device tensor) positions are valid -> [n_heads, head_dim]. An FP8
     cache passes its (K scales, V scales) [capacity]."""
@@ -214,8 +215,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _attn_split_kernel[(n_kv, splits)](q, k_cache, v_cache, k_scale, v_scale, length, o_part, m_part, l_part,
                                       k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
                                       d ** -0.5, G=g, G_PAD=g_pad, D=d, BLOCK_N=block_n, SPLITS=splits,
-                                      IEEE=q.dtype == torch.float32, FP8=scales is not None, num_warps=4,
-                                      num_stages=3)
+                                      IEEE=q.dtype == torch.float32, FP8=scales is not None,
+                                      num_warps=num_warps, num_stages=num_stages)
     out = torch.empty_like(q)
     _attn_combine_kernel[(n_heads,)](o_part, m_part, l_part, out, G=g, G_PAD=g_pad, D=d, SPLITS=splits,
                                      num_warps=4)
