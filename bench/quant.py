@@ -166,7 +166,16 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--schemes", nargs="+", default=["int8", "int4", "fp8"])
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--attention-from", default=None,
+                    help="an attn_sweep.json: decode with its picked kernel settings (bench/attn_sweep.py)")
     args = ap.parse_args()
+    if args.attention_from:
+        from videoxl.decoding import kernels
+
+        picks = json.load(open(args.attention_from))["picks"]
+        for kv, pick in picks.items():
+            kernels.ATTENTION_CONFIG[kv == "fp8"].update({k: pick[k] for k in kernels.ATTENTION_CONFIG[False]})
+        print("attention settings:", kernels.ATTENTION_CONFIG, flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
     device = torch.device("cpu" if args.tiny else "cuda")
     t_start = time.perf_counter()

@@ -30,6 +30,20 @@ def _to_fp8(input, input_dtype, output_dtype, rounding_mode):
 
 
 interpreter._convert_float = _to_fp8
+_cast = interpreter.InterpreterBuilder.cast_impl
+
+
+def _cast_bf16_to_f16(self, src, dst_type):
+    # the interpreter holds bf16 as raw 16-bit words and casts them to fp16 with numpy's astype (the words' integer
+    # values); the compiled conversion goes through the value: so does this, by way of float32
+    tl = interpreter.tl
+    if src.dtype.scalar == tl.bfloat16 and dst_type.scalar == tl.float16:
+        f32 = _convert(src.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(f32.astype(np.float16), dst_type.scalar)
+    return _cast(self, src, dst_type)
+
+
+interpreter.InterpreterBuilder.cast_impl = _cast_bf16_to_f16
 
 import torch  # noqa: E402
 
@@ -49,13 +63,15 @@ def attention_error(n_kv, g, d, length, capacity, splits):
     return (out - ref).abs().max().item()
 
 
-def fp8_attention_error(n_kv, g, d, length, capacity, splits):
-    """The kernel reading an FP8 cache (scales per token) against plain attention over the dequantized cache."""
-    q = torch.randn(n_kv * g, d)
+def fp8_attention_error(n_kv, g, d, length, capacity, splits, f16=False):
+    """The kernel reading an FP8 cache (scales per token) against plain attention over the dequantized cache;
+    `f16`: a bf16 query, the dot products in fp16 (the interpreter cannot multiply bf16 matrices)."""
+    q = torch.randn(n_kv * g, d).to(torch.bfloat16 if f16 else torch.float32)
     k8, ks = kv_fp8.quantize(torch.randn(1, n_kv, capacity, d) * torch.rand(1, 1, capacity, 1) * 8)
     v8, vs = kv_fp8.quantize(torch.randn(1, n_kv, capacity, d))
     out = kernels.decode_attention(q, k8[0], v8[0], torch.tensor([length], dtype=torch.int32), splits=splits,
-                                   scales=(ks, vs))
+                                   scales=(ks, vs), f16=f16).float()
+    q = q.float()
     k, v = (kv_fp8.dequantize(x[0], s, torch.float32) for x, s in ((k8, ks), (v8, vs)))
     kk, vv = k[:, :length].repeat_interleave(g, 0), v[:, :length].repeat_interleave(g, 0)
     ref = (torch.softmax(torch.einsum("hd,hnd->hn", q, kk) * d ** -0.5, -1)[:, :, None] * vv).sum(1)
@@ -138,6 +154,8 @@ def main(tiny_dir):
     # the FP8 cache: its kernels, and the captured step's body over an fp8 store against the eager fp8 path
     errors["fp8_attention"] = max(fp8_attention_error(*case) for case in [
         (2, 2, 16, 37, 64, 4), (4, 7, 128, 300, 512, 4), (1, 1, 32, 5, 64, 8)])
+    errors["fp8_f16_attention"] = max(fp8_attention_error(*case, f16=True) for case in [
+        (2, 2, 16, 37, 64, 4), (4, 7, 128, 300, 512, 4)])
     errors["fp8_store"] = fp8_store_mismatch(4, 2, 16)
     dec.kv_dtype = "fp8"
     with torch.inference_mode():

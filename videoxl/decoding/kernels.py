@@ -121,7 +121,7 @@ def rope_store_fp8(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
 @triton.jit
 def _attn_split_kernel(Q, K, V, K_SCALE, V_SCALE, LEN, O_PART, M_PART, L_PART, stride_kh, stride_kn, stride_vh,
                        stride_vn, scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SPLITS: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr):
+                       SPLITS: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr):
     kv = tl.program_id(0)
     split = tl.program_id(1)
     length = tl.load(LEN)
@@ -132,6 +132,8 @@ def _attn_split_kernel(Q, K, V, K_SCALE, V_SCALE, LEN, O_PART, M_PART, L_PART, s
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + (kv * G + offs_g)[:, None] * D + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0)
+    if F16:  # e4m3 -> fp16 is one conversion instruction; -> bf16 goes through fp16 first
+        q = q.to(tl.float16)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
@@ -196,12 +198,25 @@ def _splits(device_index: int, n_kv: int) -> int:
     return min(256, triton.next_power_of_2(max(1, 2 * sms // n_kv)))
 
 
+# The split kernel's launch settings for a bf16 (False) and an fp8 (True) cache: tile of keys, warps, pipeline
+# stages, splits (None: enough programs to fill the GPU twice) and, for fp8 with a bf16 query, dot products in
+# fp16 (e4m3 -> fp16 is one conversion). Chosen on the H200 by bench/attn_sweep.py (bench/RESULTS.md).
+ATTENTION_CONFIG = {False: {"block_n": 64, "num_warps": 4, "num_stages": 3, "splits": None, "f16": False},
+                    True: {"block_n": 64, "num_warps": 4, "num_stages": 3, "splits": None, "f16": False}}
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
-                     splits: int | None = None, block_n: int = 64, scales: tuple | None = None, num_warps: int = 4,
-                     num_stages: int = 3) -> torch.Tensor:
+                     splits: int | None = None, block_n: int | None = None, scales: tuple | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None, f16: bool | None = None):
     """q [n_heads, head_dim] (one token, RoPE applied) over k_cache/v_cache [n_kv, capacity, head_dim], of which
     the first `length` (a one-element int device tensor) positions are valid -> [n_heads, head_dim]. An FP8
-    cache passes its (K scales, V scales) [capacity]."""
+    cache passes its (K scales, V scales) [capacity]. Settings left None come from ATTENTION_CONFIG."""
+    config = ATTENTION_CONFIG[scales is not None]
+    splits = config["splits"] if splits is None else splits
+    block_n = config["block_n"] if block_n is None else block_n
+    num_warps = config["num_warps"] if num_warps is None else num_warps
+    num_stages = config["num_stages"] if num_stages is None else num_stages
+    f16 = config["f16"] if f16 is None else f16
     n_heads, d = q.shape
     n_kv = k_cache.shape[0]
     g = n_heads // n_kv
@@ -216,6 +231,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                       k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
                                       d ** -0.5, G=g, G_PAD=g_pad, D=d, BLOCK_N=block_n, SPLITS=splits,
                                       IEEE=q.dtype == torch.float32, FP8=scales is not None,
+                                      F16=f16 and scales is not None and q.dtype == torch.bfloat16,
                                       num_warps=num_warps, num_stages=num_stages)
     out = torch.empty_like(q)
     _attn_combine_kernel[(n_heads,)](o_part, m_part, l_part, out, G=g, G_PAD=g_pad, D=d, SPLITS=splits,
