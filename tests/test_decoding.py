@@ -93,7 +93,8 @@ def test_interpreted_kernels_match_torch(tiny_dir):
     # the FP8 cache (fp32 compute): the kernel over e4m3 K/V with per-token scales against attention over the
     # dequantized cache (summation order only); its store kernel against kv_fp8.quantize, byte for byte; the
     # captured body over an fp8 store against the eager forward over another (same rounding points)
-    assert errors["fp8_attention"] < 1e-5 and errors["fp8_store"] == 0
+    # (keys up to 8x larger here, so larger logits: 5e-5 absolute on outputs of size ~1 is fp32 summation order)
+    assert errors["fp8_attention"] < 5e-5 and errors["fp8_store"] == 0
     # fp16 dot products (a bf16 model's option): the output is rounded to bf16 (2^-8 relative, outputs of size ~1)
     assert errors["fp8_f16_attention"] < 2e-2
     assert errors["fp8_step_logits"] < 1e-4 and errors["fp8_step_kv"] < 1e-5 and errors["fp8_step_valid"]

@@ -37,14 +37,14 @@ def test_estimate_within_15_percent_of_measured_peaks(bench, weights):
 
 def test_readme_table_is_the_estimate(bench, weights):
     readme = open(os.path.join(ROOT, "README.md")).read()
-    table = {(m.group(1), m.group(2)): [int(x.replace(",", "")) for x in m.groups()[2:]]
-             for m in re.finditer(r"^\| ([a-z+]+) \(\d+\) \| (\w+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|$",
-                                  readme, re.M)}
+    table = {(m.group(1), m.group(2), m.group(3)): [int(x.replace(",", "")) for x in m.groups()[3:]]
+             for m in re.finditer(r"^\| ([a-z+]+) \(\d+\) \| (\w+) \| (\w+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| "
+                                  r"([\d,]+) \|$", readme, re.M)}
     all_weights = {p: bench.full_size_weights(None if p == "bf16" else p) for p in bench.PRECISIONS}
     assert all_weights["bf16"] == weights and all_weights["int4"] < all_weights["int8"] < 0.61 * weights
-    expected = {(r["mode"], r["weights"]): [r[f"{gb}GB"] for gb in bench.CARDS_GB]
+    expected = {(r["mode"], r["weights"], r["kv"]): [r[f"{gb}GB"] for gb in bench.CARDS_GB]
                 for r in bench.card_table(all_weights)}
-    assert len(table) == 12
+    assert len(table) == 24  # 4 modes x 3 weight precisions x 2 KV dtypes
     assert table == expected
 
 

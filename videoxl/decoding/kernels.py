@@ -200,9 +200,11 @@ def _splits(device_index: int, n_kv: int) -> int:
 
 # The split kernel's launch settings for a bf16 (False) and an fp8 (True) cache: tile of keys, warps, pipeline
 # stages, splits (None: enough programs to fill the GPU twice) and, for fp8 with a bf16 query, dot products in
-# fp16 (e4m3 -> fp16 is one conversion). Chosen on the H200 by bench/attn_sweep.py (bench/RESULTS.md).
-ATTENTION_CONFIG = {False: {"block_n": 64, "num_warps": 4, "num_stages": 3, "splits": None, "f16": False},
-                    True: {"block_n": 64, "num_warps": 4, "num_stages": 3, "splits": None, "f16": False}}
+# fp16 (e4m3 -> fp16 is one conversion). Chosen on the H200 by bench/attn_sweep.py over 79k and 388k cached
+# tokens, timed in CUDA graphs (bench/RESULTS.md, sixth session): bf16 64 splits instead of 128 (its kernel
+# 3.7 -> 4.2 TB/s at 388k); fp8 tiles of 128 keys, 64 splits and fp16 dot products (2.1 -> 3.3 TB/s).
+ATTENTION_CONFIG = {False: {"block_n": 64, "num_warps": 4, "num_stages": 3, "splits": 64, "f16": False},
+                    True: {"block_n": 128, "num_warps": 4, "num_stages": 3, "splits": 64, "f16": True}}
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
@@ -212,7 +214,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     the first `length` (a one-element int device tensor) positions are valid -> [n_heads, head_dim]. An FP8
     cache passes its (K scales, V scales) [capacity]. Settings left None come from ATTENTION_CONFIG."""
     config = ATTENTION_CONFIG[scales is not None]
-    splits = config["splits"] if splits is None else splits
+    if splits is None:  # (Triton's CPU interpreter, in tests: 4 splits)
+        splits = (config["splits"] or _splits(q.device.index or 0, k_cache.shape[0])) if q.device.type == "cuda" else 4
     block_n = config["block_n"] if block_n is None else block_n
     num_warps = config["num_warps"] if num_warps is None else num_warps
     num_stages = config["num_stages"] if num_stages is None else num_stages
@@ -221,8 +224,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     n_kv = k_cache.shape[0]
     g = n_heads // n_kv
     g_pad = max(16, triton.next_power_of_2(g))  # tl.dot needs 16 rows
-    if splits is None:
-        splits = _splits(q.device.index or 0, n_kv) if q.device.type == "cuda" else 4
     o_part = torch.empty((n_kv * splits * g_pad, d), dtype=torch.float32, device=q.device)
     m_part = torch.empty((n_kv * splits * g_pad,), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
