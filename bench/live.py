@@ -104,7 +104,8 @@ def run_mode(model, tok, mode: str, args, save=lambda partial: None) -> dict:
             sparse = MODES[mode].get("sparse_config")
             est = live_estimate(model.config, frames, mode_of(session.chunking), weights, session.per_slice,
                                 model.dtype.itemsize,
-                                (sparse["budget"], sparse.get("compression", 4)) if sparse else None)
+                                (sparse["budget"], sparse.get("compression", 4)) if sparse else None,
+                                model.decoder.kv_dtype)
             memory.append({"video_s": frames, "wall_s": round(time.perf_counter() - t_start, 2),
                            "kv_tokens": stats["kv_tokens"], "estimate_gb": round(est.total / 2**30, 3),
                            **gpu_gb(model.device)})

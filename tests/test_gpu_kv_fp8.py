@@ -100,3 +100,33 @@ def test_fp8_chat_in_every_prefill_mode(fp8_model, tmp_path):
         model.config.enable_chunk_prefill = False
         model.config.prefill_config = None
     assert answers[0] == answers[1]
+
+
+def test_bilevel_over_the_fp8_cache_captured_equals_eager(fp8_model, tmp_path):
+    """Bi-level decoding over an fp8 video: its mixed store is fp8, decoded by the captured step (the fp8 kernels)
+    and by the eager step, with the same answer; a follow-up replays the mixed store's graph."""
+    from videoxl.checkpoint.tiny import make_demo_video
+
+    video = make_demo_video(str(tmp_path / "b.mp4"), seconds=40.0, fps=5, size=(48, 32))
+    model, tok = fp8_model
+    gen = {"max_new_tokens": 16}
+    answers = []
+    model.config.enable_chunk_prefill, model.config.enable_sparse = True, True
+    model.config.prefill_config = {"chunk_prefill_mode": "streaming", "chunk_size": 4, "step_size": 2}
+    model.config.sparse_config = {"budget": 0.5}
+    try:
+        for mode in ("captured", "eager"):
+            model.kv_cache.clear()
+            model.decode_mode = mode
+            answers.append(model.chat(video, tok, "What moves?", max_num_frames=64, generation_config=gen))
+            assert model.last_stats["decode_path"] == mode and model.last_stats["kept_share"] < 0.9
+            assert list(model.kv_cache.entries.values())[-1].decode.mixed.fp8
+        model.decode_mode = "captured"
+        model.chat(video, tok, "What moves?", max_num_frames=64, generation_config=gen)
+        model.chat(video, tok, "And then?", max_num_frames=64, generation_config=gen)
+        assert model.last_stats["capture_s"] == 0.0
+    finally:
+        model.decode_mode = "auto"
+        model.config.enable_chunk_prefill = model.config.enable_sparse = False
+        model.config.prefill_config = model.config.sparse_config = None
+    assert answers[0] == answers[1]

@@ -13,7 +13,7 @@ from videoxl.demo import shapes
 from videoxl.errors import VideoXLError
 from videoxl.language import kv_fp8
 from videoxl.language.kv_store import KVStore
-from videoxl.memory import estimate, host_kv_bytes, kv_bytes_per_token, max_frames
+from videoxl.memory import bilevel_question_bytes, estimate, host_kv_bytes, kv_bytes_per_token, max_frames
 
 
 def test_quantize_error_is_within_e4m3_rounding():
@@ -99,6 +99,9 @@ def test_bytes_halve_and_ten_thousand_frames_fit_the_target():
     assert most["mask", "fp8"] > most["mask", None]  # mask prefill's is mostly activations
     assert most["streaming+offload", "fp8"] == pytest.approx(most["streaming+offload", None], rel=0.01)
     assert host_kv_bytes(cfg, tokens, 2, "fp8") == tokens * fp8
+    # a bi-level question's mixed store is stored as the video is; its pooled level stays in the model's dtype
+    plain, fp8_q = (bilevel_question_bytes(cfg, 3600, 0.25, 4, 2, kv) for kv in (None, "fp8"))
+    assert 0.6 * plain < fp8_q < 0.8 * plain
     dense = estimate(cfg, 3600, "dense", weights, kv_dtype="fp8").prefill
     assert dense < estimate(cfg, 3600, "dense", weights).prefill
 
@@ -137,6 +140,30 @@ def test_demo_model_answers_alike_with_the_fp8_cache(demo_pair, prefill):
         m.config.enable_chunk_prefill, m.config.prefill_config = False, None
     assert answers[0] == answers[1]
     assert model8.last_stats["kv_cache"] == "memory"  # follow-ups reused the fp8 prefix
+
+
+def test_bilevel_over_the_fp8_cache(demo_pair):
+    """Bi-level decoding over an fp8 video: its mixed store is fp8 too (half the bytes of the fp32 one), and the
+    demo model's answers to the v1 kinds equal those over the fp32 cache (25 % budget)."""
+    (model, tok), (model8, tok8) = demo_pair
+    answers, mixed = [], []
+    for m, t in ((model, tok), (model8, tok8)):
+        m.config.enable_chunk_prefill, m.config.prefill_config = True, {"chunk_prefill_mode": "mask", "chunk_size": 4,
+                                                                        "step_size": 1}
+        m.config.enable_sparse, m.config.sparse_config = True, {"budget": 0.25, "compression": 4}
+        try:
+            v = shapes.make_video(930_000, 64)
+            source = VideoRef("fp8-bilevel", tuple(shapes.model_frames(v)))
+            answers.append([m.chat(source, t, v.questions[kind], max_num_frames=64, sample_fps=1,
+                                   generation_config={"max_new_tokens": 4}) for kind in shapes.V1_KINDS])
+            assert m.last_stats["kept_share"] < 0.9
+            entry = list(m.kv_cache.entries.values())[-1]  # this video's
+            mixed.append(entry.decode.mixed)
+        finally:
+            m.config.enable_chunk_prefill = m.config.enable_sparse = False
+            m.config.prefill_config = m.config.sparse_config = None
+    assert answers[0] == answers[1]
+    assert mixed[1].fp8 and not mixed[0].fp8 and mixed[1].nbytes < 0.3 * mixed[0].nbytes  # fp32 -> e4m3
 
 
 def test_disk_entries_are_keyed_by_the_kv_dtype(tiny_dir, clip_path, tmp_path):

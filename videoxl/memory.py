@@ -112,12 +112,12 @@ def live_estimate(config: VideoXLConfig, frames: int, mode: str, weights: int, f
     vision = estimate(config, per_slice, "dense", weights, None, frames_per_slice, b).vision
     new = prompt_tokens(config, per_slice, 0)
     append = new * (4 * t.hidden_size + 3 * t.intermediate_size) * b
-    question = kv + bilevel_question_bytes(config, frames, *bilevel, dtype_bytes) if bilevel else 0
+    question = kv + bilevel_question_bytes(config, frames, *bilevel, dtype_bytes, kv_dtype) if bilevel else 0
     return Estimate(f"live {mode}", frames, n, weights, kv + vision, kv + append, question)
 
 
 def bilevel_question_bytes(config: VideoXLConfig, frames: int, share: float, compression: int,
-                           dtype_bytes: int = 2) -> int:
+                           dtype_bytes: int = 2, kv_dtype: str | None = None) -> int:
     """GPU bytes a bi-level question holds beside the video's own KVs (decoding/bilevel.py), kept for follow-ups
     until the video grows: the pooled level (each visual token averaged over `compression`, each other token
     its own slot) and the mixed store it decodes over (the text and timestamps, `share` of the visual tokens
@@ -129,7 +129,8 @@ def bilevel_question_bytes(config: VideoXLConfig, frames: int, share: float, com
     other = n - visual  # the text before the video and the `Time ...s:` tokens
     level = visual / compression + other
     mixed = other + share * visual + (1 - share) * visual / compression
-    return int(kv_bytes_per_token(config, dtype_bytes) * (level + mixed))  # every layer's K and V
+    return int(kv_bytes_per_token(config, dtype_bytes) * level  # every layer's K and V; the level in the model's
+               + kv_bytes_per_token(config, dtype_bytes, kv_dtype=kv_dtype) * mixed)  # dtype, the mixed store as stored
 
 
 def max_frames(config: VideoXLConfig, budget: int, mode: str, weights: int, frames_per_slice: int = 96,

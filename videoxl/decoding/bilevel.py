@@ -127,7 +127,7 @@ def mixed_store(decoder: Qwen2Decoder, store: KVStore, level: SparseLevel | None
         mixed.set_length(0)
     else:
         mixed = KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, store.dtype, device,
-                        bucketed(at + extra))
+                        bucketed(at + extra), kv_dtype=store.kv_dtype)  # an fp8 video's mixed store is fp8 too
     spans = []
     for s, e in [(0, vs)] + [plan.blocks[b] for b in sorted(dense)]:
         if spans and spans[-1][1] == s:  # neighbouring dense blocks travel as one copy
@@ -204,7 +204,8 @@ def prepare_bilevel(decoder: Qwen2Decoder, store: KVStore, cfg: SparseConfig, ma
     state.drop_mixed()
     dc = decoder.cfg
     mixed = KVStore(dc.num_hidden_layers, dc.num_key_value_heads, dc.head_dim, store.dtype,
-                    decoder.embed_tokens.weight.device, bucketed(size + QUESTION_ROOM + max_new_tokens + 1))
+                    decoder.embed_tokens.weight.device, bucketed(size + QUESTION_ROOM + max_new_tokens + 1),
+                    kv_dtype=store.kv_dtype)
     state.mixed = mixed
     decode_step(decoder, mixed, max_new_tokens, state=state)  # the graph captured now, on the store questions reuse
     return time.perf_counter() - t0
