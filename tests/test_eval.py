@@ -214,7 +214,10 @@ def test_bad_model_args_are_one_line(args, says):
 
 def test_precision_model_args_reach_the_model():
     s = parse_model_args(f"pretrained={DEMO},kv_dtype=fp8,quantize=int8")
-    assert (s.kv_dtype, s.quantize) == ("fp8", "int8")
+    assert s.load_kwargs() == {"device": None, "dtype": None, "kv_cache_gb": 0.0, "kv_cache_dir": None,
+                               "quantize": "int8", "kv_dtype": "fp8"}  # what the plugin passes to videoxl.load
+    model, _ = videoxl.load(DEMO, **dict(s.load_kwargs(), quantize=None, device="cpu"))
+    assert model.decoder.kv_dtype == "fp8"
 
 
 def test_generation_kwargs_map_to_the_models():

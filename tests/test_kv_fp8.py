@@ -140,6 +140,7 @@ def test_demo_model_answers_alike_with_the_fp8_cache(demo_pair, prefill):
         m.config.enable_chunk_prefill, m.config.prefill_config = False, None
     assert answers[0] == answers[1]
     assert model8.last_stats["kv_cache"] == "memory"  # follow-ups reused the fp8 prefix
+    assert model8.last_stats["kv_dtype"] == "fp8" and "kv_dtype" not in model.last_stats
 
 
 def test_bilevel_over_the_fp8_cache(demo_pair):

@@ -264,6 +264,8 @@ def generate(model, store, logits, tokenizer, gen, prompt_ids: list[int], stats:
             if isinstance(i, int)}
 
     stats.update(decode_path=None, capture_s=None)  # no step is made for an answer of one token
+    if store.kv_dtype:  # how the KVs this answer read were stored (absent: the model's dtype)
+        stats["kv_dtype"] = store.kv_dtype
 
     def make_step():  # after the first token: a graph capture then never delays it
         step = decode_step(model.decoder, store, gen.max_new_tokens, model.decode_mode, state)

@@ -30,9 +30,7 @@ class VideoXLEval(lmms):
             world = int(os.environ.get("WORLD_SIZE", 1))
             if world > 1 and settings.device is None and torch.cuda.is_available():
                 settings = replace(settings, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-            model, tokenizer = videoxl.load(settings.pretrained, device=settings.device, dtype=settings.dtype,
-                                            kv_cache_gb=settings.kv_cache_gb, kv_cache_dir=settings.kv_cache_dir,
-                                            quantize=settings.quantize, kv_dtype=settings.kv_dtype)
+            model, tokenizer = videoxl.load(settings.pretrained, **settings.load_kwargs())
             self.runner = EvalRunner(model, tokenizer, settings, self._doc)
         except VideoXLError as e:
             raise SystemExit(f"videoxl: {e}") from None

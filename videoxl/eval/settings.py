@@ -50,6 +50,11 @@ class EvalSettings:
         return {"chunk_prefill_mode": self.chunk_prefill, "chunk_size": self.block * (self.prev + 1),
                 "step_size": self.block, "offload": self.offload, "chunk_size_for_vision_tower": self.vision_chunk}
 
+    def load_kwargs(self) -> dict:
+        """`videoxl.load`'s arguments besides the folder."""
+        return {"device": self.device, "dtype": self.dtype, "kv_cache_gb": self.kv_cache_gb,
+                "kv_cache_dir": self.kv_cache_dir, "quantize": self.quantize, "kv_dtype": self.kv_dtype}
+
     def model_settings(self):
         """The model's validated per-question settings (videoxl.settings.Settings), passed to every `chat`: the
         checkpoint's config is left alone."""
