@@ -189,3 +189,42 @@ def test_cli_takes_kv_dtype(tiny_dir, clip_path, capsys):
     with pytest.raises(SystemExit):
         main(["chat", clip_path, "what?", "--model", tiny_dir, "--kv-dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["dense", "streaming-offload"])
+def test_live_appends_store_the_same_fp8_bytes_in_any_split(tiny_dir, chunked):
+    """A live session over the fp8 cache: frames appended in any split answer as `chat` over the same frames, and
+    store what one append stores. Reference: the one-append session. Tolerance: the splits' K/V before
+    quantization differ by fp32 rounding (tests/test_live.py), so a scale may differ in its last bits and a value
+    sitting on an e4m3 rounding tie may land one step away: rarely, and never further."""
+    from tests.test_live import CHUNKED, GEN, chat, frames
+
+    settings = CHUNKED if chunked else {}
+    model, tok = videoxl.load(tiny_dir, device="cpu", kv_dtype="fp8")
+    video = frames(16)
+    expected = chat(model, tok, video, settings)
+    snapshots = []
+    for split in ([16], [1, 2, 5, 8], [3, 3, 3, 3, 4]):
+        with model.open_live(tok, **settings) as live:
+            at = 0
+            for n in split:
+                live.append(video[at:at + n])
+                at += n
+            assert live.ask("What moves?", GEN) == expected
+            store = live.prefix.store
+            assert store.fp8
+            snapshots.append(store.to_tensors(live.prefix.prompt.video_end))
+    one = snapshots[0]
+    for other in snapshots[1:]:
+        assert other.keys() == one.keys()
+        flipped = total = 0
+        for name, ref in one.items():
+            got = other[name].float()
+            if name[1] == "s":  # scales
+                assert torch.allclose(got, ref, rtol=1e-5, atol=0)
+                continue
+            step = (ref.float().abs() / 8).clamp_min(2.0 ** -9)  # one e4m3 step at each value (3 mantissa bits)
+            diff = (got - ref.float()).abs()
+            assert (diff <= step * 1.001).all(), name
+            flipped, total = flipped + int((diff > 0).sum()), total + diff.numel()
+        assert flipped < 1e-3 * total, (flipped, total)
