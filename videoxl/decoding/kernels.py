@@ -157,7 +157,10 @@ def _attn_split_kernel(Q, K, V, K_SCALE, V_SCALE, LEN, O_PART, M_PART, L_PART, s
         alpha = tl.exp(m_i - m_new)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
         pw = p
-        if FP8:  # each value's scale multiplies its weight (the sum l_i keeps the unscaled weights)
+        # each value's scale multiplies its weight (the sum l_i keeps the unscaled weights); with F16 a weight
+        # p * scale under 6e-5 (fp16's smallest normal) keeps fewer bits: the H200's logit error at 79k tokens was
+        # the same with fp16 and bf16 dot products (0.112 / 0.113, bench/RESULTS.md)
+        if FP8:
             v = v.to(q.dtype)
             pw = p * tl.load(V_SCALE + offs_n, mask=valid, other=0.0)[None, :]
         if IEEE:
