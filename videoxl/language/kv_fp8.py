@@ -8,7 +8,8 @@ Why this scheme:
   would lose without per-channel scales (KIVI's reason for them).
 * A scale per token is computed from that token alone, when it is written: appending frames to a live session,
   a follow-up's tokens and a disk entry never need a calibration pass or a rescale of what is stored, and
-  any split of a video into pieces stores the same bytes.
+  any split of a video into pieces stores what one piece stores (up to the fp32 rounding its K/V already differ
+  by: a scale's last bits, tests/test_kv_fp8.py).
 * One scale for the token's 4 KV heads, in fp32: 4 bytes per 512 of fp8 in each of K and V (0.8 %). A scale per
   head would cost four times that, and 10,000 frames (387,882 tokens) would no longer fit in 10.5 GiB.
 
