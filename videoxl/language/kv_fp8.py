@@ -20,31 +20,20 @@ from __future__ import annotations
 
 import torch
 
-from videoxl.errors import VideoXLError
+from videoxl.language.quant import parse_fp8_setting, require_fp8
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-KV_DTYPES = ("fp8",)
 
 
 def parse_kv_dtype(value) -> str | None:
     """None / "none" / "model" / "auto": the KVs in the model's dtype; "fp8": the FP8 cache; else one line."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "model", "auto")):
-        return None
-    if not isinstance(value, str) or value.lower() not in KV_DTYPES:
-        raise VideoXLError(f"kv_dtype must be 'fp8' or none (the model's dtype), got {value!r}")
-    return value.lower()
+    return parse_fp8_setting(value, "kv_dtype")
 
 
 def check_kv_device(device: torch.device) -> None:
     """The decode kernel converts e4m3 on the GPU, which Triton does from compute capability 8.9 (Ada, Hopper)."""
-    if device.type != "cuda":
-        return
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise VideoXLError(f"kv_dtype='fp8' needs a GPU with FP8 (compute capability >= 8.9: Ada, Hopper or "
-                           f"newer); {torch.cuda.get_device_name(device)} is {major}.{minor}: leave kv_dtype unset "
-                           "(or use --offload to keep the KVs in CPU memory)")
+    require_fp8(device, "kv_dtype", "leave kv_dtype unset (or use --offload to keep the KVs in CPU memory)")
 
 
 @torch.no_grad()  # a cache is never trained through (and out= below refuses autograd)

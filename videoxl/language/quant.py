@@ -49,6 +49,27 @@ def parse_quantize(quantize) -> str | None:
     return quantize.lower()
 
 
+def parse_fp8_setting(value, what: str, off: tuple[str, ...] = ("none", "model", "auto")) -> str | None:
+    """A setting that is either the model's dtype (None or a word in `off`) or "fp8" (vision_dtype, kv_dtype);
+    anything else is one line naming `what`."""
+    if value is None or (isinstance(value, str) and value.lower() in off):
+        return None
+    if not isinstance(value, str) or value.lower() != "fp8":
+        raise VideoXLError(f"{what} must be 'fp8' or none (the model's dtype), got {value!r}")
+    return "fp8"
+
+
+def require_fp8(device: torch.device, what: str, instead: str) -> None:
+    """Refuse in one line `what`='fp8' on a GPU below compute capability 8.9 (no FP8), saying what to do
+    `instead`; a CPU runs fp8 in software."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise VideoXLError(f"{what}='fp8' needs a GPU with FP8 (compute capability >= 8.9: Ada, Hopper or "
+                           f"newer); {torch.cuda.get_device_name(device)} is {major}.{minor}: {instead}")
+
+
 def check_device(scheme: str, device: torch.device, dtype: torch.dtype, what: str = "quantize") -> None:
     """Refuse, in one line, a scheme this device and dtype cannot run (before any weight is read). `what`: the
     setting that asked for it, as the user wrote it (quantize, vision_dtype)."""
@@ -57,9 +78,8 @@ def check_device(scheme: str, device: torch.device, dtype: torch.dtype, what: st
     major, minor = torch.cuda.get_device_capability(device)
     name = torch.cuda.get_device_name(device)
     instead = "use quantize='int8' or 'int4'" if what == "quantize" else f"leave {what} unset (the model's dtype)"
-    if scheme == "fp8" and (major, minor) < (8, 9):
-        raise VideoXLError(f"{what}='fp8' needs a GPU with FP8 (compute capability >= 8.9: Ada, Hopper or "
-                           f"newer); {name} is {major}.{minor}: {instead}")
+    if scheme == "fp8":
+        require_fp8(device, what, instead)
     if scheme == "int4" and major < 8:
         raise VideoXLError(f"quantize='int4' needs compute capability >= 8.0 (tinygemm); {name} is "
                            f"{major}.{minor}: use quantize='int8'")

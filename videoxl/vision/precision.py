@@ -17,17 +17,13 @@ from __future__ import annotations
 from torch import nn
 
 from videoxl.errors import VideoXLError
-
-VISION_DTYPES = ("fp8",)
+from videoxl.language.quant import parse_fp8_setting
 
 
 def parse_vision_dtype(value) -> str | None:
-    """None / "none" / "model" / "auto": the vision side in the model's dtype; "fp8": FP8 GEMMs; else one line."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "model", "auto", "")):
-        return None
-    if not isinstance(value, str) or value.lower() not in VISION_DTYPES:
-        raise VideoXLError(f"vision_dtype must be 'fp8' or none (the model's dtype), got {value!r}")
-    return value.lower()
+    """None / "none" / "model" / "auto" / "": the vision side in the model's dtype; "fp8": FP8 GEMMs; else one
+    line."""
+    return parse_fp8_setting(value, "vision_dtype", off=("none", "model", "auto", ""))
 
 
 def quantize_vision(vision: nn.Module, scheme: str) -> int:
