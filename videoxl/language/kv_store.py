@@ -180,17 +180,13 @@ class KVStore:
         out = []
         for home in self._home(layer):
             if home.device == device:
-                out.append(torch.cat([home[..., s:e, :] if home.ndim == 4 else home[s:e] for s, e in spans],
-                                     dim=-2 if home.ndim == 4 else 0))
+                out.append(torch.cat([positions(home, s, e) for s, e in spans], dim=2 if home.ndim == 4 else 0))
                 continue
-            dst = torch.empty(home.shape[:-2] + (n, home.shape[-1]) if home.ndim == 4 else (n,), dtype=home.dtype,
-                              device=device)
+            dst = torch.empty(positions(home, 0, n).shape, dtype=home.dtype, device=device)
             offset = 0
             for s, e in spans:
-                if home.ndim == 1:
-                    dst[offset:offset + e - s].copy_(home[s:e], non_blocking=True)
-                for h in range(self.num_kv_heads if home.ndim == 4 else 0):  # a head's span is contiguous
-                    dst[0, h, offset:offset + e - s].copy_(home[0, h, s:e], non_blocking=True)
+                for d, src in zip(runs(dst, offset, offset + e - s), runs(home, s, e)):
+                    d.copy_(src, non_blocking=True)
                 offset += e - s
             out.append(dst)
         k, v = self._read(tuple(out), n)
@@ -270,8 +266,7 @@ class KVStore:
         out = {}
         for i in range(self.num_layers):
             for name, home in zip(self._names(i), self._home(i)):
-                part = home[:, :, :n] if home.ndim == 4 else home[:n]
-                out[name] = part.to("cpu", copy=True, memory_format=torch.contiguous_format)
+                out[name] = positions(home, 0, n).to("cpu", copy=True, memory_format=torch.contiguous_format)
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -295,12 +290,19 @@ class KVStore:
         self._len = [n] * self.num_layers
 
 
+def positions(part: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Positions [start, end) of a part: a [1, heads, capacity, dim] K or V buffer, or a [capacity] scale buffer."""
+    return part[:, :, start:end] if part.ndim == 4 else part[start:end]
+
+
+def runs(part: torch.Tensor, start: int, end: int) -> list[torch.Tensor]:
+    """The same positions as contiguous runs: one per head of a K or V buffer (the span across heads is not
+    contiguous), the span itself of a scale buffer."""
+    return [part[0, h, start:end] for h in range(part.shape[1])] if part.ndim == 4 else [part[start:end]]
+
+
 def copy_prefix(dst: torch.Tensor, src: torch.Tensor, n: int) -> None:
-    """dst[..., :n, :] = src[..., :n, :] between devices, asynchronously (a 1-D part: dst[:n] = src[:n]). Per
-    head, because the prefix of a [1, heads, capacity, dim] buffer is not contiguous, and a non-contiguous copy
-    to or from the CPU goes through a pageable staging buffer, synchronously, at a few GB/s."""
-    if dst.ndim == 1:
-        dst[:n].copy_(src[:n], non_blocking=True)
-        return
-    for h in range(dst.shape[1]):
-        dst[0, h, :n].copy_(src[0, h, :n], non_blocking=True)
+    """dst's positions [0, n) = src's, between devices, asynchronously, a contiguous run at a time: a
+    non-contiguous copy to or from the CPU goes through a pageable staging buffer, synchronously, at a few GB/s."""
+    for d, s in zip(runs(dst, 0, n), runs(src, 0, n)):
+        d.copy_(s, non_blocking=True)
