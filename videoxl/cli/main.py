@@ -77,8 +77,6 @@ def progress_stages(args) -> set[str]:
 
 
 def cmd_chat(args) -> int:
-    import videoxl
-
     if args.demo:  # the shipped tiny model trained on the "shapes" task (videoxl/demo/quiz.py)
         from videoxl.demo import demo_model_path
         from videoxl.demo.quiz import NOTICE
@@ -93,11 +91,7 @@ def cmd_chat(args) -> int:
         if video is None:  # draw a task video into the cache folder and ask about it
             from videoxl.demo.quiz import quiz
 
-            with Loading(model_dir):
-                model, tokenizer = videoxl.load(model_dir, device=None if args.device == "auto" else args.device,
-                                                dtype=None if args.dtype == "auto" else args.dtype,
-                                                quantize=args.quantize, vision_dtype=args.vision_dtype,
-                                                kv_dtype=args.kv_dtype)
+            model, tokenizer = load(args, model_dir, None if args.device == "auto" else args.device)
             quiz(model, tokenizer, seed=args.seed, questions=[args.question] if args.question else None)
             return 0
         if args.question is None and not (args.interactive or not sys.stdin.isatty()):
@@ -117,9 +111,7 @@ def cmd_chat(args) -> int:
 
     device = parse_device(None if args.device == "auto" else args.device)
     prefetch = Prefetch(video, (args.max_num_frames, args.sample_fps, args.max_sample_fps), device)
-    with Loading(model_dir):  # the first question's frames are decoded meanwhile
-        model, tokenizer = videoxl.load(model_dir, device=device, dtype=None if args.dtype == "auto" else args.dtype,
-                                        quantize=args.quantize, vision_dtype=args.vision_dtype, kv_dtype=args.kv_dtype)
+    model, tokenizer = load(args, model_dir, device)  # the first question's frames are decoded meanwhile
     model.prefetched = prefetch
     if model.config.random_weights and not args.demo:
         err(f"note: {model_dir} holds RANDOM weights (made by `videoxl make-tiny`): the answers are noise")
@@ -141,6 +133,15 @@ def cmd_chat(args) -> int:
         write(json_line(question, answer, stats) + "\n" if args.json else "\n")
         err(report(stats, model.device.type))
     return 0
+
+
+def load(args, model_dir: str, device):
+    """`videoxl.load` with chat's dtype and precision options, the load shown on the terminal."""
+    import videoxl
+
+    with Loading(model_dir):
+        return videoxl.load(model_dir, device=device, dtype=None if args.dtype == "auto" else args.dtype,
+                            quantize=args.quantize, vision_dtype=args.vision_dtype, kv_dtype=args.kv_dtype)
 
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".flv", ".wmv", ".ts", ".mpg", ".mpeg"}

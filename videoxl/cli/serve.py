@@ -98,8 +98,7 @@ def build(args):
     devices = parse_devices(args.devices or "auto")
 
     load_kwargs = dict(model_dir=args.model, dtype=args.dtype, quantize=args.quantize, vision_dtype=args.vision_dtype,
-                       kv_dtype=args.kv_dtype,
-                       kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
+                       kv_dtype=args.kv_dtype, kv_cache_gb=args.kv_cache_gb, kv_cache_dir=args.kv_cache_dir)
     here = devices if args.worker_threads else devices[:1]
     # each worker in a process of its own takes its slice of the cores, as `batch` does (threads would share
     # one torch pool and one affinity)
