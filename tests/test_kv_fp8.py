@@ -197,19 +197,16 @@ def test_live_appends_store_the_same_fp8_bytes_in_any_split(tiny_dir, chunked):
     store what one append stores. Reference: the one-append session. Tolerance: the splits' K/V before
     quantization differ by fp32 rounding (tests/test_live.py), so a scale may differ in its last bits and a value
     sitting on an e4m3 rounding tie may land one step away: rarely, and never further."""
-    from tests.test_live import CHUNKED, GEN, chat, frames
+    from tests.test_live import CHUNKED, GEN, SPLITS, append_in_pieces, chat, frames
 
     settings = CHUNKED if chunked else {}
     model, tok = videoxl.load(tiny_dir, device="cpu", kv_dtype="fp8")
     video = frames(16)
     expected = chat(model, tok, video, settings)
     snapshots = []
-    for split in ([16], [1, 2, 5, 8], [3, 3, 3, 3, 4]):
+    for split in SPLITS:
         with model.open_live(tok, **settings) as live:
-            at = 0
-            for n in split:
-                live.append(video[at:at + n])
-                at += n
+            append_in_pieces(live, video, split)
             assert live.ask("What moves?", GEN) == expected
             store = live.prefix.store
             assert store.fp8

@@ -41,17 +41,24 @@ def chat(model, tok, video, settings):
             setattr(model.config, key, False if key.startswith("enable") else None)
 
 
+SPLITS = ([16], [1, 2, 5, 8], [3, 3, 3, 3, 4])  # of 16 frames: at once, growing pieces, mid-group cuts
+
+
+def append_in_pieces(live, video, split: list[int]) -> None:
+    at = 0
+    for n in split:
+        live.append(video[at:at + n])
+        at += n
+
+
 @pytest.mark.parametrize("settings", [{}, CHUNKED], ids=["dense", "streaming-offload"])
 def test_any_split_answers_as_chat_does(tiny, settings):
     model, tok = tiny
     video = frames(16)
     expected = chat(model, tok, video, settings)
-    for split in ([16], [1, 2, 5, 8], [3, 3, 3, 3, 4]):
+    for split in SPLITS:
         with model.open_live(tok, **settings) as live:
-            at = 0
-            for n in split:
-                live.append(video[at:at + n])
-                at += n
+            append_in_pieces(live, video, split)
             assert live.ask("What moves?", GEN) == expected
             stats = live.last_stats
             assert stats["frames"] == 16 and stats["groups"] == 4 and stats["covers_s"] == [0.0, 15.0]
