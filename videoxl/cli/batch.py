@@ -62,8 +62,10 @@ def cmd_batch(args) -> int:
         f"{len(groups)} videos, on {'Ray ' + args.ray if args.ray else ', '.join(map(str, devices))}")
     from videoxl.demo import demo_model_path
 
-    settings = Settings(args.model or demo_model_path(), args.dtype, generation_config(args), prefill, sparse,
-                        args.kv_cache_dir, args.quantize, args.vision_dtype)
+    # by name: a positional list once dropped --kv-dtype without a word
+    settings = Settings(model_dir=args.model or demo_model_path(), dtype=args.dtype, generation=generation_config(args),
+                        prefill_config=prefill, sparse_config=sparse, kv_cache_dir=args.kv_cache_dir,
+                        quantize=args.quantize, vision_dtype=args.vision_dtype, kv_dtype=args.kv_dtype)
     t0, answered, failed = time.perf_counter(), 0, 0
     try:
         def ready(device, seconds):
