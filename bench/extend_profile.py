@@ -59,7 +59,7 @@ class Beside:
         from videoxl.video.sources import open_video
 
         while not self.stop.is_set():  # again and again until the case ends
-            stream = open_video(video, 600, 1.0, device=device, decoder="both")
+            stream = open_video(video, 600, 1.0, device=device, decoder="both" if device.type == "cuda" else "auto")
             for batch in stream.batches(16):
                 self.frames[0] += len(batch)
                 if self.stop.is_set():
@@ -154,12 +154,25 @@ def case(model, tokenizer, chunking, visual, times, slices, beside: Beside, prof
     return row
 
 
+def plan_cases(args) -> list[tuple[str, int, int, str | None]]:
+    """(mode, extensions, busy threads, video beside), the ones that answer the question first (the run may be
+    cut off by its time limit): one pass against extensions alone, then with a file decoded beside, then
+    spinning threads, then dense as the reference."""
+    out = []
+    for mode in args.modes:
+        runs = [(0, None)] + ([(0, args.decode_beside)] if args.decode_beside else []) + \
+            [(b, None) for b in args.busy if b]
+        for busy, video in runs:
+            out += [(mode, s, busy, video) for s in [0, *args.slices]]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--groups", type=int, default=900, help="groups of 4 frames (900 = an hour at 1 fps)")
     ap.add_argument("--slices", type=int, nargs="+", default=[16, 4], help="extensions per case (0 = one pass)")
-    ap.add_argument("--busy", type=int, nargs="+", default=[0, 12])
+    ap.add_argument("--busy", type=int, nargs="+", default=[4])
     ap.add_argument("--decode-beside", default=None, help="a video file decoded beside each case too")
     ap.add_argument("--modes", nargs="+", default=["mask", "dense"])
     ap.add_argument("--profile", action="store_true", help="also each case once under torch.profiler")
@@ -174,30 +187,31 @@ def main() -> int:
     tpg, hidden = model.config.tokens_per_group, model.decoder.embed_tokens.weight.shape[1]
     visual = (torch.randn(args.groups, tpg, hidden, device=device) * 0.02).to(model.decoder.embed_tokens.weight.dtype)
     times = [4.0 * g for g in range(args.groups)]
+    warmed: set[str] = set()
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "groups": args.groups, "cases": {}}
     log("model ready")
-    for mode in args.modes:
-        chunking = None if mode == "dense" else PrefillConfig.from_dict(MASK)
-        for s in [0, *args.slices][:3]:  # warm-up: compiles (one for all lengths), at a small size
-            case(model, tokenizer, chunking, visual[:40], times[:40], min(s, 4), Beside())
-        for slices in [0, *args.slices]:
-            runs = [(b, None) for b in args.busy] + ([(0, args.decode_beside)] if args.decode_beside else [])
-            for busy, video in runs:
-                name = f"{mode}-{'one-pass' if slices == 0 else f'{slices}-ext'}-busy{busy}" + ("-decode" if video else "")
-                try:
-                    row = case(model, tokenizer, chunking, visual, times, slices, Beside(busy, video, device))
-                    if args.profile and busy == 0 and not video:
-                        row["profiled"] = case(model, tokenizer, chunking, visual, times, slices, Beside(), True)
-                except Exception as e:  # noqa: BLE001 - a case that fails is a row saying why
-                    row = {"error": f"{type(e).__name__}: {e}"[:300]}
-                res["cases"][name] = row
-                log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in row.items()
-                                             if k in ("wall_s", "host_s", "gpu_span_s", "error")) +
-                    (f"; kernels {row['profiled'].get('kernel_s')} s in {row['profiled'].get('kernel_launches')}"
-                     if "profiled" in row else ""))
-                with open(os.path.join(args.out, "extend_profile.json"), "w") as f:
-                    json.dump(res, f, indent=1)
+    with torch.inference_mode():  # as chat runs it (autograd would keep every layer's activations)
+        for mode, slices, busy, video in plan_cases(args):
+            chunking = None if mode == "dense" else PrefillConfig.from_dict(MASK)
+            if mode not in warmed:  # compiles (one for all lengths), at a small size
+                for s in (0, 4):
+                    case(model, tokenizer, chunking, visual[:40], times[:40], s, Beside())
+                warmed.add(mode)
+            name = f"{mode}-{'one-pass' if slices == 0 else f'{slices}-ext'}-busy{busy}" + ("-decode" if video else "")
+            try:
+                row = case(model, tokenizer, chunking, visual, times, slices, Beside(busy, video, device))
+                if args.profile and busy == 0 and not video:
+                    row["profiled"] = case(model, tokenizer, chunking, visual, times, slices, Beside(), True)
+            except Exception as e:  # noqa: BLE001 - a case that fails is a row saying why
+                row = {"error": f"{type(e).__name__}: {e}"[:300]}
+            res["cases"][name] = row
+            log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in row.items()
+                                         if k in ("wall_s", "host_s", "gpu_span_s", "frames_decoded_beside", "error"))
+                + (f"; kernels {row['profiled'].get('kernel_s')} s in {row['profiled'].get('kernel_launches')}"
+                   if "profiled" in row else ""))
+            with open(os.path.join(args.out, "extend_profile.json"), "w") as f:
+                json.dump(res, f, indent=1)
     return 0
 
 
