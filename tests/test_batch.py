@@ -169,3 +169,37 @@ def test_a_worker_that_cannot_load_fails_its_first_video_only(batch, capsys, mon
     assert all("not answered: cpu: RuntimeError: no memory left" in r["error"] for r in failed)
     assert answers(out) == {k: v for k, v in reference.items() if not k.startswith("v0-")}
     assert "model ready after" in capsys.readouterr().err  # the other worker said so
+
+
+def test_every_load_option_reaches_the_workers(batch, monkeypatch):
+    """The workers build their models from `Settings`: each precision option given on the command line is there
+    (--kv-dtype was once dropped on the way)."""
+    from videoxl.batch import runner
+
+    seen = []
+
+    def fake_run(settings, groups, devices, *rest, **options):
+        seen.append(settings)
+        return iter(())
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    folder, inp, _ = batch
+    out = str(folder / "options.jsonl")
+    assert main(["batch", inp, "-o", out, "--devices", "cpu", "--quantize", "int8", "--kv-dtype", "fp8",
+                 "--dtype", "float32"] + ARGS) == 0
+    (s,) = seen
+    assert (s.quantize, s.kv_dtype, s.dtype) == ("int8", "fp8", "float32")
+
+
+def test_worker_processes_are_forked_only_where_that_is_safe(monkeypatch):
+    """GPU workers of the CLI (which has run no torch work yet) are forked, saving each its interpreter and
+    torch import; CPU workers, callers that may have used torch's thread pools, and a process whose CUDA is
+    initialised (a context does not survive a fork) spawn."""
+    import torch
+    from videoxl.batch.runner import start_method
+
+    assert start_method(["cuda:0", "cuda:1"], fork=True) == "fork"
+    assert start_method(["cuda:0", "cuda:1"], fork=False) == "spawn"
+    assert start_method(["cpu", "cpu"], fork=True) == "spawn"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert start_method(["cuda:0", "cuda:1"], fork=True) == "spawn"

@@ -62,14 +62,16 @@ def cmd_batch(args) -> int:
         f"{len(groups)} videos, on {'Ray ' + args.ray if args.ray else ', '.join(map(str, devices))}")
     from videoxl.demo import demo_model_path
 
-    settings = Settings(args.model or demo_model_path(), args.dtype, generation_config(args), prefill, sparse,
-                        args.kv_cache_dir, args.quantize, args.vision_dtype)
+    # by name: a positional list once dropped --kv-dtype without a word
+    settings = Settings(model_dir=args.model or demo_model_path(), dtype=args.dtype, generation=generation_config(args),
+                        prefill_config=prefill, sparse_config=sparse, kv_cache_dir=args.kv_cache_dir,
+                        quantize=args.quantize, vision_dtype=args.vision_dtype, kv_dtype=args.kv_dtype)
     t0, answered, failed = time.perf_counter(), 0, 0
     try:
         def ready(device, seconds):
             err(f"{device}: model ready after {seconds:.1f} s")
 
-        for n, records in enumerate(run(settings, groups, devices, args.ray, args.workers, ready), 1):
+        for n, records in enumerate(run(settings, groups, devices, args.ray, args.workers, ready, fork=True), 1):
             for record in records:
                 out.write(record)
                 ok = "answer" in record
