@@ -160,7 +160,7 @@ def plan_cases(args) -> list[tuple[str, int, int, str | None]]:
     spinning threads, then dense as the reference."""
     out = []
     for mode in args.modes:
-        runs = [(0, None)] + ([(0, args.decode_beside)] if args.decode_beside else []) + \
+        runs = ([] if args.skip_alone else [(0, None)]) + ([(0, args.decode_beside)] if args.decode_beside else []) + \
             [(b, None) for b in args.busy if b]
         for busy, video in runs:
             out += [(mode, s, busy, video) for s in [0, *args.slices]]
@@ -176,9 +176,14 @@ def main() -> int:
     ap.add_argument("--decode-beside", default=None, help="a video file decoded beside each case too")
     ap.add_argument("--modes", nargs="+", default=["mask", "dense"])
     ap.add_argument("--profile", action="store_true", help="also each case once under torch.profiler")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for the run, in seconds (CPython's default: 0.005)")
+    ap.add_argument("--skip-alone", action="store_true", help="only the cases with work beside")
     ap.add_argument("--tiny", action="store_true", help="the tiny config on the CPU: a smoke test of this script")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     device = torch.device("cpu" if args.tiny else "cuda")
     model = random_model(device, args.tiny)
     tokenizer = make_tokenizer(tempfile.mkdtemp())
@@ -189,7 +194,8 @@ def main() -> int:
     times = [4.0 * g for g in range(args.groups)]
     warmed: set[str] = set()
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "groups": args.groups, "cases": {}}
+           "groups": args.groups,
+           "switch_interval_s": sys.getswitchinterval(), "cases": {}}
     log("model ready")
     with torch.inference_mode():  # as chat runs it (autograd would keep every layer's activations)
         for mode, slices, busy, video in plan_cases(args):
