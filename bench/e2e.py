@@ -45,7 +45,6 @@ from video_decode import encode_chunk, repeat  # noqa: E402
 from videoxl.cache import identity  # noqa: E402
 from videoxl.checkpoint.tiny import make_tokenizer  # noqa: E402
 from videoxl.timeline import idle_waiting, merged  # noqa: E402
-from videoxl.video import gil  # noqa: E402
 from videoxl.video.sources import open_video  # noqa: E402
 
 T0 = time.perf_counter()
@@ -144,17 +143,16 @@ def questions(args, files, results) -> None:
     tokenizer = make_tokenizer(tempfile.mkdtemp())
     log("model ready")
     warmed = set()
-    engines = [(d, s, b, g) for d in args.decoders for s in (args.nvdec_sessions if d != "cpu" else [None])
-               for b in (args.cpu_decoders if d == "both" else [None]) for g in args.gil_switch]
+    engines = [(d, s, b) for d in args.decoders for s in (args.nvdec_sessions if d != "cpu" else [None])
+               for b in (args.cpu_decoders if d == "both" else [None])]
     for (encoding, minutes), (path, chunk, mbps) in files.items():
-        for decoder, sessions, beside, switch in engines:
+        for decoder, sessions, beside in engines:
             case = f"{encoding}-{minutes:g}min-{decoder}-{args.prefill}" + (f"-s{sessions}" if sessions else "") \
-                + (f"-c{beside}" if beside else "") + ("-flex" if args.flex_extensions else "") \
-                + ("" if switch is None else f"-gil{switch * 1e3:g}ms")
+                + (f"-c{beside}" if beside else "") + ("-flex" if args.flex_extensions else "")
             try:
                 use_decoder(decoder, sessions, beside)
-                if switch is not None:  # video/gil.py: the GIL switch interval while decoder threads run
-                    gil.SWITCH_INTERVAL_S = switch or None
+                if args.gil_switch:  # the GIL switch interval for the question (measured: no gain, RESULTS.md)
+                    sys.setswitchinterval(args.gil_switch)
                 if (encoding, decoder) not in warmed:  # kernels, NVDEC sessions, the decode graph
                     ask(model, tokenizer, chunk, 64, 4)
                     warmed.add((encoding, decoder))
@@ -172,7 +170,7 @@ def questions(args, files, results) -> None:
                     f"({row.get('video_decoder')}), GPU idle waiting {row.get('gpu_idle_waiting_for_frames_s')} s")
             row.update(file=os.path.basename(path), mbit_s=mbps, minutes=minutes, decoder=decoder, cores=usable_cores(),
                        nvdec_sessions=sessions, cpu_decoders_beside=beside, flex_extensions=args.flex_extensions,
-                       gil_switch_s=gil.SWITCH_INTERVAL_S)
+                       gil_switch_s=sys.getswitchinterval())
             results["cases"][case] = row
             save(args.out, results)
 
@@ -257,9 +255,8 @@ def main():
                     help="NVDEC sessions (one case per value; default: the engine's, read.NVDEC_SESSIONS)")
     ap.add_argument("--cpu-decoders", type=int, nargs="+", default=[None],
                     help="'both': CPU decoders beside the sessions (one case per value; default: the engine's)")
-    ap.add_argument("--gil-switch", type=float, nargs="+", default=[None],
-                    help="GIL switch interval (s) while decoder threads run, one case per value; 0 = the "
-                         "interpreter's 5 ms (default: the engine's, video/gil.SWITCH_INTERVAL_S)")
+    ap.add_argument("--gil-switch", type=float, default=None,
+                    help="sys.setswitchinterval for the questions, in seconds (default: the interpreter's 5 ms)")
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU, 320x180: a smoke test")
     args = ap.parse_args()
     size = (320, 180) if args.tiny else tuple(int(x) for x in args.size.split("x"))

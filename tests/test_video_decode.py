@@ -293,29 +293,3 @@ def test_nv12_path_turns_frames_like_the_cpu_path(files):
     ref = resize_frame(np.rot90(frame.to_ndarray(format="rgb24"), 3))
     assert np.abs(ours.astype(int) - ref).max() <= 3
 
-
-
-def test_gil_switches_are_short_while_decoder_threads_run(files):
-    """While decoder threads run, the interpreter hands the GIL over every SWITCH_INTERVAL_S (so the thread that
-    launches the GPU's kernels is not starved by them); the interpreter's own interval comes back after the
-    last reader ends, also when its consumer stops early."""
-    import sys
-
-    from videoxl.video import gil
-
-    before = sys.getswitchinterval()
-    seen = []
-    for stop_early in (False, True):
-        stream = open_video(files["x264-gop30"], max_num_frames=8, sample_fps=None, workers=2)
-        batches = stream.batches(2)
-        next(batches)
-        seen.append(sys.getswitchinterval())
-        if stop_early:
-            batches.close()
-        else:
-            list(batches)
-        assert sys.getswitchinterval() == before
-    assert seen == pytest.approx([gil.SWITCH_INTERVAL_S] * 2) and gil.SWITCH_INTERVAL_S < before
-    with gil.short_switches(), gil.short_switches():  # nested: one lowering, put back by the outer block
-        inner = sys.getswitchinterval()
-    assert inner == pytest.approx(gil.SWITCH_INTERVAL_S) and sys.getswitchinterval() == before

@@ -20,7 +20,6 @@ import numpy as np
 
 from videoxl.cancel import Either, check
 from videoxl.errors import VideoXLError
-from videoxl.video.gil import short_switches
 from videoxl.video.index import Job, Probe
 from videoxl.video.stream import resize_frame
 
@@ -220,8 +219,6 @@ class JobReader:
             w.start()
         order = sorted(k for run in self.runs for job in run for k in job.frames)
         numbers, batch = [], []
-        switches = short_switches()  # the GIL handed over sooner while the workers run (video/gil.py)
-        switches.__enter__()
         try:
             for pos, k in enumerate(order):
                 with done:
@@ -249,7 +246,6 @@ class JobReader:
             stop.set()
             for w in workers:
                 w.join()
-            switches.__exit__(None, None, None)
             self.reports = reports
 
     def packets_by_kind(self) -> dict[str, int]:
