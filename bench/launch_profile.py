@@ -47,7 +47,7 @@ def child(model_dir: str, video: str, order: str, device: str, frames: int) -> N
     import videoxl
     import videoxl.cli.main  # noqa: F401  what the command imports first
     from videoxl.checkpoint import loader
-    from videoxl.checkpoint.devices import parse_device
+    from videoxl.devices import parse_device
     from videoxl.video.prefetch import Prefetch
     mark("import_videoxl")
     for name in ("load_tokenizer", "load_model", "empty_model", "scan", "read_all"):

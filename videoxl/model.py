@@ -17,7 +17,7 @@ from torch import nn
 from videoxl import pipeline
 from videoxl.cache.identity import weights_digest
 from videoxl.cancel import Cancel
-from videoxl.checkpoint.devices import on_device
+from videoxl.devices import on_device
 from videoxl.cache.store import VideoKVCache
 from videoxl.config import VideoXLConfig
 from videoxl.errors import VideoXLError

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from videoxl.checkpoint.devices import on_device, parse_device, parse_dtype
+from videoxl.devices import on_device, parse_device, parse_dtype
 from videoxl.checkpoint.read import Entry, header, read_all
 from videoxl.config import VideoXLConfig, config_path
 from videoxl.errors import VideoXLError

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from videoxl.checkpoint.devices import on_device
+from videoxl.devices import on_device
 from videoxl.errors import VideoXLError
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,

@@ -106,7 +106,7 @@ def cmd_chat(args) -> int:
         raise VideoXLError(f"video not found: {video}")  # before the (slow) model load
     check_video(video)  # a FIFO or device, a NUL in the name: refused before the load too
     settings = check_before_load(args, video)
-    from videoxl.checkpoint.devices import parse_device
+    from videoxl.devices import parse_device
     from videoxl.video.prefetch import Prefetch
 
     device = parse_device(None if args.device == "auto" else args.device)

@@ -189,7 +189,7 @@ def parse_devices(text: str) -> list[str]:
     devices = [d.strip() for d in text.split(",") if d.strip()]
     if not devices:
         raise VideoXLError("--devices is empty: name one or more devices, e.g. cuda:0,cuda:1, or auto")
-    from videoxl.checkpoint.devices import parse_device
+    from videoxl.devices import parse_device
 
     for d in devices:
         parse_device(d)  # one line of error for an unknown or absent device, before anything loads

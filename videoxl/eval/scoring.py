@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from videoxl.checkpoint.devices import on_device
+from videoxl.devices import on_device
 from videoxl.errors import VideoXLError
 from videoxl.inputs import check_request
 from videoxl.memory import memory_errors

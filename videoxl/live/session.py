@@ -31,7 +31,7 @@ from videoxl.config import FRAMES_PER_GROUP
 from videoxl.decoding.state import DecodeState
 from videoxl.errors import VideoXLError
 from videoxl.cancel import Cancel
-from videoxl.checkpoint.devices import on_device
+from videoxl.devices import on_device
 from videoxl.inputs import check_question
 from videoxl.language.prompt import VideoPrompt, question_ids
 from videoxl.live.frames import Sampler, as_frames, check_timestamps, frame_time, prepare, whole_groups
