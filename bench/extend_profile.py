@@ -2,13 +2,15 @@
 (issue 19): the same prompt's KVs built both ways on the full-size architecture (random bf16 weights), with no
 video, so each suspect can be switched on alone.
 
-    python bench/extend_profile.py --out DIR [--groups 900] [--slices 16 4] [--busy 0 12] [--decode-beside FILE]
+    python bench/extend_profile.py --out DIR [--groups 900] [--slices 16 4] [--busy 4] [--decode-beside FILE]
+                                   [--beside-decoder both|nvdec|pyav] [--switch-interval S] [--profile] [--skip-alone]
 
 Per case: the GPU span of each call (CUDA events on the work stream, as `bench/e2e.py` records "prefill"), the
 host's time inside the calls, and (`--profile`) the kernels' own time from torch.profiler, so a span that is
 longer than its kernels shows the GPU waiting for the host. `--busy N`: N Python threads spin beside the
 prefill (the GIL contention of the decoder threads in `chat`); `--decode-beside FILE`: the file's frames are
-decoded (NVDEC + CPU, as `chat` does) on threads beside it. Results: DIR/extend_profile.json.
+decoded on threads beside it (`--beside-decoder`: NVDEC and CPU decoders together by default; chat's own
+default is NVDEC alone). Results: DIR/extend_profile.json.
 """
 from __future__ import annotations
 
@@ -44,8 +46,9 @@ def log(msg):
 class Beside:
     """Work on other threads while a case runs: `busy` spinning Python threads, or a file's frames decoded."""
 
-    def __init__(self, busy: int = 0, video: str | None = None, device=None):
+    def __init__(self, busy: int = 0, video: str | None = None, device=None, decoder: str = "both"):
         self.stop, self.threads, self.frames = threading.Event(), [], [0]
+        self.decoder = decoder
         for _ in range(busy):
             self.threads.append(threading.Thread(target=self._spin, daemon=True))
         if video:
@@ -59,7 +62,8 @@ class Beside:
         from videoxl.video.sources import open_video
 
         while not self.stop.is_set():  # again and again until the case ends
-            stream = open_video(video, 600, 1.0, device=device, decoder="both" if device.type == "cuda" else "auto")
+            stream = open_video(video, 600, 1.0, device=device,
+                                decoder=self.decoder if device.type == "cuda" else "auto")
             for batch in stream.batches(16):
                 self.frames[0] += len(batch)
                 if self.stop.is_set():
@@ -178,6 +182,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also each case once under torch.profiler")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval for the run, in seconds (CPython's default: 0.005)")
+    ap.add_argument("--beside-decoder", choices=["both", "nvdec", "pyav"], default="both",
+                    help="how --decode-beside decodes (the engine's choices; 'auto' in chat is nvdec)")
     ap.add_argument("--skip-alone", action="store_true", help="only the cases with work beside")
     ap.add_argument("--tiny", action="store_true", help="the tiny config on the CPU: a smoke test of this script")
     args = ap.parse_args()
@@ -206,7 +212,8 @@ def main() -> int:
                 warmed.add(mode)
             name = f"{mode}-{'one-pass' if slices == 0 else f'{slices}-ext'}-busy{busy}" + ("-decode" if video else "")
             try:
-                row = case(model, tokenizer, chunking, visual, times, slices, Beside(busy, video, device))
+                row = case(model, tokenizer, chunking, visual, times, slices,
+                           Beside(busy, video, device, args.beside_decoder))
                 if args.profile and busy == 0 and not video:
                     row["profiled"] = case(model, tokenizer, chunking, visual, times, slices, Beside(), True)
             except Exception as e:  # noqa: BLE001 - a case that fails is a row saying why
