@@ -3,7 +3,8 @@ the full-size architecture with random bf16 weights, per file and decoder, with 
 time waiting for frames and a timeline figure; plus `videoxl chat` from launch to first token.
 
     python bench/e2e.py --out DIR [--minutes 10 60] [--encodings x264 camera] [--decoders nvdec cpu both]
-                        [--prefill mask|streaming|dense] [--flex-extensions] [--tokens 128] [--ceiling] [--launch] [--tiny]
+                        [--prefill mask|streaming|dense] [--flex-extensions | --prefill-split 0.8] [--tokens 128]
+                        [--ceiling] [--launch] [--tiny] [--gil-switch S]
                         [--nvdec-sessions 8 12 16] [--cpu-decoders 14 28]   (a case per combination)
 
 Files (made under --work, kept for the next call): testsrc2 encoded for --chunk-seconds at --size, then its
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import videoxl.pipeline as pipeline_module  # noqa: E402
-from videoxl.prefill import incremental  # noqa: E402
+from videoxl.prefill import growing, incremental  # noqa: E402
 from videoxl.video import read as read_module  # noqa: E402
 from videoxl.video.read import usable_cores  # noqa: E402
 from cpu_ceiling import measure  # noqa: E402
@@ -140,6 +141,8 @@ def questions(args, files, results) -> None:
     if args.flex_extensions:  # chunked slices prefilled as encoded, each as one FlexAttention kernel
         incremental.FLEX_EXTENSIONS = True
         pipeline_module.prefill_as_encoded = lambda device, chunking: True
+    if args.prefill_split:  # two extensions (FlexAttention kernels), the first at this share of the frames
+        incremental.FLEX_EXTENSIONS, growing.PREFILL_SPLIT = True, args.prefill_split
     tokenizer = make_tokenizer(tempfile.mkdtemp())
     log("model ready")
     warmed = set()
@@ -148,7 +151,8 @@ def questions(args, files, results) -> None:
     for (encoding, minutes), (path, chunk, mbps) in files.items():
         for decoder, sessions, beside in engines:
             case = f"{encoding}-{minutes:g}min-{decoder}-{args.prefill}" + (f"-s{sessions}" if sessions else "") \
-                + (f"-c{beside}" if beside else "") + ("-flex" if args.flex_extensions else "")
+                + (f"-c{beside}" if beside else "") + ("-flex" if args.flex_extensions else "") \
+                + (f"-split{args.prefill_split:g}" if args.prefill_split else "")
             try:
                 use_decoder(decoder, sessions, beside)
                 if args.gil_switch:  # the GIL switch interval for the question (measured: no gain, RESULTS.md)
@@ -170,7 +174,7 @@ def questions(args, files, results) -> None:
                     f"({row.get('video_decoder')}), GPU idle waiting {row.get('gpu_idle_waiting_for_frames_s')} s")
             row.update(file=os.path.basename(path), mbit_s=mbps, minutes=minutes, decoder=decoder, cores=usable_cores(),
                        nvdec_sessions=sessions, cpu_decoders_beside=beside, flex_extensions=args.flex_extensions,
-                       gil_switch_s=sys.getswitchinterval())
+                       prefill_split=args.prefill_split, gil_switch_s=sys.getswitchinterval())
             results["cases"][case] = row
             save(args.out, results)
 
@@ -251,6 +255,9 @@ def main():
     ap.add_argument("--flex-extensions", action="store_true",
                     help="chunked modes: prefill each slice as it is encoded, one FlexAttention kernel per extension "
                          "(prefill/incremental.FLEX_EXTENSIONS; off by default until this measures it faster)")
+    ap.add_argument("--prefill-split", type=float, default=None,
+                    help="prefill in two extensions, the first once this share of the frames is encoded "
+                         "(prefill/growing.PREFILL_SPLIT; off by default until this measures it faster)")
     ap.add_argument("--nvdec-sessions", type=int, nargs="+", default=[None],
                     help="NVDEC sessions (one case per value; default: the engine's, read.NVDEC_SESSIONS)")
     ap.add_argument("--cpu-decoders", type=int, nargs="+", default=[None],

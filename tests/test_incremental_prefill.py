@@ -91,20 +91,28 @@ def test_pieces_must_meet_the_prompt(prepared):  # noqa: F811
         inc.extend(cut(prompt, 40), embeds[:, :30])
 
 
-@pytest.mark.parametrize("mode, offload, overlap", [("dense", False, True), ("mask", False, True),
-                                                    ("streaming", False, True), ("streaming", True, True),
-                                                    ("mask", False, False), ("streaming", True, False)])
+@pytest.mark.parametrize("mode, offload, overlap, split", [
+    ("dense", False, True, None), ("mask", False, True, None), ("streaming", False, True, None),
+    ("streaming", True, True, None), ("mask", False, False, None), ("streaming", True, False, None),
+    ("dense", False, True, 0.5), ("mask", False, False, 0.5), ("streaming", True, False, 0.5)])
 def test_file_prefilled_while_decoding_equals_one_shot(tiny, prepared, long_clip, monkeypatch, mode, offload,  # noqa: F811
-                                                       overlap):
+                                                       overlap, split):
     """pipeline.build_prefix prefills each vision slice of a file as it is encoded (4 frames a slice here, so
     6 slices); whether slices went in one by one or batched, the KVs equal the one-shot prefill's (tolerance and
     reference as above: test_chunked_prefill.assert_same_kvs, relative 1e-5, fp32). `overlap=False` is what CUDA
-    does for chunked modes (GrowingPrefix.add_all after the last slice)."""
+    does for chunked modes (GrowingPrefix.add_all after the last slice). `split` (growing.PREFILL_SPLIT): two
+    extensions, the first once half the frames are encoded, the rest after the last."""
     from videoxl import pipeline
+    from videoxl.prefill import growing
 
     model, prompt, embeds = prepared
     monkeypatch.setattr(pipeline, "DEFAULT_FRAMES_PER_SLICE", 4)
     monkeypatch.setattr(pipeline, "prefill_as_encoded", lambda device, chunking: overlap)
+    monkeypatch.setattr(growing, "PREFILL_SPLIT", split)
+    added = []
+    add = growing.GrowingPrefix.add
+    monkeypatch.setattr(growing.GrowingPrefix, "add", lambda self, visual, t: (added.append(len(t)),
+                                                                                add(self, visual, t)))
     chunking = None if mode == "dense" else PrefillConfig(mode, 4, 2, offload, chunk_size_for_vision_tower=4)
     plan = None if chunking is None else BlockPlan.from_prompt(prompt, chunking)
     whole = run(ONE_SHOT[mode], model, embeds, plan, offload=offload)
@@ -114,7 +122,10 @@ def test_file_prefilled_while_decoding_equals_one_shot(tiny, prepared, long_clip
                                       False, None)
     assert entry.prompt.input_ids == prompt.input_ids[:prompt.video_end]
     assert entry.prompt.timestamps == prompt.timestamps and entry.cache.offload == offload
-    assert entry.stats["frames"] == 22 and entry.stats["groups"] == 6 and entry.stats["prefill_overlapped"] == overlap
+    assert entry.stats["frames"] == 22 and entry.stats["groups"] == 6
+    assert entry.stats["prefill_overlapped"] == (overlap or split is not None)
+    if split is not None:  # groups of the first extension (slices are handed out while others wait: >= half)
+        assert len(added) == 2 and added[0] >= 3 and sum(added) == 6
     entry.cache.truncate(prompt.video_end)
     assert_same_kvs(entry.cache, whole)
     if plan is not None:

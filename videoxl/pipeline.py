@@ -30,7 +30,8 @@ from videoxl.inputs import Request
 from videoxl.language.prompt import VideoPrompt, build_prompt, prompt_tokens
 from videoxl.memory import check_fits
 from videoxl.prefill.plan import BlockPlan, PrefillConfig
-from videoxl.prefill.growing import GrowingPrefix, prefill_as_encoded
+from videoxl.prefill import growing
+from videoxl.prefill.growing import GrowingPrefix, extend_now, prefill_as_encoded
 from videoxl.progress import close, progress
 from videoxl.settings import Settings
 from videoxl.timeline import Timeline
@@ -151,7 +152,7 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
                len(stream.planned) if stream.source == "images" else 0)  # images are decoded all at once
     prefix = GrowingPrefix(model.decoder, tokenizer, model.config.tokens_per_group,
                            placeholder_id(model.config, tokenizer), chunking, capacity + DECODE_ROOM, system=system)
-    overlap = prefill_as_encoded(model.device, chunking)
+    overlap = prefill_as_encoded(model.device, chunking) or growing.PREFILL_SPLIT is not None
     waiting, times, t_prefill = [], [], 0.0
 
     def add_waiting():  # the encoded slices not prefilled yet: their groups, each group's first frame's time
@@ -164,13 +165,13 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
         for piece in encode_slices(model.vision, stream, per_slice, model.device, show_progress, timeline, cancel):
             waiting.append(piece.visual)
             times += piece.timestamps
-            if overlap and not piece.more_waiting:
+            if overlap and extend_now(len(times), len(stream.planned), prefix.groups, piece.more_waiting):
                 t0 = time.perf_counter()
                 add_waiting()
                 t_prefill += time.perf_counter() - t0
         timer.lap("vision_s")  # frame decoding, vision and (overlap) the prefill of all but the last slice
         stats = {"prefill_overlapped": overlap, "prefill_launch_s": round(t_prefill, 3)}
-        if not overlap:
+        if not overlap or not prefix.groups:  # nothing in yet: the mode's one-shot prefill
             with timeline.gpu_span("prefill"):
                 stats.update(prefix.add_all(torch.cat(waiting), times[::FRAMES_PER_GROUP], show_progress, cancel))
         elif waiting:

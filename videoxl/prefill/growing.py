@@ -28,6 +28,22 @@ def prefill_as_encoded(device: torch.device, chunking: PrefillConfig | None) -> 
     return chunking is None or not flex_available(device)
 
 
+# An experiment, off (None): prefill a file's video in two extensions, the first once this share of its planned
+# frames is encoded, the rest after the last frame, instead of slice by slice (dense, CPU) or in one pass after
+# the last frame (chunked modes on CUDA). Beside the decoder threads every small kernel launch waits for the GIL
+# (bench/RESULTS.md, seventh session: 16 extensions 32.5 s, one pass 6.9 s), so two large extensions may keep
+# most of the overlap at a fraction of the launches. Not yet measured on a GPU: `bench/e2e.py --prefill-split`.
+PREFILL_SPLIT: float | None = None
+
+
+def extend_now(encoded: int, planned: int, groups_in: int, more_waiting: bool) -> bool:
+    """Whether a file's encoded slices should be prefilled now, where they are prefilled as encoded: slice by
+    slice, not while more decoded frames wait (they go through together); with PREFILL_SPLIT once, at its share."""
+    if PREFILL_SPLIT is not None:
+        return groups_in == 0 and encoded >= PREFILL_SPLIT * planned
+    return not more_waiting
+
+
 def embed_prompt(decoder, prompt: VideoPrompt, visual: torch.Tensor, end: int | None = None,
                  start: int = 0) -> torch.Tensor:
     """Token embeddings [1, n, hidden] of the prompt's tokens [start, end), visual positions filled in
