@@ -12,11 +12,11 @@ from videoxl.language import quant
 from videoxl.language.int8_gemv import int8_gemv
 
 
-def gemv_error(n, k, m, bias):
+def gemv_error(n, k, m, bias, tiles=None):
     q = quant.QuantLinear.quantize(torch.randn(n, k), torch.randn(n) if bias else None, "int8")
     x = torch.randn(m, k)
     ref = x @ q.dequantize().t() + (q.bias if bias else 0)
-    return (int8_gemv(x, q.qweight, q.scale, q.bias) - ref).abs().max().item() / ref.abs().max().item()
+    return (int8_gemv(x, q.qweight, q.scale, q.bias, tiles) - ref).abs().max().item() / ref.abs().max().item()
 
 
 def fp8_rows_errors():
@@ -37,7 +37,10 @@ def fp8_rows_errors():
 def main(tiny_dir):
     torch.manual_seed(0)
     errors = {"gemv": max(gemv_error(*c, False) for c in [(40, 1000, 1), (16, 512, 3), (3, 7, 2)]),
-              "gemv_bias": gemv_error(24, 600, 2, True), **fp8_rows_errors()}
+              "gemv_bias": gemv_error(24, 600, 2, True),
+              # K split in stretches (a ragged last one), partial sums added by a second kernel
+              "gemv_split": max(gemv_error(40, 1000, 2, False, (8, 64, 4, 3)), gemv_error(24, 600, 2, True, (4, 128, 4, 4))),
+              **fp8_rows_errors()}
     model, _ = videoxl.load(tiny_dir, device="cpu", dtype="float32", quantize="int8")
     dec = model.decoder
 

@@ -117,6 +117,7 @@ def test_int8_kernel_and_captured_step_interpreted(tiny_dir):
     """The Triton int8 kernel and the decode step's body over fused int8 layers, run by Triton's interpreter."""
     errors = run_interpreted("interpreted_quant.py", tiny_dir)
     assert errors["gemv"] < 1e-5 and errors["gemv_bias"] < 1e-5  # fp32 sums in another order
+    assert errors["gemv_split"] < 1e-5  # the same, K split into stretches summed by a second kernel
     assert errors["fp8_scale"] == 0 and errors["fp8_sign_flips"] == 0  # fp8 rows (values: on the GPU)
     assert errors["step_logits"] < 1e-4 and errors["step_kv"] < 1e-5
 
