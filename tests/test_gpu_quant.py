@@ -35,6 +35,21 @@ def test_cuda_layers_compute_their_weight(scheme):
             assert err < (0.05 if scheme == "fp8" else 1e-2), (n, k, rows, err)
 
 
+def test_int8_kernel_with_k_split_equals_one_pass():
+    """The int8 GEMV with K split into stretches (partials summed by a second kernel) against the one-pass
+    kernel: fp32 sums in another order, then one bf16 rounding (tolerance: 1 bf16 ulp of the output's scale)."""
+    from videoxl.language.int8_gemv import int8_gemv
+
+    torch.manual_seed(0)
+    for n, k in ((4608, 3584), (3584, 18944)):
+        q = QuantLinear.quantize((torch.randn(n, k, device="cuda") * 0.02).bfloat16(), None, "int8")
+        x = torch.randn(2, k, device="cuda").bfloat16()
+        one = int8_gemv(x, q.qweight, q.scale, None, (8, 1024, 4, 1)).float()
+        for split in (2, 4, 8):
+            got = int8_gemv(x, q.qweight, q.scale, None, (8, 1024, 4, split)).float()
+            assert (got - one).abs().max().item() <= one.abs().max().item() * 2 ** -7, (n, k, split)
+
+
 def test_fp8_rows_kernel_equals_the_unfused_arithmetic():
     """language/fp8_rows.quantize_rows against QuantLinear's unfused fp8 arithmetic: the same scales and bytes
     (both round to nearest even)."""
