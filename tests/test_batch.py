@@ -190,16 +190,3 @@ def test_every_load_option_reaches_the_workers(batch, monkeypatch):
     (s,) = seen
     assert (s.quantize, s.kv_dtype, s.dtype) == ("int8", "fp8", "float32")
 
-
-def test_worker_processes_are_forked_only_where_that_is_safe(monkeypatch):
-    """GPU workers of the CLI (which has run no torch work yet) are forked, saving each its interpreter and
-    torch import; CPU workers, callers that may have used torch's thread pools, and a process whose CUDA is
-    initialised (a context does not survive a fork) spawn."""
-    import torch
-    from videoxl.batch.runner import start_method
-
-    assert start_method(["cuda:0", "cuda:1"], fork=True) == "fork"
-    assert start_method(["cuda:0", "cuda:1"], fork=False) == "spawn"
-    assert start_method(["cpu", "cpu"], fork=True) == "spawn"
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    assert start_method(["cuda:0", "cuda:1"], fork=True) == "spawn"

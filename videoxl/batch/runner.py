@@ -78,12 +78,10 @@ class Worker:
 
 
 def run(settings: Settings, groups: list[list[Job]], devices: list[str | None], ray_address: str | None = None,
-        ray_workers: int = 0, on_ready: Callable[[str, float], None] | None = None,
-        fork: bool = False) -> Iterator[list[dict]]:
+        ray_workers: int = 0, on_ready: Callable[[str, float], None] | None = None) -> Iterator[list[dict]]:
     """The records of each video's rows, a video at a time, in the order they finish. `ray_workers` 0: one
     actor per GPU of the cluster (at least one). `on_ready(device, seconds)`: a worker process has its model
-    (several devices; a late one takes fewer videos, as workers take the next video when free). `fork`: the
-    caller has run no torch work in this process yet, so worker processes may be forked (start_method)."""
+    (several devices; a late one takes fewer videos, as workers take the next video when free)."""
     if not groups:
         return
     if ray_address is not None:
@@ -93,7 +91,7 @@ def run(settings: Settings, groups: list[list[Job]], devices: list[str | None], 
         for group in groups:
             yield worker.answer(group)
     else:
-        yield from _in_processes(settings, groups, devices, on_ready, start_method(devices, fork))
+        yield from _in_processes(settings, groups, devices, on_ready)
 
 
 # ---- several devices on this machine ------------------------------------------------------------------------
@@ -123,7 +121,7 @@ def _prefetch(first: list[Job] | None, device: str | None):
     """Start decoding the first video's frames now, while the weights load (video/prefetch.py), as chat does."""
     if not first:
         return None
-    from videoxl.devices import parse_device
+    from videoxl.checkpoint.devices import parse_device
     from videoxl.video.prefetch import Prefetch
 
     job = first[0]
@@ -162,40 +160,23 @@ def _serve(settings: Settings, device: str, tasks, results, parent: int | None =
         item = tasks.get()
 
 
-def start_method(devices: list[str], fork: bool) -> str:
-    """How worker processes start. A spawned one runs a new interpreter and imports torch again before it can
-    load: on the `nvidia-h200-x2` host its model was ready 6.1 s after the batch began, the in-process one's
-    after 2.0 s (bench/RESULTS.md, sixth session). A forked one starts with this process's imports. Forking is
-    safe only where the child's CUDA will be its own and nothing else carries over: Linux, GPU workers, torch
-    imported but CUDA not initialised here (a CUDA context does not survive a fork), and a caller that says it
-    ran no torch work (`fork`: a used CPU thread pool can hang a forked child)."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if not (fork and sys.platform.startswith("linux") and torch is not None
-            and all(str(d).startswith("cuda") for d in devices)):
-        return "spawn"
-    return "spawn" if torch.cuda.is_initialized() else "fork"
-
-
 def _in_processes(settings: Settings, groups: list[list[Job]], devices: list[str],
-                  on_ready: Callable[[str, float], None] | None = None,
-                  method: str = "spawn") -> Iterator[list[dict]]:
+                  on_ready: Callable[[str, float], None] | None = None) -> Iterator[list[dict]]:
     """The first device is served by a thread of this process (its torch is imported already), handed the first
-    video at once (it decodes while the other processes still start); the other devices by processes
-    (start_method), which take the rest from a queue. Each takes its own slice of the cores."""
+    video at once (it decodes while the spawned processes still start); the other devices by spawned processes,
+    which take the rest from a queue. Each takes its own slice of the cores."""
     t0 = time.perf_counter()
-    ctx = mp.get_context(method)
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     tasks, results = ctx.Queue(), ctx.Queue()
+    for item in list(enumerate(groups))[1:]:
+        tasks.put(item)
     shares = core_shares(usable_core_ids(), len(devices))
     procs = [ctx.Process(target=_serve, args=(settings, d, tasks, results, os.getpid(), shares[i]), daemon=True)
              for i, d in enumerate(devices) if i > 0]
-    for p in procs:  # before anything is queued: a fork then copies no queue feeder thread
-        p.start()
-    for item in list(enumerate(groups))[1:]:
-        tasks.put(item)
-    for _ in range(len(procs) + 1):
+    for p in procs:
         tasks.put(None)
+        p.start()
+    tasks.put(None)
     local = threading.Thread(target=_serve, args=(settings, devices[0], tasks, results, None, shares[0], True,
                                                   (0, groups[0])), name="videoxl-batch-worker", daemon=True)
     local.start()

@@ -71,7 +71,7 @@ def cmd_batch(args) -> int:
         def ready(device, seconds):
             err(f"{device}: model ready after {seconds:.1f} s")
 
-        for n, records in enumerate(run(settings, groups, devices, args.ray, args.workers, ready, fork=True), 1):
+        for n, records in enumerate(run(settings, groups, devices, args.ray, args.workers, ready), 1):
             for record in records:
                 out.write(record)
                 ok = "answer" in record
