@@ -121,7 +121,7 @@ def _prefetch(first: list[Job] | None, device: str | None):
     """Start decoding the first video's frames now, while the weights load (video/prefetch.py), as chat does."""
     if not first:
         return None
-    from videoxl.checkpoint.devices import parse_device
+    from videoxl.devices import parse_device
     from videoxl.video.prefetch import Prefetch
 
     job = first[0]
