@@ -141,6 +141,8 @@ def questions(args, files, results) -> None:
     if args.flex_extensions:  # chunked slices prefilled as encoded, each as one FlexAttention kernel
         incremental.FLEX_EXTENSIONS = True
         pipeline_module.prefill_as_encoded = lambda device, chunking: True
+    if args.one_pass:  # every mode's one-shot prefill after the last frame (dense prefills as encoded by default)
+        pipeline_module.prefill_as_encoded = lambda device, chunking: False
     if args.prefill_split:  # two extensions (FlexAttention kernels), the first at this share of the frames
         incremental.FLEX_EXTENSIONS, growing.PREFILL_SPLIT = True, args.prefill_split
     tokenizer = make_tokenizer(tempfile.mkdtemp())
@@ -152,7 +154,7 @@ def questions(args, files, results) -> None:
         for decoder, sessions, beside in engines:
             case = f"{encoding}-{minutes:g}min-{decoder}-{args.prefill}" + (f"-s{sessions}" if sessions else "") \
                 + (f"-c{beside}" if beside else "") + ("-flex" if args.flex_extensions else "") \
-                + (f"-split{args.prefill_split:g}" if args.prefill_split else "")
+                + (f"-split{args.prefill_split:g}" if args.prefill_split else "") + ("-onepass" if args.one_pass else "")
             try:
                 use_decoder(decoder, sessions, beside)
                 if args.gil_switch:  # the GIL switch interval for the question (measured: no gain, RESULTS.md)
@@ -255,6 +257,7 @@ def main():
     ap.add_argument("--flex-extensions", action="store_true",
                     help="chunked modes: prefill each slice as it is encoded, one FlexAttention kernel per extension "
                          "(prefill/incremental.FLEX_EXTENSIONS; off by default until this measures it faster)")
+    ap.add_argument("--one-pass", action="store_true", help="prefill after the last frame in every mode")
     ap.add_argument("--prefill-split", type=float, default=None,
                     help="prefill in two extensions, the first once this share of the frames is encoded "
                          "(prefill/growing.PREFILL_SPLIT; off by default until this measures it faster)")
