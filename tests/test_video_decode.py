@@ -293,3 +293,13 @@ def test_nv12_path_turns_frames_like_the_cpu_path(files):
     ref = resize_frame(np.rot90(frame.to_ndarray(format="rgb24"), 3))
     assert np.abs(ours.astype(int) - ref).max() <= 3
 
+
+
+def test_cpu_decoders_beside_nvdec_leave_cores_to_the_sessions():
+    """'both': 14 CPU decoders on 32 cores (the best measured there), fewer on 16 (where 14 starved NVDEC and the
+    vision tower), at least one; never more than half the cores."""
+    from videoxl.video.read import cpu_beside
+
+    assert cpu_beside(32) == 14 and cpu_beside(64) == 14
+    assert cpu_beside(16) == 6 and cpu_beside(2) == 1
+    assert all(cpu_beside(c) <= max(1, c // 2) for c in range(1, 129))

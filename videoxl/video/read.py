@@ -9,7 +9,7 @@ Decoders (`decoder=`):
             an H200; 8 was an H100's best); frames stay in GPU memory and reach the model as CUDA
             tensors. Decoded YUV equals the CPU decoder's; the RGB conversion may differ by a few levels (see
             video_gpu). Refused with a clear line when unavailable.
-  "both"    NVDEC's sessions and CPU decoders (one per core up to 16, less two that feed NVDEC) take runs from
+  "both"    NVDEC's sessions and CPU decoders (half the cores less two, up to 14: see `cpu_beside`) take runs from
             one queue; the CPU's frames are moved to the GPU. Each frame is as its decoder gives it (the RGB of an
             NVDEC frame within 3 levels of the CPU's). Packets per kind: `video_packets_by_decoder`.
   "decord"  the reference's reader, if installed.
@@ -39,8 +39,17 @@ NVDEC_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mpeg1video", "mpeg2video",
 DECODERS = ("auto", "pyav", "nvdec", "both", "decord")
 NVDEC_SESSIONS = 12  # NVDEC sessions by default: the best on an H200 (bench/e2e.py: 10 min, 8 / 12 / 16 sessions)
 CPU_DECODERS_MAX = 16  # CPU decoders by default: one per core, up to this many
-BOTH_CPU_DECODERS: int | None = None  # "both": CPU decoders beside the sessions (None: cores up to the max, less 2)
+BOTH_CPU_DECODERS: int | None = None  # "both": CPU decoders beside the sessions (None: cpu_beside(cores))
 MODES = ("exact", "keyframes")
+
+
+def cpu_beside(cores: int) -> int:
+    """CPU decoders beside the NVDEC sessions for "both". The sessions' threads (demuxing, the per-frame
+    conversion's launches) and the thread launching the model's kernels need cores too. On 32 cores 14 decoders
+    were best (28 slower; bench/RESULTS.md, third session); on 16 cores 14 decoders starved NVDEC (786 packets/s
+    against 2,480) and the vision tower (seventh session). Half the cores less two keeps 14 on 32; fewer cores
+    were not measured with this rule."""
+    return max(1, min(cores // 2, CPU_DECODERS_MAX) - 2)
 
 
 def rotation_turns(degrees) -> int:
@@ -104,7 +113,7 @@ def open_file(path: str, sampler, decoder: str = "auto", device=None, mode: str 
         out = [Engine("nvdec", opener, convert)] * n
         if decoder == "both":  # CPU decoders beside the sessions, leaving two cores to feed NVDEC
             cpu = on_device(cpu_convert(rotation_turns), gpu)
-            beside = BOTH_CPU_DECODERS or max(1, min(cores, CPU_DECODERS_MAX) - 2)
+            beside = BOTH_CPU_DECODERS or cpu_beside(cores)
             out += [Engine("pyav", lambda: av.open(path), cpu)] * beside
         return out
 
