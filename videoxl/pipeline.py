@@ -171,7 +171,7 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
                 t_prefill += time.perf_counter() - t0
         timer.lap("vision_s")  # frame decoding, vision and (overlap) the prefill of all but the last slice
         stats = {"prefill_overlapped": overlap, "prefill_launch_s": round(t_prefill, 3)}
-        if not overlap or not prefix.groups:  # nothing in yet: the mode's one-shot prefill
+        if not overlap:
             with timeline.gpu_span("prefill"):
                 stats.update(prefix.add_all(torch.cat(waiting), times[::FRAMES_PER_GROUP], show_progress, cancel))
         elif waiting:
