@@ -94,14 +94,15 @@ def test_pieces_must_meet_the_prompt(prepared):  # noqa: F811
 @pytest.mark.parametrize("mode, offload, overlap, split", [
     ("dense", False, True, None), ("mask", False, True, None), ("streaming", False, True, None),
     ("streaming", True, True, None), ("mask", False, False, None), ("streaming", True, False, None),
-    ("dense", False, True, 0.5), ("mask", False, False, 0.5), ("streaming", True, False, 0.5)])
+    ("dense", False, True, 0.5), ("mask", False, True, 0.5), ("streaming", True, True, 0.5)])
 def test_file_prefilled_while_decoding_equals_one_shot(tiny, prepared, long_clip, monkeypatch, mode, offload,  # noqa: F811
                                                        overlap, split):
     """pipeline.build_prefix prefills each vision slice of a file as it is encoded (4 frames a slice here, so
     6 slices); whether slices went in one by one or batched, the KVs equal the one-shot prefill's (tolerance and
     reference as above: test_chunked_prefill.assert_same_kvs, relative 1e-5, fp32). `overlap=False` is what CUDA
-    does for chunked modes (GrowingPrefix.add_all after the last slice). `split` (growing.PREFILL_SPLIT): two
-    extensions, the first once half the frames are encoded, the rest after the last."""
+    does for chunked modes (GrowingPrefix.add_all after the last slice). `split` (growing.PREFILL_SPLIT, with which
+    `prefill_as_encoded` says yes on every device): two extensions, the first once half the frames are encoded,
+    the rest after the last."""
     from videoxl import pipeline
     from videoxl.prefill import growing
 

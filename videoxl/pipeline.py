@@ -30,7 +30,6 @@ from videoxl.inputs import Request
 from videoxl.language.prompt import VideoPrompt, build_prompt, prompt_tokens
 from videoxl.memory import check_fits
 from videoxl.prefill.plan import BlockPlan, PrefillConfig
-from videoxl.prefill import growing
 from videoxl.prefill.growing import GrowingPrefix, extend_now, prefill_as_encoded
 from videoxl.progress import close, progress
 from videoxl.settings import Settings
@@ -152,7 +151,7 @@ def build_prefix(model, video, tokenizer, question, history, sampling, chunking,
                len(stream.planned) if stream.source == "images" else 0)  # images are decoded all at once
     prefix = GrowingPrefix(model.decoder, tokenizer, model.config.tokens_per_group,
                            placeholder_id(model.config, tokenizer), chunking, capacity + DECODE_ROOM, system=system)
-    overlap = prefill_as_encoded(model.device, chunking) or growing.PREFILL_SPLIT is not None
+    overlap = prefill_as_encoded(model.device, chunking)
     waiting, times, t_prefill = [], [], 0.0
 
     def add_waiting():  # the encoded slices not prefilled yet: their groups, each group's first frame's time

@@ -71,14 +71,14 @@ def default_tiles(n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-              bias: torch.Tensor | None, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
-    """x [M, K] (M small) -> [M, N] in x's dtype. `tiles`: (BLOCK_N, BLOCK_K, warps[, split]), for
+              bias: torch.Tensor | None, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (M small) -> [M, N] in x's dtype. `tiles`: (BLOCK_N, BLOCK_K, warps, split), for
     bench/int8_tiles.py; split > 1 sums K's stretches in a second kernel."""
     m, k = x.shape
     n = qweight.shape[0]
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, split = (*(tiles or default_tiles(n, k)), 1)[:4]
+    block_n, block_k, warps, split = tiles or default_tiles(n, k)
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per stretch
     split = triton.cdiv(k, k_split)
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out

@@ -19,21 +19,22 @@ from videoxl.prefill.modes import flex_available
 from videoxl.prefill.plan import PrefillConfig
 
 
-def prefill_as_encoded(device: torch.device, chunking: PrefillConfig | None) -> bool:
-    """Whether a file's slices should be prefilled as they are encoded. Not for a chunked pattern on CUDA: there
-    the one-shot prefill runs the whole pattern as one block-sparse FlexAttention kernel, while an extension
-    runs it block by block (incremental.RowsOfPattern); measured on an H200 (bench/RESULTS.md, 2026-11-29), 10
-    minutes of mask 16/4 took 5.2 s of GPU time in extensions against 0.85 s in one shot, more than the overlap
-    saves. Dense extensions are one flash call each, as fast as one shot."""
-    return chunking is None or not flex_available(device)
-
-
 # An experiment, off (None): prefill a file's video in two extensions, the first once this share of its planned
 # frames is encoded, the rest after the last frame, instead of slice by slice (dense, CPU) or in one pass after
 # the last frame (chunked modes on CUDA). Beside the decoder threads every small kernel launch waits for the GIL
 # (bench/RESULTS.md, seventh session: 16 extensions 32.5 s, one pass 6.9 s), so two large extensions may keep
 # most of the overlap at a fraction of the launches. Not yet measured on a GPU: `bench/e2e.py --prefill-split`.
 PREFILL_SPLIT: float | None = None
+
+
+def prefill_as_encoded(device: torch.device, chunking: PrefillConfig | None) -> bool:
+    """Whether a file's slices should be prefilled as they are encoded. Not for a chunked pattern on CUDA: there
+    the one-shot prefill runs the whole pattern as one block-sparse FlexAttention kernel, while an extension
+    runs it block by block (incremental.RowsOfPattern); measured on an H200 (bench/RESULTS.md, 2026-11-29), 10
+    minutes of mask 16/4 took 5.2 s of GPU time in extensions against 0.85 s in one shot, more than the overlap
+    saves. Dense extensions are one flash call each, as fast as one shot. With PREFILL_SPLIT set, every mode
+    (the experiment's two extensions)."""
+    return PREFILL_SPLIT is not None or chunking is None or not flex_available(device)
 
 
 def extend_now(encoded: int, planned: int, groups_in: int, more_waiting: bool) -> bool:
